@@ -1,0 +1,1006 @@
+"""vobiz_agent: answer phone calls on Vobiz and talk with the caller.
+
+One file, one process, one Trio event loop. A call travels like this:
+
+    caller's phone
+        │  (the phone network)
+        ▼
+    Vobiz ── POST /answer ──────────────▶ this server answers with <Stream> XML:
+        │                                  "open a WebSocket to wss://…/ws"
+        │◀──────────── WebSocket /ws ─────▶ one Call (one Trio nursery):
+        │   start, media (20 ms of caller     inbound task:  frames → ears
+        │   audio each), playedStream,        ears:          "speech started", "turn ended"
+        │   clearedAudio                      conversation:  turn → responder → player
+        │                                     player:        PCM → 8 kHz μ-law → playAudio
+        │   playAudio, checkpoint,   ◀─────── barge-in:      caller talks over the agent →
+        │   clearAudio                                       cancel the reply, clearAudio
+        ▼
+    POST /hangup, /stream-status ───────▶ logged for the operator
+
+With no provider keys the agent is an offline "echo test": it greets the caller with
+a chime, listens, and plays each of the caller's turns back to them.
+
+Run it:      pip install . && python vobiz_agent.py      (serves on 0.0.0.0:5000)
+Expose it:   a tunnel (ngrok http 5000), then PUBLIC_URL=https://<tunnel-host>
+Test it:     pip install '.[test]' && pytest
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import base64
+import binascii
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+
+with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library in 3.13;
+    warnings.simplefilter("ignore", DeprecationWarning)  # there, the audioop-lts package provides it.
+    import audioop
+
+try:  # Quart 0.23 raises this from receive() when the peer hangs up ...
+    from quart.wrappers import ClientDisconnectedError
+except ImportError:  # ... Quart 0.22 cancels the handler instead, which needs no except.
+
+    class ClientDisconnectedError(Exception):
+        """Stands in for Quart 0.23's exception; Quart 0.22 never raises it."""
+
+
+log = logging.getLogger("vobiz_agent")
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# Settings: read and checked once, at start. A bad value stops the program with
+# one line that names the variable, says what is wrong and shows a good value.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class SettingsError(Exception):
+    """A setting that cannot be used; the message is meant for the operator."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str], host: str | None = None, port: int | None = None
+    ) -> Settings:
+        """Settings from the environment; command-line flags win over variables."""
+        return cls(
+            host=host or env.get("HOST") or "0.0.0.0",
+            port=port if port is not None else _port("PORT", env.get("PORT", "5000")),
+            public_url=_public_url("PUBLIC_URL", env.get("PUBLIC_URL", "")),
+            log_level=_choice("LOG_LEVEL", env.get("LOG_LEVEL", "INFO"), LOG_LEVELS),
+        )
+
+
+def _port(name: str, value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise SettingsError(f"{name}={value!r} is not a TCP port (1-65535), e.g. {name}=5000")
+    return int(value)
+
+
+def _public_url(name: str, value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise SettingsError(
+            f"{name}={value!r} is not a public base URL, e.g. {name}=https://abc.ngrok.app"
+        )
+    return value.rstrip("/")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value.upper() not in choices:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}=INFO")
+    return value.upper()
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# Audio. Vobiz plays G.711 μ-law at 8000 samples/s: one byte per sample, so
+# 8 bytes per millisecond, and a 20 ms frame is exactly 160 bytes. Agent speech
+# arrives as 16-bit PCM at whatever rate the voice makes (24 kHz for OpenAI TTS)
+# and must be brought down to 8 kHz without letting high tones fold into the band.
+# ─────────────────────────────────────────────────────────────────────────────
+
+TELEPHONE_RATE = 8000
+FRAME_SECONDS = 0.020
+FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law: 8 bytes/ms × 20 ms
+ULAW_SILENCE = b"\xff"  # μ-law's code for a zero sample: pads the last frame of an utterance
+
+
+@dataclass(frozen=True)
+class MediaFormat:
+    """The caller's audio as Vobiz sends it (from `start.mediaFormat`)."""
+
+    encoding: str  # "audio/x-mulaw" or "audio/x-l16"
+    rate: int  # samples per second
+
+    @property
+    def sample_width(self) -> int:
+        return 1 if self.encoding == "audio/x-mulaw" else 2
+
+    def to_pcm(self, payload: bytes) -> bytes:
+        """Inbound payload → 16-bit native-endian PCM at `self.rate`."""
+        if self.sample_width == 1:
+            return audioop.ulaw2lin(payload, 2)
+        # Observed Vobiz L16 is little-endian (vobiz-protocol.md §3.2).
+        return payload if sys.byteorder == "little" else audioop.byteswap(payload, 2)
+
+
+MULAW_8K = MediaFormat("audio/x-mulaw", 8000)
+
+
+def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuation_db: float = 50) -> list[float]:
+    """A linear-phase low-pass FIR, designed with a Kaiser window.
+
+    Why a filter at all: `audioop.ratecv` just interpolates between samples, so
+    anything above 4 kHz in 24 kHz speech (sibilants, a synthetic voice's hiss)
+    folds back below 4 kHz at full strength: a 5 kHz tone comes out as a 3 kHz
+    one. The telephone band is 300-3400 Hz; we keep that flat and push 5 kHz
+    and above down by `attenuation_db`. Kaiser's formulas give the length and
+    window shape for that attenuation and transition width (3400 → 5000 Hz).
+    """
+    transition = 2 * math.pi * (stopband - passband) / rate
+    taps = math.ceil((attenuation_db - 8) / (2.285 * transition)) | 1  # odd: a whole-sample delay
+    beta = 0.1102 * (attenuation_db - 8.7)
+    cutoff = (passband + stopband) / 2 / rate  # cycles per sample
+    middle = (taps - 1) / 2
+    coefficients = []
+    for n in range(taps):
+        t = n - middle
+        ideal = 2 * cutoff if t == 0 else math.sin(2 * math.pi * cutoff * t) / (math.pi * t)
+        window = _bessel_i0(beta * math.sqrt(1 - (t / middle) ** 2)) / _bessel_i0(beta)
+        coefficients.append(ideal * window)
+    gain = sum(coefficients)
+    return [c / gain for c in coefficients]  # unity gain at 0 Hz
+
+
+def _bessel_i0(x: float) -> float:
+    """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
+    total = term = 1.0
+    k = 1
+    while term > 1e-12 * total:
+        term *= (x / (2 * k)) ** 2
+        total += term
+        k += 1
+    return total
+
+
+class Downsampler:
+    """16-bit PCM at any rate → 16-bit PCM at 8 kHz, one chunk at a time.
+
+    Filtering and `ratecv` both remember the end of the previous chunk (the
+    filter its last taps-1 samples, ratecv its interpolation state), so a voice
+    split into chunks of any size comes out exactly as if it arrived whole.
+
+    The filter is polyphase: when the rate is a multiple of 8 kHz we compute
+    only the output samples that decimation keeps (1 in 3 at 24 kHz), so the
+    cost is per *output* sample. Each tap is one audioop call over a strided
+    copy of the input; the symmetric taps of a linear-phase filter share a
+    multiply. Samples are halved on the way in (headroom: a pair of samples,
+    or a running sum, can exceed 16 bits) and doubled at the end.
+    """
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        # Decimate by the largest whole step that keeps at least 8 kHz; ratecv does the rest.
+        self.step = max(d for d in range(1, max(rate // TELEPHONE_RATE, 1) + 1) if rate % d == 0)
+        self.taps = lowpass_taps(rate) if rate > TELEPHONE_RATE else []
+        self.history = bytes(2 * (len(self.taps) - 1)) if self.taps else b""
+        self.ratecv_state = None
+
+    def feed(self, pcm: bytes) -> bytes:
+        if self.taps:
+            pcm = self._filter(pcm)
+        rate = self.rate // self.step
+        if rate != TELEPHONE_RATE:
+            pcm, self.ratecv_state = audioop.ratecv(pcm, 2, 1, rate, TELEPHONE_RATE, self.ratecv_state)
+        return pcm
+
+    def _filter(self, pcm: bytes) -> bytes:
+        samples = self.history + audioop.mul(pcm, 2, 0.5)
+        length, taps, step = len(samples) // 2, len(self.taps), self.step
+        outputs = max(0, -(-(length - taps + 1) // step))  # ceil: outputs whose newest sample we have
+        # phases[r][i] is sample r + i*step: strided copies made once per chunk.
+        view = memoryview(samples).cast("h")
+        phases = [view[r::step].tobytes() for r in range(step)]
+
+        def delayed(k: int) -> bytes:
+            """x[n - k] for every output position n = taps-1 + j*step."""
+            first = taps - 1 - k
+            phase = phases[first % step]
+            start = 2 * (first // step)
+            return phase[start : start + 2 * outputs]
+
+        total = bytes(2 * outputs)
+        for k in range(taps // 2):
+            pair = audioop.add(delayed(k), delayed(taps - 1 - k), 2)
+            total = audioop.add(total, audioop.mul(pair, 2, self.taps[k]), 2)
+        middle = taps // 2
+        total = audioop.add(total, audioop.mul(delayed(middle), 2, self.taps[middle]), 2)
+        keep_from = outputs * step  # the oldest sample the next output still needs
+        self.history = samples[2 * keep_from :]
+        return audioop.mul(total, 2, 2.0)
+
+
+class FrameEncoder:
+    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames."""
+
+    def __init__(self, rate: int):
+        self.downsampler = Downsampler(rate)
+        self.odd_byte = b""  # a sample split across two chunks waits here
+        self.ulaw = b""  # less than one frame, waiting for more
+
+    def encode(self, pcm: bytes) -> list[bytes]:
+        pcm = self.odd_byte + pcm
+        whole = len(pcm) & ~1
+        self.odd_byte = pcm[whole:]
+        self.ulaw += audioop.lin2ulaw(self.downsampler.feed(pcm[:whole]), 2)
+        cut = len(self.ulaw) - len(self.ulaw) % FRAME_BYTES
+        frames = [self.ulaw[i : i + FRAME_BYTES] for i in range(0, cut, FRAME_BYTES)]
+        self.ulaw = self.ulaw[cut:]
+        return frames
+
+    def flush(self) -> list[bytes]:
+        """The last, partial frame, padded with silence (Vobiz wants whole frames)."""
+        rest, self.ulaw = self.ulaw, b""
+        return [rest.ljust(FRAME_BYTES, ULAW_SILENCE)] if rest else []
+
+
+@cache
+def chime(rate: int = 24000) -> bytes:
+    """The offline agent's greeting: two soft tones, made here at 24 kHz so that
+    every call sends speech-rate audio through the whole chain, filter included."""
+    samples = array.array("h")
+    for frequency, seconds in ((660.0, 0.18), (880.0, 0.30)):
+        count = int(rate * seconds)
+        for i in range(count):
+            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.05 * rate))
+            samples.append(int(8000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
+    return samples.tobytes()
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# The Vobiz protocol (see shared/vobiz-protocol.md): the <Stream> answer, the
+# frames Vobiz sends us, and the ones we send back. Pure functions.
+# ─────────────────────────────────────────────────────────────────────────────
+
+MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
+
+
+def stream_xml(media_url: str, status_url: str) -> bytes:
+    """The answer that connects the call's audio to our WebSocket, both ways."""
+    response = ET.Element("Response")
+    stream = ET.SubElement(
+        response,
+        "Stream",
+        bidirectional="true",  # we may send playAudio, checkpoint, clearAudio
+        audioTrack="inbound",  # the caller only; "both" ends bidirectional calls
+        keepCallAlive="true",  # the call lasts as long as the stream
+        contentType="audio/x-mulaw;rate=8000",
+        statusCallbackUrl=status_url,
+        statusCallbackMethod="POST",
+    )
+    stream.text = media_url  # the URL is the element's text, not an attribute
+    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
+
+
+def empty_xml() -> bytes:
+    return ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)
+
+
+class BadFrame(ValueError):
+    """A frame we cannot use. `kind` groups them for the call's log."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Start:
+    call_id: str
+    stream_id: str
+    media_format: MediaFormat
+
+
+@dataclass(frozen=True)
+class Media:
+    payload: bytes  # raw caller audio in the stream's MediaFormat
+
+
+@dataclass(frozen=True)
+class PlayedStream:
+    name: str
+
+
+@dataclass(frozen=True)
+class ClearedAudio:
+    pass
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    digit: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
+
+
+def parse_frame(message: str | bytes) -> Frame:
+    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
+    if len(message) > MAX_FRAME_BYTES:
+        raise BadFrame("oversized", f"frame of {len(message)} bytes is over {MAX_FRAME_BYTES}")
+    try:
+        data = json.loads(message)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadFrame("json", f"frame is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
+    event = data.get("event")
+    if event == "media":
+        return Media(_media_payload(data))
+    if event == "start":
+        return _start(data)
+    if event == "playedStream":
+        return PlayedStream(_text(data, "name", "playedStream"))
+    if event == "clearedAudio":
+        return ClearedAudio()
+    if event == "dtmf":
+        return Dtmf(_dtmf_digit(data))
+    if event == "stop":
+        return Stop()
+    raise BadFrame("event", f"unknown event {event!r}")
+
+
+def _media_payload(data: dict) -> bytes:
+    media = data.get("media")
+    payload = media.get("payload") if isinstance(media, dict) else None
+    if not isinstance(payload, str) or not payload:
+        raise BadFrame("fields", "media frame has no media.payload")
+    try:
+        return binascii.a2b_base64(payload, strict_mode=True)
+    except binascii.Error as error:
+        raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
+
+
+def _start(data: dict) -> Start:
+    # Current Vobiz nests the ids under "start"; older docs put them at the top.
+    nested = data.get("start") if isinstance(data.get("start"), dict) else {}
+    call_id = nested.get("callId") or data.get("callId")
+    stream_id = nested.get("streamId") or data.get("streamId")
+    if not isinstance(call_id, str) or not isinstance(stream_id, str) or not call_id or not stream_id:
+        raise BadFrame("fields", "start frame has no callId/streamId")
+    return Start(call_id, stream_id, _media_format(nested.get("mediaFormat"), data.get("contentType")))
+
+
+def _media_format(media_format: object, content_type: object) -> MediaFormat:
+    """`start.mediaFormat` {"encoding", "sampleRate"}, or the old flat
+    "audio/x-l16;rate=8000" string; we asked for μ-law, so that is the default."""
+    if isinstance(media_format, dict):
+        encoding, rate = media_format.get("encoding"), media_format.get("sampleRate")
+    elif isinstance(content_type, str):
+        encoding, _, rate = content_type.partition(";rate=")
+    else:
+        return MULAW_8K
+    try:
+        found = MediaFormat(str(encoding).strip().lower(), int(rate))
+    except (TypeError, ValueError):
+        raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
+    if (found.encoding, found.rate) not in (
+        ("audio/x-mulaw", 8000),
+        ("audio/x-l16", 8000),
+        ("audio/x-l16", 16000),
+    ):
+        raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
+    return found
+
+
+def _text(data: dict, key: str, event: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise BadFrame("fields", f"{event} frame has no {key}")
+    return value
+
+
+def _dtmf_digit(data: dict) -> str:
+    dtmf = data.get("dtmf")
+    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
+    if not isinstance(digit, str):
+        raise BadFrame("fields", "dtmf frame has no digit")
+    return digit
+
+
+class Outbound:
+    """The frames we send to Vobiz for one stream."""
+
+    def __init__(self, stream_id: str):
+        self.stream_id = stream_id
+        # playAudio goes out 50 times a second: build it from a fixed prefix and
+        # the payload. Base64 never needs JSON escaping, so this is valid JSON.
+        head = json.dumps({"event": "playAudio", "streamId": stream_id})[:-1]
+        self.play_prefix = head + ', "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": "'
+
+    def play_audio(self, frame: bytes) -> str:
+        return self.play_prefix + base64.b64encode(frame).decode("ascii") + '"}}'
+
+    def checkpoint(self, name: str) -> str:
+        return json.dumps({"event": "checkpoint", "streamId": self.stream_id, "name": name})
+
+    def clear_audio(self) -> str:
+        return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
+
+    def stop(self) -> str:
+        return json.dumps({"event": "stop", "streamId": self.stream_id})
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# The agent: ears, brain and mouth. The call feeds the ears every inbound
+# payload; the ears tell the call when the caller starts speaking (so it can
+# stop talking) and when a turn is over. A responder turns a turn into
+# utterances: streams of PCM that the call's player sends to Vobiz.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Turn:
+    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text."""
+
+    audio: bytes = b""
+    rate: int = TELEPHONE_RATE
+    text: str = ""
+
+
+@dataclass
+class Utterance:
+    """One piece of agent speech; the player sends a checkpoint after it, and
+    `heard` turns true when Vobiz reports that checkpoint played."""
+
+    label: str
+    rate: int
+    pcm: AsyncIterator[bytes]
+    text: str = ""
+    heard: bool = False
+
+
+class Listener(Protocol):
+    """What ears report to (the Call)."""
+
+    def speech_started(self) -> None: ...
+
+    def turn_ended(self, turn: Turn) -> None: ...
+
+
+class Ears(Protocol):
+    def hear(self, payload: bytes) -> None:
+        """Called for every inbound media payload; must never block."""
+
+    async def run(self) -> None:
+        """The ears' own task, for ears that need one (a speech-to-text socket)."""
+
+
+class Responder(Protocol):
+    def greeting(self) -> AsyncIterator[Utterance]: ...
+
+    def reply(self, turn: Turn) -> AsyncIterator[Utterance]: ...
+
+
+class Agent(Protocol):
+    """Makes the ears and the responder for each call."""
+
+    name: str
+
+    def ears(self, media_format: MediaFormat, listener: Listener) -> Ears: ...
+
+    def responder(self) -> Responder: ...
+
+
+class EnergyEars:
+    """Voice activity detection by loudness (audioop.rms), for the offline agent.
+
+    The line's noise floor is learnt while the caller is quiet, and speech is
+    anything well above it. Speech must last SPEECH_MIN_S before it counts (a
+    click or a cough is not speech), and a turn ends after SILENCE_END_S of quiet.
+    """
+
+    SPEECH_MIN_S = 0.20
+    SILENCE_END_S = 0.60
+    GAP_TOLERANCE_S = 0.10  # short dips inside a syllable don't restart the onset
+    PRE_ROLL_S = 0.10  # keep a little audio from before the onset: first consonants are quiet
+    MAX_TURN_S = 30.0
+    MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
+    ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
+
+    def __init__(self, media_format: MediaFormat, listener: Listener):
+        self.format = media_format
+        self.listener = listener
+        self.noise_floor = 100.0
+        self.speaking = False
+        self.voiced_s = 0.0  # voiced time since a possible onset
+        self.quiet_s = 0.0  # quiet time since the last voiced frame
+        self.pre_roll: deque[bytes] = deque()
+        self.pre_roll_s = 0.0
+        self.turn: list[bytes] = []
+        self.turn_s = 0.0
+
+    def hear(self, payload: bytes) -> None:
+        pcm = self.format.to_pcm(payload)
+        seconds = len(pcm) / 2 / self.format.rate
+        loudness = audioop.rms(pcm, 2)
+        voiced = loudness > max(self.MIN_THRESHOLD, self.noise_floor * self.ABOVE_FLOOR)
+        if self.speaking:
+            self._during_turn(pcm, seconds, voiced)
+        else:
+            self._before_turn(pcm, seconds, voiced, loudness)
+
+    async def run(self) -> None:
+        """Energy VAD works inside hear(); it needs no task of its own."""
+
+    def _before_turn(self, pcm: bytes, seconds: float, voiced: bool, loudness: int) -> None:
+        self.pre_roll.append(pcm)
+        self.pre_roll_s += seconds
+        if voiced:
+            self.voiced_s += seconds
+            self.quiet_s = 0.0
+        else:
+            self.quiet_s += seconds
+            if self.quiet_s > self.GAP_TOLERANCE_S:
+                self.voiced_s = 0.0  # it was a click, not the start of a word
+            # Learn the floor only from quiet audio: quickly down, slowly up.
+            rate = 0.3 if loudness < self.noise_floor else 0.02
+            self.noise_floor += rate * (loudness - self.noise_floor)
+        if not self.voiced_s:
+            while self.pre_roll_s > self.PRE_ROLL_S and len(self.pre_roll) > 1:
+                self.pre_roll_s -= len(self.pre_roll.popleft()) / 2 / self.format.rate
+        if self.voiced_s >= self.SPEECH_MIN_S:
+            self.speaking, self.quiet_s = True, 0.0
+            self.turn, self.turn_s = list(self.pre_roll), self.pre_roll_s
+            self.pre_roll.clear()
+            self.pre_roll_s = 0.0
+            self.listener.speech_started()
+
+    def _during_turn(self, pcm: bytes, seconds: float, voiced: bool) -> None:
+        self.turn.append(pcm)
+        self.turn_s += seconds
+        self.quiet_s = 0.0 if voiced else self.quiet_s + seconds
+        if self.quiet_s >= self.SILENCE_END_S or self.turn_s >= self.MAX_TURN_S:
+            # Keep 100 ms of the closing quiet: words trail off below the threshold.
+            drop = int(max(0.0, self.quiet_s - 0.1) * self.format.rate) * 2
+            audio = b"".join(self.turn)
+            self.speaking, self.voiced_s, self.quiet_s = False, 0.0, 0.0
+            self.turn, self.turn_s = [], 0.0
+            self.listener.turn_ended(Turn(audio[: len(audio) - drop], self.format.rate))
+
+
+async def _once(pcm: bytes) -> AsyncIterator[bytes]:
+    yield pcm
+
+
+class EchoResponder:
+    """The offline brain and mouth: a chime to greet, then each turn played back."""
+
+    async def greeting(self) -> AsyncIterator[Utterance]:
+        yield Utterance("greeting", 24000, _once(chime(24000)), text="(chime)")
+
+    async def reply(self, turn: Turn) -> AsyncIterator[Utterance]:
+        yield Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)")
+
+
+class OfflineAgent:
+    """The default agent when no provider keys are set: an echo test."""
+
+    name = "offline echo agent"
+
+    def ears(self, media_format: MediaFormat, listener: Listener) -> Ears:
+        return EnergyEars(media_format, listener)
+
+    def responder(self) -> Responder:
+        return EchoResponder()
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# The call: one WebSocket from Vobiz, one nursery. The inbound task reads
+# frames and feeds the ears; the conversation task greets and replies. Each
+# reply runs in a cancel scope, so barge-in is one cancel(): whatever the reply
+# was doing (thinking, fetching speech, pacing frames) stops at once. When the
+# socket closes the nursery is cancelled and every task of the call ends with it.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class Socket(Protocol):
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, data: str) -> None: ...
+
+
+class Call:
+    # Keep about 80 ms queued at Vobiz: enough to ride out network jitter, and
+    # little enough that a barge-in has almost nothing to flush.
+    LEAD_S = 0.08
+    CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
+    BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
+
+    def __init__(self, socket: Socket, agent: Agent, label: str):
+        self.socket = socket
+        self.agent = agent
+        self.label = label  # the callId once `start` arrives
+        self.responder = agent.responder()
+        self.start: Start | None = None
+        self.outbound: Outbound | None = None
+        self.ears: Ears | None = None
+        self.media_flowing = trio.Event()
+        self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
+        self.cleared.set()
+        self.reply_scope: trio.CancelScope | None = None
+        self.play_clock = 0.0  # when Vobiz will have played everything we sent
+        self.unheard: dict[str, Utterance] = {}  # checkpoint name → utterance, until acked
+        self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
+        self.bad_frames: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.ended_by = "the socket closing"
+        self.began = trio.current_time()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as self.nursery:
+                self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.label} inbound")
+                self.nursery.start_soon(self.converse, name=f"call {self.label} conversation")
+        finally:
+            self._log_end()
+
+    # Inbound: everything Vobiz sends. Nothing in here waits for anything but
+    # the next frame, so acks are seen even while the agent is busy talking.
+
+    async def listen_to_vobiz(self) -> None:
+        try:
+            while True:
+                message = await self.socket.receive()
+                try:
+                    if self._handle(parse_frame(message)):
+                        break
+                except BadFrame as bad:
+                    self._complain(bad.kind, str(bad))
+        except ClientDisconnectedError:
+            pass  # Quart 0.23's way of saying the caller hung up
+        self.nursery.cancel_scope.cancel()
+
+    def _handle(self, frame: Frame) -> bool:
+        """Act on one frame; True means the call is over."""
+        if isinstance(frame, Media):
+            self._hear(frame.payload)
+        elif isinstance(frame, Start):
+            self._begin(frame)
+        elif isinstance(frame, PlayedStream):
+            utterance = self.unheard.pop(frame.name, None)
+            if utterance is not None:
+                utterance.heard = True
+        elif isinstance(frame, ClearedAudio):
+            self.cleared.set()
+        elif isinstance(frame, Dtmf):
+            self.log(logging.INFO, "caller pressed %s", _clean(frame.digit))
+        elif isinstance(frame, Stop):
+            self.ended_by = "a stop frame"
+            return True
+        return False
+
+    def _begin(self, start: Start) -> None:
+        if self.start is not None:
+            raise BadFrame("start", f"second start (streamId {_clean(start.stream_id)}) ignored")
+        self.start, self.label = start, start.call_id
+        self.outbound = Outbound(start.stream_id)
+        self.ears = self.agent.ears(start.media_format, self)
+        self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
+        self.log(logging.INFO, "stream %s started, caller audio %s at %d Hz",
+                 start.stream_id, start.media_format.encoding, start.media_format.rate)
+
+    def _hear(self, payload: bytes) -> None:
+        if self.ears is None:
+            raise BadFrame("early", "media before start")
+        if len(payload) % self.start.media_format.sample_width:
+            raise BadFrame("length", f"media payload of {len(payload)} bytes is not whole samples")
+        self.ears.hear(payload)
+        self.media_flowing.set()
+
+    # What the ears report (the Listener side of the seam).
+
+    def speech_started(self) -> None:
+        if self.reply_scope is not None or trio.current_time() < self.play_clock:
+            self.barge_in()
+
+    def turn_ended(self, turn: Turn) -> None:
+        try:
+            self.turns_in.send_nowait(turn)
+        except trio.WouldBlock:
+            self.log(logging.WARNING, "dropped a turn: %d are already waiting for a reply", 4)
+
+    def barge_in(self) -> None:
+        """The caller talks over the agent: stop the reply and flush Vobiz's queue.
+
+        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
+        will never be acked: those utterances count as not heard. New audio
+        waits for clearedAudio, or it would race the flush and lose its start.
+        """
+        self.counts["barge-ins"] += 1
+        if self.reply_scope is not None:
+            self.reply_scope.cancel()
+        self.unheard.clear()
+        self.play_clock = trio.current_time()
+        self.cleared = trio.Event()
+        self.nursery.start_soon(self.send, self.outbound.clear_audio())
+        self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
+
+    # The conversation: greet, then answer turns one at a time.
+
+    async def converse(self) -> None:
+        # Audio sent before the caller's audio flows is lost on real calls.
+        await self.media_flowing.wait()
+        await self.say(self.responder.greeting())
+        async for turn in self.turns_out:
+            self.counts["turns"] += 1
+            await self.say(self.responder.reply(turn))
+
+    async def say(self, utterances: AsyncIterator[Utterance]) -> None:
+        with trio.CancelScope() as self.reply_scope:
+            async with aclosing(utterances):
+                async for utterance in utterances:
+                    await self.play(utterance)
+        self.reply_scope = None
+
+    async def play(self, utterance: Utterance) -> None:
+        """Send one utterance as paced playAudio frames, then a checkpoint."""
+        self.counts["utterances"] += 1
+        name = f"{utterance.label}-{self.counts['utterances']}"  # unique within the call
+        encoder = FrameEncoder(utterance.rate)
+        async with aclosing(utterance.pcm) as chunks:
+            async for pcm in chunks:
+                for frame in encoder.encode(pcm):
+                    await self.send_frame(frame)
+        for frame in encoder.flush():
+            await self.send_frame(frame)
+        self.unheard[name] = utterance
+        await self.send(self.outbound.checkpoint(name))
+
+    async def send_frame(self, frame: bytes) -> None:
+        if not self.cleared.is_set():
+            with trio.move_on_after(self.CLEARED_TIMEOUT_S) as waited:
+                await self.cleared.wait()
+            if waited.cancelled_caught:
+                self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
+                self.cleared.set()
+        # Real time with a small lead: Vobiz queues what we send, and everything
+        # queued is what a barge-in must flush, so don't send in a burst.
+        self.play_clock = max(self.play_clock, trio.current_time()) + FRAME_SECONDS
+        await self.send(self.outbound.play_audio(frame))
+        self.counts["frames"] += 1
+        await trio.sleep_until(self.play_clock - self.LEAD_S)
+
+    async def send(self, message: str) -> None:
+        try:
+            await self.socket.send(message)
+        except ClientDisconnectedError:
+            self.nursery.cancel_scope.cancel()
+
+    # The call's log: every line names the call.
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        log.log(level, "call %s: " + message, self.label, *args)
+
+    def _complain(self, kind: str, detail: str) -> None:
+        self.bad_frames[kind] += 1
+        if self.bad_frames[kind] <= self.BAD_FRAMES_LOGGED:
+            self.log(logging.WARNING, "ignored a bad frame: %s", detail)
+
+    def _log_end(self) -> None:
+        bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
+        self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s",
+                 self.ended_by, trio.current_time() - self.began, self.counts["turns"],
+                 self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "")
+
+
+def _clean(value: object, limit: int = 120) -> str:
+    """A value from the network, made safe for one log line."""
+    return str(value)[:limit].encode("unicode_escape").decode("ascii")
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# The web app: Vobiz's webhooks and the media WebSocket, on one Quart-Trio app.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class LiveCalls:
+    """The calls in progress; /health reports their number."""
+
+    def __init__(self) -> None:
+        self.calls: set[Call] = set()
+        self.emptied = trio.Event()
+        self.emptied.set()
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def add(self, call: Call) -> None:
+        if not self.calls:
+            self.emptied = trio.Event()
+        self.calls.add(call)
+
+    def remove(self, call: Call) -> None:
+        self.calls.discard(call)
+        if not self.calls:
+            self.emptied.set()
+
+    async def wait_until_empty(self) -> None:
+        await self.emptied.wait()
+
+
+def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
+    app = QuartTrio(__name__)
+    agent = agent or OfflineAgent()
+    app.live_calls = live_calls = LiveCalls()
+    call_numbers = iter(range(1, sys.maxsize))
+
+    @app.route("/answer", methods=["GET", "POST"])
+    async def answer() -> Response:
+        params = await _webhook_params()
+        if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
+            _log_hangup(params)
+            return _xml(empty_xml())
+        base = settings.public_url or _request_base()
+        media_url = base.replace("http", "ws", 1) + "/ws"  # http→ws, https→wss
+        log.info("call %s: answering, %s → %s (%s)", _clean(params.get("CallUUID")),
+                 _clean(params.get("From")), _clean(params.get("To")), _clean(params.get("Direction")))
+        return _xml(stream_xml(media_url, base + "/stream-status"))
+
+    @app.route("/hangup", methods=["GET", "POST"])
+    async def hangup() -> Response:
+        _log_hangup(await _webhook_params())
+        return Response("", 200)
+
+    @app.route("/stream-status", methods=["GET", "POST"])
+    async def stream_status() -> Response:
+        params = await _webhook_params()
+        fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
+        log.info("call %s: stream %s %s %s", _clean(params.get("CallUUID")), _clean(params.get("StreamID")),
+                 _clean(params.get("Event")), fields)
+        return Response("", 200)
+
+    @app.route("/health")
+    async def health() -> dict:
+        return {"status": "ok", "calls": len(live_calls)}
+
+    @app.websocket("/ws")
+    async def media_stream() -> None:
+        call = Call(websocket._get_current_object(), agent, f"#{next(call_numbers)}")
+        live_calls.add(call)
+        try:
+            await call.run()
+        finally:
+            live_calls.remove(call)
+
+    return app
+
+
+async def _webhook_params() -> dict[str, str]:
+    """Vobiz posts a form, or sends the same fields in the query string with GET."""
+    params = request.args.to_dict()
+    if request.method == "POST":
+        params.update((await request.form).to_dict())
+    return params
+
+
+def _request_base() -> str:
+    """The public base URL as the client sees it, through a tunnel or proxy."""
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return f"{proto}://{host}"
+
+
+def _xml(document: bytes) -> Response:
+    return Response(document, content_type="application/xml")
+
+
+def _log_hangup(params: dict[str, str]) -> None:
+    log.info("call %s: hung up after %s s, cause %s (%s), by %s", _clean(params.get("CallUUID")),
+             _clean(params.get("Duration")), _clean(params.get("HangupCause")),
+             _clean(params.get("HangupCauseName")), _clean(params.get("HangupSource")))
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# The command line.
+# ─────────────────────────────────────────────────────────────────────────────
+
+MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.websocket_max_message_size = MAX_MESSAGE_BYTES
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
+    return config
+
+
+def banner(settings: Settings, agent: Agent) -> str:
+    lines = [f"vobiz-agent ({agent.name}) listening on http://{settings.host}:{settings.port}"]
+    if settings.public_url:
+        lines += [
+            f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
+            f"Hangup URL: {settings.public_url}/hangup",
+        ]
+    else:
+        lines += [
+            f"PUBLIC_URL is not set. Expose port {settings.port} with a tunnel (e.g. `ngrok http {settings.port}`),",
+            "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
+            "into the Vobiz console. Until then /answer builds URLs from the request's Host header.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
+    parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
+    parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
+    args = parser.parse_args(argv)
+    try:
+        port = _port("--port", args.port) if args.port is not None else None
+        settings = Settings.from_env(os.environ, host=args.host, port=port)
+    except SettingsError as error:
+        sys.exit(f"vobiz-agent: {error}")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = OfflineAgent()
+    print(banner(settings, agent), flush=True)
+    trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
+
+
+async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), then exit 0.
+
+    The handler matters in a container: there the program is process 1, and
+    the kernel drops signals that process 1 has not asked for.
+    """
+
+    async def signalled() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for number in signals:
+                log.info("%s received: shutting down", signal.Signals(number).name)
+                return
+
+    await serve(app, config, shutdown_trigger=signalled)
+
+
+if __name__ == "__main__":
+    main()
