@@ -40,14 +40,16 @@ import sys
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
+import httpx
 import trio
+import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart import Response, request, websocket
@@ -79,6 +81,11 @@ class SettingsError(Exception):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant on a phone call. Answer in one to three short, "
+    "spoken sentences. Use plain words: no lists, markdown, emoji or URLs. If you did not "
+    "catch something, ask the caller to repeat it."
+)
 
 
 @dataclass(frozen=True)
@@ -87,17 +94,59 @@ class Settings:
     port: int = 5000
     public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line, for log collectors
+    barge_in_min_ms: int = 200  # how long the caller must talk over the agent to stop it
+    # The AI agent: used when both keys are set.
+    deepgram_api_key: str = ""
+    deepgram_url: str = "wss://api.deepgram.com/v1/listen"
+    deepgram_model: str = "nova-3"
+    deepgram_language: str = "en"
+    deepgram_endpointing_ms: int = 300
+    openai_api_key: str = ""
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout_s: float = 10.0  # connect, and wait for the first token or byte
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    tts_model: str = "gpt-4o-mini-tts"
+    tts_voice: str = "alloy"
+    greeting: str = "Hello! How can I help you today?"
+
+    @property
+    def uses_ai(self) -> bool:
+        return bool(self.deepgram_api_key and self.openai_api_key)
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str], host: str | None = None, port: int | None = None
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str], host: str | None = None, port: int | None = None) -> Settings:
         """Settings from the environment; command-line flags win over variables."""
+        deepgram_key, openai_key = env.get("DEEPGRAM_API_KEY", ""), env.get("OPENAI_API_KEY", "")
+        if bool(deepgram_key) != bool(openai_key):
+            missing = "OPENAI_API_KEY" if deepgram_key else "DEEPGRAM_API_KEY"
+            raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                                f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+        defaults = cls()
         return cls(
-            host=host or env.get("HOST") or "0.0.0.0",
+            host=host or env.get("HOST") or defaults.host,
             port=port if port is not None else _port("PORT", env.get("PORT", "5000")),
-            public_url=_public_url("PUBLIC_URL", env.get("PUBLIC_URL", "")),
+            public_url=_url("PUBLIC_URL", env.get("PUBLIC_URL", ""), ("http", "https"), "https://abc.ngrok.app"),
             log_level=_choice("LOG_LEVEL", env.get("LOG_LEVEL", "INFO"), LOG_LEVELS),
+            log_format=_choice("LOG_FORMAT", env.get("LOG_FORMAT", "text"), ("TEXT", "JSON")).lower(),
+            barge_in_min_ms=_number("BARGE_IN_MIN_MS", env, defaults.barge_in_min_ms, 0, 2000),
+            deepgram_api_key=deepgram_key,
+            deepgram_url=_url("DEEPGRAM_URL", env.get("DEEPGRAM_URL", ""), ("ws", "wss"),
+                              defaults.deepgram_url) or defaults.deepgram_url,
+            deepgram_model=env.get("DEEPGRAM_MODEL") or defaults.deepgram_model,
+            deepgram_language=env.get("DEEPGRAM_LANGUAGE") or defaults.deepgram_language,
+            deepgram_endpointing_ms=_number("DEEPGRAM_ENDPOINTING_MS", env, defaults.deepgram_endpointing_ms,
+                                            10, 5000),
+            openai_api_key=openai_key,
+            openai_base_url=_url("OPENAI_BASE_URL", env.get("OPENAI_BASE_URL", ""), ("http", "https"),
+                                 defaults.openai_base_url) or defaults.openai_base_url,
+            openai_model=env.get("OPENAI_MODEL") or defaults.openai_model,
+            openai_timeout_s=_number("OPENAI_TIMEOUT_S", env, defaults.openai_timeout_s, 0.1, 120),
+            system_prompt=env.get("SYSTEM_PROMPT") or defaults.system_prompt,
+            tts_model=env.get("TTS_MODEL") or defaults.tts_model,
+            tts_voice=env.get("TTS_VOICE") or defaults.tts_voice,
+            greeting=env.get("GREETING") or defaults.greeting,
         )
 
 
@@ -107,21 +156,32 @@ def _port(name: str, value: str) -> int:
     return int(value)
 
 
-def _public_url(name: str, value: str) -> str | None:
+def _url(name: str, value: str, schemes: tuple[str, ...], example: str) -> str | None:
     if not value:
         return None
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-        raise SettingsError(
-            f"{name}={value!r} is not a public base URL, e.g. {name}=https://abc.ngrok.app"
-        )
+    if parts.scheme not in schemes or not parts.netloc or parts.query:
+        raise SettingsError(f"{name}={value!r} is not a {'/'.join(schemes)} base URL, e.g. {name}={example}")
     return value.rstrip("/")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value.upper() not in choices:
-        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}=INFO")
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}={choices[1]}")
     return value.upper()
+
+
+def _number(name: str, env: Mapping[str, str], default: float, low: float, high: float) -> float:
+    value = env.get(name, "")
+    if not value:
+        return default
+    try:
+        number = type(default)(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise SettingsError(f"{name}={value!r} is not a number from {low} to {high}, e.g. {name}={default}")
+    return number
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -472,23 +532,33 @@ class Outbound:
 # The agent: ears, brain and mouth. The call feeds the ears every inbound
 # payload; the ears tell the call when the caller starts speaking (so it can
 # stop talking) and when a turn is over. A responder turns a turn into
-# utterances: streams of PCM that the call's player sends to Vobiz.
+# utterances, streams of PCM, and hands each one to the call's player.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
 @dataclass
 class Turn:
-    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text."""
+    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text.
 
+    `marks` collects when each step of the answer happened (trio.current_time()),
+    for the per-turn latency line; `speech_ended` is when the caller went quiet.
+    """
+
+    text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    text: str = ""
+    kind: str = "speech"  # or "ears-down": the speech-to-text service is unreachable
+    speech_ended: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str, at: float | None = None) -> None:
+        self.marks.setdefault(step, trio.current_time() if at is None else at)
 
 
 @dataclass
 class Utterance:
-    """One piece of agent speech; the player sends a checkpoint after it, and
-    `heard` turns true when Vobiz reports that checkpoint played."""
+    """One piece of agent speech (a sentence, a chime). The player sends a
+    checkpoint after it; `heard` turns true when Vobiz says that checkpoint played."""
 
     label: str
     rate: int
@@ -497,10 +567,13 @@ class Utterance:
     heard: bool = False
 
 
+Play = Callable[[Utterance], Awaitable[None]]
+
+
 class Listener(Protocol):
     """What ears report to (the Call)."""
 
-    def speech_started(self) -> None: ...
+    def speech_started(self, onset: float) -> None: ...
 
     def turn_ended(self, turn: Turn) -> None: ...
 
@@ -514,9 +587,11 @@ class Ears(Protocol):
 
 
 class Responder(Protocol):
-    def greeting(self) -> AsyncIterator[Utterance]: ...
+    """The brain and mouth of one call: they speak by awaiting `play(utterance)`."""
 
-    def reply(self, turn: Turn) -> AsyncIterator[Utterance]: ...
+    async def greet(self, play: Play) -> None: ...
+
+    async def reply(self, turn: Turn, play: Play) -> None: ...
 
 
 class Agent(Protocol):
@@ -524,100 +599,120 @@ class Agent(Protocol):
 
     name: str
 
-    def ears(self, media_format: MediaFormat, listener: Listener) -> Ears: ...
+    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears: ...
 
-    def responder(self) -> Responder: ...
+    def responder(self, log: CallLog) -> Responder: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CallLog(Protocol):
+    def __call__(self, level: int, message: str, *args: object) -> None: ...
+
+
+class VoiceActivity:
+    """Is this frame speech? Loud enough, and well above the line's noise floor.
+
+    The floor is learnt from the quiet frames (quickly down, slowly up), so a
+    noisy line raises the bar and a quiet one lowers it. It also measures how
+    long the current run of speech has lasted: short dips inside a word don't
+    end it, a longer gap does.
+    """
+
+    MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
+    ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
+    GAP_TOLERANCE_S = 0.10
+
+    def __init__(self) -> None:
+        self.noise_floor = 100.0
+        self.run_s = 0.0  # voiced time in the current run of speech
+        self.quiet_s = 0.0  # quiet time since the last voiced frame
+        self.last_voiced = 0.0  # trio time of the last voiced frame
+
+    def voiced(self, pcm: bytes, seconds: float) -> bool:
+        loudness = audioop.rms(pcm, 2)
+        if loudness > max(self.MIN_THRESHOLD, self.noise_floor * self.ABOVE_FLOOR):
+            self.run_s += seconds
+            self.quiet_s = 0.0
+            self.last_voiced = trio.current_time()
+            return True
+        self.quiet_s += seconds
+        if self.quiet_s > self.GAP_TOLERANCE_S:
+            self.run_s = 0.0
+        rate = 0.3 if loudness < self.noise_floor else 0.02
+        self.noise_floor += rate * (loudness - self.noise_floor)
+        return False
+
+    @property
+    def onset(self) -> float:
+        """When the current run of speech began (near enough: dips are not subtracted)."""
+        return self.last_voiced - self.run_s
 
 
 class EnergyEars:
-    """Voice activity detection by loudness (audioop.rms), for the offline agent.
+    """Turn-taking by loudness alone, for the offline agent.
 
-    The line's noise floor is learnt while the caller is quiet, and speech is
-    anything well above it. Speech must last SPEECH_MIN_S before it counts (a
-    click or a cough is not speech), and a turn ends after SILENCE_END_S of quiet.
+    Speech must last `speech_min_s` before it counts (a click or a cough is not
+    speech), and a turn ends after SILENCE_END_S of quiet. The turn's audio is
+    kept, with a little from before the onset: first consonants are quiet.
     """
 
-    SPEECH_MIN_S = 0.20
     SILENCE_END_S = 0.60
-    GAP_TOLERANCE_S = 0.10  # short dips inside a syllable don't restart the onset
-    PRE_ROLL_S = 0.10  # keep a little audio from before the onset: first consonants are quiet
+    PRE_ROLL_S = 0.10
+    TAIL_S = 0.10  # keep this much of the closing quiet: words trail off below the threshold
     MAX_TURN_S = 30.0
-    MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
-    ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
 
-    def __init__(self, media_format: MediaFormat, listener: Listener):
+    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
         self.format = media_format
         self.listener = listener
-        self.noise_floor = 100.0
+        self.speech_min_s = speech_min_s
+        self.vad = VoiceActivity()
         self.speaking = False
-        self.voiced_s = 0.0  # voiced time since a possible onset
-        self.quiet_s = 0.0  # quiet time since the last voiced frame
-        self.pre_roll: deque[bytes] = deque()
-        self.pre_roll_s = 0.0
-        self.turn: list[bytes] = []
-        self.turn_s = 0.0
+        self.heard: deque[bytes] = deque()  # before a turn: pre-roll; during one: the turn
+        self.heard_s = 0.0
 
     def hear(self, payload: bytes) -> None:
         pcm = self.format.to_pcm(payload)
         seconds = len(pcm) / 2 / self.format.rate
-        loudness = audioop.rms(pcm, 2)
-        voiced = loudness > max(self.MIN_THRESHOLD, self.noise_floor * self.ABOVE_FLOOR)
-        if self.speaking:
-            self._during_turn(pcm, seconds, voiced)
-        else:
-            self._before_turn(pcm, seconds, voiced, loudness)
+        voiced = self.vad.voiced(pcm, seconds)
+        self.heard.append(pcm)
+        self.heard_s += seconds
+        if not self.speaking:
+            if not self.vad.run_s:  # nothing started yet: keep only the pre-roll
+                while self.heard_s > self.PRE_ROLL_S and len(self.heard) > 1:
+                    self.heard_s -= len(self.heard.popleft()) / 2 / self.format.rate
+            if self.vad.run_s >= max(self.speech_min_s, FRAME_SECONDS):
+                self.speaking = True
+                self.listener.speech_started(self.vad.onset)
+        elif not voiced and self.vad.quiet_s >= self.SILENCE_END_S or self.heard_s >= self.MAX_TURN_S:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        audio = b"".join(self.heard)
+        drop = int(max(0.0, self.vad.quiet_s - self.TAIL_S) * self.format.rate) * 2
+        self.speaking = False
+        self.heard.clear()
+        self.heard_s = 0.0
+        turn = Turn(audio=audio[: len(audio) - drop], rate=self.format.rate, speech_ended=self.vad.last_voiced)
+        turn.mark("turn_ended")
+        self.listener.turn_ended(turn)
 
     async def run(self) -> None:
         """Energy VAD works inside hear(); it needs no task of its own."""
-
-    def _before_turn(self, pcm: bytes, seconds: float, voiced: bool, loudness: int) -> None:
-        self.pre_roll.append(pcm)
-        self.pre_roll_s += seconds
-        if voiced:
-            self.voiced_s += seconds
-            self.quiet_s = 0.0
-        else:
-            self.quiet_s += seconds
-            if self.quiet_s > self.GAP_TOLERANCE_S:
-                self.voiced_s = 0.0  # it was a click, not the start of a word
-            # Learn the floor only from quiet audio: quickly down, slowly up.
-            rate = 0.3 if loudness < self.noise_floor else 0.02
-            self.noise_floor += rate * (loudness - self.noise_floor)
-        if not self.voiced_s:
-            while self.pre_roll_s > self.PRE_ROLL_S and len(self.pre_roll) > 1:
-                self.pre_roll_s -= len(self.pre_roll.popleft()) / 2 / self.format.rate
-        if self.voiced_s >= self.SPEECH_MIN_S:
-            self.speaking, self.quiet_s = True, 0.0
-            self.turn, self.turn_s = list(self.pre_roll), self.pre_roll_s
-            self.pre_roll.clear()
-            self.pre_roll_s = 0.0
-            self.listener.speech_started()
-
-    def _during_turn(self, pcm: bytes, seconds: float, voiced: bool) -> None:
-        self.turn.append(pcm)
-        self.turn_s += seconds
-        self.quiet_s = 0.0 if voiced else self.quiet_s + seconds
-        if self.quiet_s >= self.SILENCE_END_S or self.turn_s >= self.MAX_TURN_S:
-            # Keep 100 ms of the closing quiet: words trail off below the threshold.
-            drop = int(max(0.0, self.quiet_s - 0.1) * self.format.rate) * 2
-            audio = b"".join(self.turn)
-            self.speaking, self.voiced_s, self.quiet_s = False, 0.0, 0.0
-            self.turn, self.turn_s = [], 0.0
-            self.listener.turn_ended(Turn(audio[: len(audio) - drop], self.format.rate))
-
-
-async def _once(pcm: bytes) -> AsyncIterator[bytes]:
-    yield pcm
 
 
 class EchoResponder:
     """The offline brain and mouth: a chime to greet, then each turn played back."""
 
-    async def greeting(self) -> AsyncIterator[Utterance]:
-        yield Utterance("greeting", 24000, _once(chime(24000)), text="(chime)")
+    async def greet(self, play: Play) -> None:
+        await play(Utterance("greeting", 24000, _once(chime(24000)), text="(chime)"))
 
-    async def reply(self, turn: Turn) -> AsyncIterator[Utterance]:
-        yield Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)")
+    async def reply(self, turn: Turn, play: Play) -> None:
+        await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
+
+
+async def _once(pcm: bytes) -> AsyncIterator[bytes]:
+    yield pcm
 
 
 class OfflineAgent:
@@ -625,11 +720,411 @@ class OfflineAgent:
 
     name = "offline echo agent"
 
-    def ears(self, media_format: MediaFormat, listener: Listener) -> Ears:
-        return EnergyEars(media_format, listener)
+    def __init__(self, settings: Settings):
+        self.speech_min_s = settings.barge_in_min_ms / 1000
 
-    def responder(self) -> Responder:
+    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
+        return EnergyEars(media_format, listener, self.speech_min_s)
+
+    def responder(self, log: CallLog) -> Responder:
         return EchoResponder()
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+# The AI agent's ears: Deepgram live transcription over a WebSocket.
+
+
+def deepgram_url(settings: Settings, media_format: MediaFormat) -> str:
+    """The listen URL, telling Deepgram exactly what audio we forward (unchanged)."""
+    query = {
+        "model": settings.deepgram_model,
+        "language": settings.deepgram_language,
+        "encoding": "mulaw" if media_format.sample_width == 1 else "linear16",
+        "sample_rate": media_format.rate,
+        "channels": 1,
+        "interim_results": "true",  # words while the caller is still talking: an early barge-in signal
+        "endpointing": settings.deepgram_endpointing_ms,  # this much quiet ends a phrase (speech_final)
+        "utterance_end_ms": 1000,  # a backstop for when endpointing misses in noise
+        "vad_events": "true",  # SpeechStarted
+        "smart_format": "true",
+    }
+    return f"{settings.deepgram_url}?{urlencode(query)}"
+
+
+class DeepgramEars:
+    """Speech-to-text with Deepgram, and turn-taking from what it reports.
+
+    hear() never waits: payloads go into a bounded buffer that a sender task
+    drains into Deepgram's socket, so a slow Deepgram can never delay reading
+    Vobiz's frames (if the buffer fills, frames are dropped and counted).
+    A turn ends at `speech_final`, or at `UtteranceEnd` if finals are pending.
+    A possible barge-in (SpeechStarted) is confirmed only once the caller has
+    spoken for `barge_in_min_s`, by our own energy measure, or once words arrive.
+    """
+
+    BUFFER_FRAMES = 250  # 5 s of 20 ms frames
+    KEEPALIVE_S = 4.0  # Deepgram closes a stream that gets no audio for about 10 s
+    BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    APOLOGY_AFTER_S = 2.0  # ears down this long: tell the caller rather than leave them in silence
+
+    def __init__(self, settings: Settings, media_format: MediaFormat, listener: Listener, log: CallLog):
+        self.url = deepgram_url(settings, media_format)
+        self.headers = [("Authorization", f"Token {settings.deepgram_api_key}")]
+        self.format = media_format
+        self.listener = listener
+        self.log = log
+        self.barge_in_min_s = settings.barge_in_min_ms / 1000
+        self.audio_in, self.audio_out = trio.open_memory_channel[bytes](self.BUFFER_FRAMES)
+        self.dropped = 0
+        self.vad = VoiceActivity()
+        self.maybe_speaking = False  # SpeechStarted came; not yet confirmed
+        self.speaking = False  # confirmed: reported to the listener
+        self.finals: list[str] = []
+
+    def hear(self, payload: bytes) -> None:
+        pcm = self.format.to_pcm(payload)
+        self.vad.voiced(pcm, len(pcm) / 2 / self.format.rate)
+        if self.maybe_speaking and self.vad.run_s >= self.barge_in_min_s:
+            self._confirm_speech()
+        try:
+            self.audio_in.send_nowait(payload)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    def _confirm_speech(self) -> None:
+        self.maybe_speaking = False
+        if not self.speaking:
+            self.speaking = True
+            self.listener.speech_started(self.vad.onset)
+
+    def on_message(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "SpeechStarted":
+            self.maybe_speaking = True
+            if self.vad.run_s >= self.barge_in_min_s:
+                self._confirm_speech()
+        elif kind == "Results":
+            alternatives = message.get("channel", {}).get("alternatives") or [{}]
+            text = str(alternatives[0].get("transcript") or "").strip()
+            if text:
+                self._confirm_speech()  # words are speech, however short
+                if message.get("is_final"):
+                    self.finals.append(text)
+            if message.get("speech_final") and self.finals:
+                self._end_turn()
+        elif kind == "UtteranceEnd" and self.finals:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        turn = Turn(text=" ".join(self.finals), speech_ended=self.vad.last_voiced)
+        turn.mark("stt_final")
+        self.finals, self.speaking, self.maybe_speaking = [], False, False
+        self.listener.turn_ended(turn)
+
+    async def run(self) -> None:
+        """Stay connected for the whole call, reconnecting with backoff."""
+        failures, down_since, apologized = 0, None, False
+        while True:
+            problem = await self._stream(failures)
+            now = trio.current_time()
+            if problem is None:  # it was up, then closed: a new outage starts now
+                failures, down_since, apologized = 0, None, False
+                problem = "Deepgram closed the stream"
+            down_since = now if down_since is None else down_since
+            if not apologized and now - down_since >= self.APOLOGY_AFTER_S:
+                apologized = True  # once per outage, so the caller knows why nobody answers
+                self.listener.turn_ended(Turn(kind="ears-down"))
+            delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
+            self.log(logging.WARNING, "speech-to-text is down (%s); reconnecting in %.2f s", problem, delay)
+            failures += 1
+            await trio.sleep(delay)
+
+    async def _stream(self, failures: int) -> str | None:
+        """One connection to Deepgram; returns why it failed to connect, or None if it was up."""
+        problem = None
+        try:
+            async with trio_websocket.open_websocket_url(
+                self.url, extra_headers=self.headers, connect_timeout=5, disconnect_timeout=1
+            ) as socket:
+                self.log(logging.INFO, "speech-to-text connected%s",
+                         f" after {failures} failed attempts" if failures else "")
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._send_audio, socket)
+                        await self._receive(socket)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    # The call may be ending (cancelled): still tell Deepgram we're done.
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.5), \
+                            suppress(trio_websocket.ConnectionClosed):
+                        await socket.send_message(json.dumps({"type": "CloseStream"}))
+        except* (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as group:
+            problem = _describe(group.exceptions[0])
+        return problem
+
+    async def _send_audio(self, socket: trio_websocket.WebSocketConnection) -> None:
+        with suppress(trio_websocket.ConnectionClosed):
+            while True:
+                with trio.move_on_after(self.KEEPALIVE_S):
+                    await socket.send_message(await self.audio_out.receive())
+                    continue
+                await socket.send_message(json.dumps({"type": "KeepAlive"}))
+
+    async def _receive(self, socket: trio_websocket.WebSocketConnection) -> None:
+        with suppress(trio_websocket.ConnectionClosed):
+            while True:
+                message = await socket.get_message()
+                try:
+                    data = json.loads(message)
+                except ValueError:
+                    self.log(logging.WARNING, "speech-to-text sent something that is not JSON")
+                    continue
+                if isinstance(data, dict):
+                    self.on_message(data)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line reason for a failed connection."""
+    status = getattr(error, "status_code", None)  # trio_websocket.ConnectionRejected
+    return f"refused with HTTP {status}" if status else f"{type(error).__name__} {error}".strip()
+
+
+# The AI agent's brain: an OpenAI-compatible chat model, streamed.
+
+
+class ProviderError(Exception):
+    """A provider (LLM or TTS) failed: bad status, timeout, or network error."""
+
+
+async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict]) -> AsyncIterator[str]:
+    """Stream a chat completion: server-sent events, one `data: {...}` line each."""
+    body = {"model": settings.openai_model, "messages": messages, "stream": True}
+    try:
+        async with client.stream("POST", f"{settings.openai_base_url}/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
+            await _check(response, "LLM")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, keep-alives
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    choice = json.loads(data)["choices"][0]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    continue  # e.g. a usage-only chunk with no choices
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    yield content
+    except httpx.HTTPError as error:
+        raise ProviderError(f"LLM: {type(error).__name__} {error}".strip()) from None
+
+
+async def _check(response: httpx.Response, who: str) -> None:
+    if response.status_code != 200:
+        detail = (await response.aread())[:200].decode("utf-8", "replace")
+        raise ProviderError(f"{who}: HTTP {response.status_code} {_clean(detail)}")
+
+
+SENTENCE_ENDS = ".!?"
+CLAUSE_ENDS = ",;:"
+FIRST_PIECE_MIN_CHARS = 4  # "Sure," can go to TTS at once; "Dr." cannot
+SENTENCE_MIN_CHARS = 20  # later pieces: whole sentences, not fragments
+ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc", "e.g", "i.e", "no"}
+
+
+def speakable_end(text: str, first: bool) -> int | None:
+    """Where the first piece ready for speech ends in `text`, or None if it isn't complete.
+
+    The first piece of a reply may end at a comma: the caller hears the agent
+    start a few hundred milliseconds sooner. After that, whole sentences.
+    """
+    marks = SENTENCE_ENDS + CLAUSE_ENDS if first else SENTENCE_ENDS
+    shortest = FIRST_PIECE_MIN_CHARS if first else SENTENCE_MIN_CHARS
+    for i, char in enumerate(text):
+        if char == "\n" and text[:i].strip():
+            return i + 1
+        if char in marks and i + 1 < len(text) and text[i + 1].isspace():
+            piece = text[: i + 1].strip()
+            last_word = piece.rsplit(None, 1)[-1].rstrip(".").lower()
+            if len(piece) >= shortest and last_word not in ABBREVIATIONS:
+                return i + 1
+    return None
+
+
+async def speakable_pieces(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Tokens → pieces of text ready to speak, each as soon as it is complete."""
+    pending, first = "", True
+    async for token in tokens:
+        pending += token
+        while (end := speakable_end(pending, first)) is not None:
+            yield pending[:end].strip()
+            pending, first = pending[end:], False
+    if pending.strip():
+        yield pending.strip()
+
+
+# The AI agent's mouth: OpenAI text-to-speech, streamed as raw 24 kHz PCM.
+
+TTS_RATE = 24000
+
+
+async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -> AsyncIterator[bytes]:
+    body = {"model": settings.tts_model, "voice": settings.tts_voice, "input": text, "response_format": "pcm"}
+    try:
+        async with client.stream("POST", f"{settings.openai_base_url}/audio/speech", json=body,
+                                 headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
+            await _check(response, "TTS")
+            async for chunk in response.aiter_bytes():
+                yield chunk  # any size: the player carries an odd byte over to the next chunk
+    except httpx.HTTPError as error:
+        raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
+
+
+@cache
+def trouble_tone(rate: int = TTS_RATE) -> bytes:
+    """Two falling tones: what the caller hears when the voice itself fails."""
+    samples = array.array("h")
+    for frequency in (480.0, 360.0):
+        count = int(rate * 0.2)
+        for i in range(count):
+            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.03 * rate))
+            samples.append(int(6000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
+    return samples.tobytes()
+
+
+LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
+EARS_APOLOGY = "Sorry, I'm having trouble hearing you. Please hold on a moment."
+INTERRUPTED = "[the caller interrupted]"
+
+
+class AIResponder:
+    """One call's conversation with the language model, spoken sentence by sentence.
+
+    A reply is three things at once, all inside the call's reply scope: the
+    LLM stream is cut into sentences; each sentence's TTS request starts as soon
+    as it is ready (one sentence ahead of the player at most); the player plays
+    them in order. Cancelling the scope closes every HTTP stream at once.
+
+    History keeps only what the caller heard: an assistant turn is the list of
+    its utterances, and its text is read (heard ones only) when the next request
+    is built, after Vobiz has acknowledged or voided each checkpoint.
+    """
+
+    PREFETCH = 1  # sentences synthesized ahead of the one playing
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient, log: CallLog):
+        self.settings = settings
+        self.client = client
+        self.log = log
+        self.history: list[tuple[str, str | list[Utterance]]] = []
+
+    async def greet(self, play: Play) -> None:
+        await self._speak([self.settings.greeting], play, Turn())
+
+    async def reply(self, turn: Turn, play: Play) -> None:
+        if turn.kind == "ears-down":
+            await self._speak([EARS_APOLOGY], play, turn)
+            return
+        messages = self._conversation(turn.text)
+        async with trio.open_nursery() as nursery:
+            ready_in, ready_out = trio.open_memory_channel[Utterance](self.PREFETCH)
+            nursery.start_soon(self._think, messages, turn, ready_in, nursery)
+            async for utterance in ready_out:
+                await play(utterance)
+
+    async def _speak(self, texts: list[str], play: Play, turn: Turn) -> None:
+        """Fixed words (greeting, apologies): synthesized and played in order."""
+        spoken: list[Utterance] = []
+        self.history.append(("assistant", spoken))
+        async with trio.open_nursery() as nursery:
+            for text in texts:
+                await play(self._utterance(text, turn, nursery, spoken))
+
+    def _conversation(self, text: str) -> list[dict]:
+        # The caller went on talking before hearing any of the last reply:
+        # it was one turn with a pause in it, so answer the whole of it.
+        if len(self.history) >= 2 and self.history[-2][0] == "user":
+            last_reply = self.history[-1][1]
+            if not any(utterance.heard for utterance in last_reply):
+                self.history.pop()
+                text = f"{self.history.pop()[1]} {text}"
+        self.history.append(("user", text))
+        messages = [{"role": "system", "content": self.settings.system_prompt}]
+        for role, content in self.history:
+            messages.append({"role": role, "content": content if role == "user" else _heard_text(content)})
+        return messages
+
+    async def _think(self, messages: list[dict], turn: Turn, ready: trio.MemorySendChannel[Utterance],
+                     nursery: trio.Nursery) -> None:
+        spoken: list[Utterance] = []
+        self.history.append(("assistant", spoken))
+        async with ready:
+            try:
+                tokens = _marking(chat_tokens(self.client, self.settings, messages), turn)
+                async with aclosing(speakable_pieces(tokens)) as pieces:
+                    async for piece in pieces:
+                        turn.mark("first_sentence")
+                        await ready.send(self._utterance(piece, turn, nursery, spoken))
+                if not spoken:
+                    raise ProviderError("LLM: the reply was empty")
+            except ProviderError as error:
+                self.log(logging.WARNING, "%s", error)
+                if not spoken:  # never leave the caller in silence
+                    await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken))
+
+    def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, spoken: list[Utterance]) -> Utterance:
+        """Start synthesizing `text` now; the utterance plays its audio as it arrives."""
+        pcm_in, pcm_out = trio.open_memory_channel[bytes](math.inf)
+        nursery.start_soon(self._synthesize, text, turn, pcm_in)
+        utterance = Utterance("sentence", TTS_RATE, pcm_out, text=text)
+        spoken.append(utterance)
+        return utterance
+
+    async def _synthesize(self, text: str, turn: Turn, pcm: trio.MemorySendChannel[bytes]) -> None:
+        async with pcm:
+            try:
+                async with aclosing(speech_pcm(self.client, self.settings, text)) as chunks:
+                    async for chunk in chunks:
+                        turn.mark("tts_first_byte")
+                        pcm.send_nowait(chunk)
+            except ProviderError as error:
+                self.log(logging.WARNING, "%s", error)
+                pcm.send_nowait(trouble_tone())
+
+
+async def _marking(tokens: AsyncIterator[str], turn: Turn) -> AsyncIterator[str]:
+    async for token in tokens:
+        turn.mark("llm_first_token")
+        yield token
+
+
+def _heard_text(utterances: list[Utterance]) -> str:
+    """What the caller heard of a reply, marked if they cut it short."""
+    heard = [utterance.text for utterance in utterances if utterance.heard]
+    text = " ".join(heard)
+    return text if len(heard) == len(utterances) else f"{text} {INTERRUPTED}".strip()
+
+
+class AIAgent:
+    """Deepgram ears, an OpenAI-compatible brain, OpenAI TTS for a mouth."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
+        # One client for the process: its connection pool keeps TLS sessions warm between turns.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s))
+
+    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
+        return DeepgramEars(self.settings, media_format, listener, log)
+
+    def responder(self, log: CallLog) -> Responder:
+        return AIResponder(self.settings, self.client, log)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -658,7 +1153,7 @@ class Call:
         self.socket = socket
         self.agent = agent
         self.label = label  # the callId once `start` arrives
-        self.responder = agent.responder()
+        self.responder = agent.responder(self.log)
         self.start: Start | None = None
         self.outbound: Outbound | None = None
         self.ears: Ears | None = None
@@ -667,7 +1162,8 @@ class Call:
         self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
         self.play_clock = 0.0  # when Vobiz will have played everything we sent
-        self.unheard: dict[str, Utterance] = {}  # checkpoint name → utterance, until acked
+        self.turn: Turn | None = None  # the turn being answered, for its latency marks
+        self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
@@ -705,9 +1201,11 @@ class Call:
         elif isinstance(frame, Start):
             self._begin(frame)
         elif isinstance(frame, PlayedStream):
-            utterance = self.unheard.pop(frame.name, None)
+            utterance, turn, frames = self.unheard.pop(frame.name, (None, None, 0))
             if utterance is not None:
                 utterance.heard = True
+            if turn is not None:  # it began playing `frames` frames before this ack
+                turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
         elif isinstance(frame, ClearedAudio):
             self.cleared.set()
         elif isinstance(frame, Dtmf):
@@ -722,7 +1220,7 @@ class Call:
             raise BadFrame("start", f"second start (streamId {_clean(start.stream_id)}) ignored")
         self.start, self.label = start, start.call_id
         self.outbound = Outbound(start.stream_id)
-        self.ears = self.agent.ears(start.media_format, self)
+        self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
         self.log(logging.INFO, "stream %s started, caller audio %s at %d Hz",
                  start.stream_id, start.media_format.encoding, start.media_format.rate)
@@ -737,17 +1235,24 @@ class Call:
 
     # What the ears report (the Listener side of the seam).
 
-    def speech_started(self) -> None:
-        if self.reply_scope is not None or trio.current_time() < self.play_clock:
-            self.barge_in()
+    def speech_started(self, onset: float) -> None:
+        self.log(logging.DEBUG, "caller started speaking")
+        if trio.current_time() < self.play_clock:
+            self.barge_in(onset)
+        elif self.reply_scope is not None:
+            # Still thinking, nothing heard yet: the caller had only paused. Drop
+            # the reply; the responder hears the rest as part of the same turn.
+            self.log(logging.INFO, "the caller went on talking: reply dropped before it was heard")
+            self.reply_scope.cancel()
 
     def turn_ended(self, turn: Turn) -> None:
+        self.log(logging.DEBUG, "turn ended (%s)", turn.kind)
         try:
             self.turns_in.send_nowait(turn)
         except trio.WouldBlock:
-            self.log(logging.WARNING, "dropped a turn: %d are already waiting for a reply", 4)
+            self.log(logging.WARNING, "dropped a turn: too many are waiting for a reply")
 
-    def barge_in(self) -> None:
+    def barge_in(self, onset: float) -> None:
         """The caller talks over the agent: stop the reply and flush Vobiz's queue.
 
         Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
@@ -760,7 +1265,14 @@ class Call:
         self.unheard.clear()
         self.play_clock = trio.current_time()
         self.cleared = trio.Event()
-        self.nursery.start_soon(self.send, self.outbound.clear_audio())
+        if self.turn is not None:
+            self.turn.mark("barge_in_onset", onset)
+        self.nursery.start_soon(self._clear_audio, self.turn)
+
+    async def _clear_audio(self, turn: Turn | None) -> None:
+        await self.send(self.outbound.clear_audio())
+        if turn is not None:
+            turn.mark("clear_audio_sent")
         self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
 
     # The conversation: greet, then answer turns one at a time.
@@ -768,30 +1280,36 @@ class Call:
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
         await self.media_flowing.wait()
-        await self.say(self.responder.greeting())
+        await self.respond(self.responder.greet)
         async for turn in self.turns_out:
-            self.counts["turns"] += 1
-            await self.say(self.responder.reply(turn))
+            self.turn = turn
+            if turn.kind == "speech":
+                self.counts["turns"] += 1
+            await self.respond(partial(self.responder.reply, turn))
+            self._log_latency(turn)
+            self.turn = None
 
-    async def say(self, utterances: AsyncIterator[Utterance]) -> None:
+    async def respond(self, responder: Callable[[Play], Awaitable[None]]) -> None:
+        """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once."""
         with trio.CancelScope() as self.reply_scope:
-            async with aclosing(utterances):
-                async for utterance in utterances:
-                    await self.play(utterance)
+            await responder(self.play)
         self.reply_scope = None
 
     async def play(self, utterance: Utterance) -> None:
         """Send one utterance as paced playAudio frames, then a checkpoint."""
         self.counts["utterances"] += 1
         name = f"{utterance.label}-{self.counts['utterances']}"  # unique within the call
+        turn, frames = self.turn, 0
         encoder = FrameEncoder(utterance.rate)
         async with aclosing(utterance.pcm) as chunks:
             async for pcm in chunks:
                 for frame in encoder.encode(pcm):
                     await self.send_frame(frame)
+                    frames += 1
         for frame in encoder.flush():
             await self.send_frame(frame)
-        self.unheard[name] = utterance
+            frames += 1
+        self.unheard[name] = (utterance, turn, frames)
         await self.send(self.outbound.checkpoint(name))
 
     async def send_frame(self, frame: bytes) -> None:
@@ -803,8 +1321,12 @@ class Call:
                 self.cleared.set()
         # Real time with a small lead: Vobiz queues what we send, and everything
         # queued is what a barge-in must flush, so don't send in a burst.
-        self.play_clock = max(self.play_clock, trio.current_time()) + FRAME_SECONDS
+        starts = max(self.play_clock, trio.current_time())
+        self.play_clock = starts + FRAME_SECONDS
         await self.send(self.outbound.play_audio(frame))
+        if self.turn is not None and "first_frame_sent" not in self.turn.marks:
+            self.turn.mark("first_frame_sent")
+            self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
         self.counts["frames"] += 1
         await trio.sleep_until(self.play_clock - self.LEAD_S)
 
@@ -824,11 +1346,32 @@ class Call:
         if self.bad_frames[kind] <= self.BAD_FRAMES_LOGGED:
             self.log(logging.WARNING, "ignored a bad frame: %s", detail)
 
+    def _log_latency(self, turn: Turn) -> None:
+        """One line per turn: how long each step took, from the end of the caller's speech."""
+        if turn.kind != "speech" or not turn.speech_ended:
+            return
+        marks = dict(turn.marks)
+        heard = marks.pop("first_frame_heard", None)
+        due = marks.pop("first_frame_due", None)
+        onset, cleared = marks.pop("barge_in_onset", None), marks.pop("clear_audio_sent", None)
+        steps = {step: round((at - turn.speech_ended) * 1000) for step, at in marks.items()}
+        if heard or due:
+            steps["first_frame_heard"] = round(((heard or due) - turn.speech_ended) * 1000)
+            steps["heard_is_estimate"] = heard is None
+        if onset and cleared:
+            steps["barge_in"] = round((cleared - onset) * 1000)
+        text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
+        log.info("call %s: turn %d latency: %s%s", self.label, self.counts["turns"], text,
+                 " (heard: estimated)" if steps.get("heard_is_estimate") else "",
+                 extra={"fields": {"call": self.label, "turn": self.counts["turns"], **steps}})
+
     def _log_end(self) -> None:
         bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
-        self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s",
+        dropped = getattr(self.ears, "dropped", 0)
+        self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "")
+                 self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
+                 f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
 
 def _clean(value: object, limit: int = 120) -> str:
@@ -868,7 +1411,7 @@ class LiveCalls:
 
 def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app = QuartTrio(__name__)
-    agent = agent or OfflineAgent()
+    agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
     app.live_calls = live_calls = LiveCalls()
     call_numbers = iter(range(1, sys.maxsize))
 
@@ -900,6 +1443,10 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     @app.route("/health")
     async def health() -> dict:
         return {"status": "ok", "calls": len(live_calls)}
+
+    @app.after_serving
+    async def release_agent() -> None:
+        await agent.aclose()
 
     @app.websocket("/ws")
     async def media_stream() -> None:
@@ -945,6 +1492,28 @@ def _log_hangup(params: dict[str, str]) -> None:
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
 
 
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line; structured fields (a turn's latency) merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -980,8 +1549,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env(os.environ, host=args.host, port=port)
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = OfflineAgent()
+    configure_logging(settings)
+    agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
     print(banner(settings, agent), flush=True)
     trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
 
