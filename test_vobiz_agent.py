@@ -21,14 +21,17 @@ import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+import zlib
 from collections import deque
 from contextlib import asynccontextmanager
 from functools import partial
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
 import trio
 import trio_websocket
+from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 import vobiz_agent
@@ -86,8 +89,8 @@ def resemblance(heard: bytes, said: bytes) -> float:
         return 0.0
     offset, _ = audioop.findfit(heard, probe)
     segment = heard[2 * offset : 2 * offset + len(probe)]
-    gain = audioop.findfactor(segment, probe)
-    return gain * audioop.rms(probe, 2) / max(audioop.rms(segment, 2), 1)
+    gain = audioop.findfactor(segment, probe)  # its sign is a matter of offset for a pure tone
+    return abs(gain) * audioop.rms(probe, 2) / max(audioop.rms(segment, 2), 1)
 
 
 # ── The simulated Vobiz ──
@@ -106,6 +109,8 @@ class SimulatedVobiz:
         self.answers_clear = answers_clear
         self.call_id, self.stream_id = call_id, stream_id
         self.tick = 0
+        self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
+        self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
         self.to_say: deque[bytes] = deque()  # caller PCM, one 20 ms frame each
         self.said_ticks: list[int] = []  # ticks that carried caller speech
         self.queue: deque[bytes | str] = deque()  # playAudio frames and checkpoint names
@@ -184,7 +189,7 @@ class SimulatedVobiz:
             await self._clock()
 
     async def _clock(self) -> None:
-        began = trio.current_time()
+        began = self.began = trio.current_time()
         while not self.closed.is_set():
             await trio.sleep_until(began + (self.tick + 1) * TICK)
             self.tick += 1
@@ -240,6 +245,7 @@ class SimulatedVobiz:
                 self.protocol_errors.append(f"bad playAudio {media['contentType']} {media['sampleRate']} {len(frame)}")
             self.audio_while_clearing += self.clearing
             self.queue.append(frame)
+            self.audio_arrivals.append(trio.current_time())
             self.max_queue = max(self.max_queue, sum(isinstance(item, bytes) for item in self.queue))
             return
         self.events.append((self.tick, message))
@@ -656,3 +662,771 @@ async def test_the_command_line_serves_and_prints_the_answer_url(nursery):
     assert health.json() == {"status": "ok", "calls": 0}
     process.send_signal(signal.SIGINT)
     assert await process.wait() == 0
+
+
+# ── Stand-ins for the providers: real loopback servers speaking their wire protocols ──
+
+
+class _Watched:
+    """Lets a test wait until the stand-in's records satisfy a condition."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        # Wake everyone waiting on this event, and arm a fresh one for the next change.
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate) -> None:
+        """Return as soon as predicate() is true; it is checked after every change."""
+        while not predicate():
+            await self._changed.wait()
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# Deepgram: wss://api.deepgram.com/v1/listen
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class _Utterance:
+    """The caller's speech since the last final result."""
+
+    def __init__(self, start: int):
+        self.start = start  # audio clock (samples) at speech onset
+        self.loud_end = start  # end of the last loud frame
+        self.loud = 0  # samples of loud audio so far
+        self.text: str | None = None  # the scripted transcript, once it has been "recognised"
+
+
+class _Transcription:
+    """One connection's transcription: 16-bit PCM frames in, Deepgram messages out.
+
+    Time is the audio clock (samples received), never the wall clock, so what is
+    sent when depends only on the audio the client sent."""
+
+    def __init__(self, standin: DeepgramStandIn, rate: int, query: dict[str, str]):
+        self.standin = standin
+        self.rate = rate
+        self.clock = 0  # samples received
+        self.utterance: _Utterance | None = None
+        self.word_end: int | None = None  # end of the last final word still owed an UtteranceEnd
+        # As Deepgram does, send only the events the query asked for.
+        self.vad_events = query.get("vad_events") == "true"
+        self.interim_results = query.get("interim_results") == "true"
+        self.utterance_end = "utterance_end_ms" in query
+
+    def samples(self, ms: int) -> int:
+        return self.rate * ms // 1000
+
+    def quiet_since(self, samples: int) -> float:
+        """Milliseconds of audio since `samples` on the clock."""
+        return (self.clock - samples) * 1000 / self.rate
+
+    def seconds(self, samples: int | None = None) -> float:
+        return round((self.clock if samples is None else samples) / self.rate, 3)
+
+    def feed(self, pcm: bytes) -> list[dict]:
+        """One frame of audio: advance the clock and return the messages it causes."""
+        standin, out = self.standin, []
+        start = self.clock
+        self.clock += len(pcm) // 2
+        utterance = self.utterance
+        if audioop.rms(pcm, 2) > standin.threshold:
+            if utterance is None:
+                utterance = self.utterance = _Utterance(start)
+                if self.vad_events:
+                    out.append({"type": "SpeechStarted", "channel": [0], "timestamp": self.seconds(start)})
+            utterance.loud_end = self.clock
+            utterance.loud += len(pcm) // 2
+            # Enough speech to "recognise" a word: this utterance takes the next scripted transcript.
+            if utterance.text is None and utterance.loud >= self.samples(standin.interim_after_ms):
+                utterance.text = standin._next_transcript()
+                if self.interim_results:
+                    first = self.words(utterance)[:1]
+                    out.append(self.results(first, utterance.start, is_final=False, speech_final=False))
+        elif utterance is not None and self.quiet_since(utterance.loud_end) >= standin.endpointing_ms:
+            out += self.finals(speech_final=not standin.split_final)
+        # UtteranceEnd: a long enough gap after the last final word, with no new words meanwhile.
+        no_new_words = self.utterance is None or self.utterance.text is None
+        if (self.utterance_end and self.word_end is not None and no_new_words
+                and self.quiet_since(self.word_end) >= standin.utterance_end_ms):
+            last_word_end = self.seconds(self.word_end)
+            out.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": last_word_end})
+            self.word_end = None
+        return out
+
+    def finals(self, *, speech_final: bool, from_finalize: bool = False) -> list[dict]:
+        """Final results for the utterance in progress (none if there is none)."""
+        utterance, self.utterance = self.utterance, None
+        if utterance is None:
+            return []
+        words = self.words(utterance)
+        if words:
+            self.word_end = utterance.loud_end
+        if not self.standin.split_final or not words:
+            return [self.results(words, utterance.start, True, speech_final, from_finalize)]
+        # Two finals, neither speech_final: only the UtteranceEnd tells the client the turn is over.
+        half = (len(words) + 1) // 2
+        middle = round(words[half]["start"] * self.rate) if half < len(words) else self.clock
+        return [self.results(words[:half], utterance.start, True, False, from_finalize, end=middle),
+                self.results(words[half:], middle, True, False, from_finalize)]
+
+    def words(self, utterance: _Utterance) -> list[dict]:
+        """The utterance's transcript as Deepgram words, spread evenly over its speech."""
+        texts = (utterance.text or "").split()
+        step = (utterance.loud_end - utterance.start) / max(len(texts), 1)
+
+        def at(i: int) -> float:
+            return self.seconds(round(utterance.start + i * step))
+
+        return [{"word": text.strip(".,!?;:").lower(), "start": at(i), "end": at(i + 1), "confidence": 0.99,
+                 "punctuated_word": text} for i, text in enumerate(texts)]
+
+    def results(self, words: list[dict], start: int, is_final: bool, speech_final: bool,
+                from_finalize: bool = False, end: int | None = None) -> dict:
+        end = self.clock if end is None else end
+        return {
+            "type": "Results", "channel_index": [0, 1],
+            "duration": self.seconds(end - start), "start": self.seconds(start),
+            "is_final": is_final, "speech_final": speech_final, "from_finalize": from_finalize,
+            "channel": {"alternatives": [{
+                "transcript": " ".join(word["punctuated_word"] for word in words),
+                "confidence": 0.99 if words else 0.0, "words": words}]},
+            "metadata": {"request_id": "standin", "model_info": {"name": "standin"}},
+        }
+
+
+class DeepgramStandIn(_Watched):
+    """Deepgram's live transcription WebSocket, scripted.
+
+    Each caller utterance (speech found by energy: a 20 ms frame is loud when its
+    rms is above `threshold`) is "recognised" as the next of `transcripts`, and
+    answered as Deepgram answers `interim_results=true&vad_events=true&
+    utterance_end_ms=…&endpointing=…`: SpeechStarted at onset, one interim after
+    `interim_after_ms` of speech, a final (speech_final) after `endpointing_ms`
+    of quiet, UtteranceEnd after `utterance_end_ms` of quiet after the last word.
+    The timings come from here; the query only switches events on, as it does
+    for Deepgram. Bursts shorter than `interim_after_ms` (a cough) get an empty
+    final and use up no transcript.
+
+    `refuse`: the first attempts to reject with HTTP 401, as Deepgram rejects a
+    bad key (a missing key is rejected too). `drop_after_s`: end the first
+    accepted connection after that much audio, with close code `drop_code`
+    (None: cut the TCP connection with no close frame)."""
+
+    FRAME_S = 0.020  # speech is judged per 20 ms frame, however the client chunks its audio
+
+    def __init__(self, transcripts=(), *, refuse=0, drop_after_s=None, drop_code=1011, endpointing_ms=300,
+                 utterance_end_ms=1000, interim_after_ms=300, threshold=500, split_final=False):
+        super().__init__()
+        self.transcripts = deque(transcripts)
+        self.refuse = refuse
+        self.drop_after_s, self.drop_code = drop_after_s, drop_code
+        self.endpointing_ms, self.utterance_end_ms = endpointing_ms, utterance_end_ms
+        self.interim_after_ms, self.threshold = interim_after_ms, threshold
+        self.split_final = split_final
+        self.connections: list[dict] = []  # per attempt: path, query, headers, accepted, close_code, dropped
+        self.attempts = 0
+        self.keepalives = 0
+        self.close_streams = 0
+        self.finalizes = 0
+        self.audio_bytes = 0
+        self.sent: list[tuple[float, str, str | None]] = []  # (audio secs, type, transcript)
+        self.messages: list[tuple[float, dict]] = []  # the same, whole messages
+        self.unexpected: list[str] = []  # text messages Deepgram would not understand
+        self._dropped = False
+
+    def _next_transcript(self) -> str:
+        return self.transcripts.popleft() if self.transcripts else "hello"
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        """Serve on a loopback port; started() with the ws:// URL to listen at."""
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, None))
+            task_status.started(f"ws://127.0.0.1:{server.port}/v1/listen")
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        self.attempts += 1
+        split = urlsplit(request.path)
+        query = dict(parse_qsl(split.query))
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
+        record = {"path": request.path, "query": query, "headers": headers,
+                  "accepted": False, "close_code": None, "dropped": False}
+        self.connections.append(record)
+        self._notify()
+        ws = None
+        try:
+            refusal = self._refusal(split.path, query, headers, request.proposed_subprotocols)
+            if refusal:
+                status, body = refusal
+                await request.reject(status, extra_headers=[(b"content-type", b"application/json")],
+                                     body=json.dumps(body).encode())
+                return
+            # A key sent as subprotocols is answered by choosing "token", as Deepgram does.
+            token = "token" if request.proposed_subprotocols[:1] == ("token",) else None
+            ws = await request.accept(subprotocol=token)
+            record["accepted"] = True
+            self._notify()
+            await self._transcribe(ws, query, record)
+        except trio_websocket.ConnectionClosed:
+            pass  # the client vanished; that is the client's business, not a server error
+        finally:
+            # trio_websocket reports 1000 for any close we started, so those codes are
+            # recorded where we close; this catches the client's closes.
+            if ws is not None and ws.closed is not None and record["close_code"] is None:
+                record["close_code"] = ws.closed.code
+            self._notify()
+
+    def _refusal(self, path, query, headers, subprotocols) -> tuple[int, dict] | None:
+        """Why Deepgram would refuse this handshake, as (status, body), or None."""
+        def error(code, message):
+            return {"err_code": code, "err_msg": message, "request_id": "standin"}
+        # Deepgram takes the key as "Authorization: Token <key>" (or Bearer, for temporary
+        # keys), or, from browsers, as the subprotocols ["token", "<key>"].
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        has_key = (scheme in ("Token", "Bearer") and key.strip() != "") or (
+            len(subprotocols) == 2 and subprotocols[0] == "token")
+        if self.attempts <= self.refuse or not has_key:
+            return 401, error("INVALID_AUTH", "Invalid credentials.")
+        if path != "/v1/listen":
+            return 404, error("NOT_FOUND", "Not found.")
+        if query.get("encoding", "linear16") not in ("mulaw", "linear16"):
+            return 400, error("Bad Request", "The stand-in decodes only mulaw and linear16.")
+        return None
+
+    async def _transcribe(self, ws: trio_websocket.WebSocketConnection, query: dict, record: dict) -> None:
+        mulaw = query.get("encoding", "linear16") == "mulaw"
+        rate = int(query.get("sample_rate", "16000"))
+        width = 1 if mulaw else 2
+        frame_bytes = int(rate * self.FRAME_S) * width
+        transcription = _Transcription(self, rate, query)
+        drop_here = self.drop_after_s is not None and not self._dropped
+        self._dropped |= drop_here  # only the first accepted connection is dropped
+        pending = bytearray()  # audio short of a whole frame (a message may even split a sample)
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, bytes):
+                self.audio_bytes += len(message)
+                self._notify()
+                pending += message
+                while len(pending) >= frame_bytes:
+                    frame = bytes(pending[:frame_bytes])
+                    del pending[:frame_bytes]
+                    pcm = audioop.ulaw2lin(frame, 2) if mulaw else frame
+                    for reply in transcription.feed(pcm):
+                        await self._send(ws, transcription, reply)
+                    if drop_here and transcription.clock >= self.drop_after_s * rate:
+                        record["dropped"] = True
+                        await self._drop(ws, record)
+                        return
+                continue
+            try:
+                kind = json.loads(message).get("type")
+            except (ValueError, AttributeError):
+                kind = None
+            if kind == "KeepAlive":
+                self.keepalives += 1
+                self._notify()
+            elif kind == "Finalize":  # flush what was heard so far, marked from_finalize
+                self.finalizes += 1
+                for reply in transcription.finals(speech_final=False, from_finalize=True):
+                    await self._send(ws, transcription, reply)
+            elif kind == "CloseStream":  # flush, summarise, and hang up politely
+                self.close_streams += 1
+                for reply in transcription.finals(speech_final=False):
+                    await self._send(ws, transcription, reply)
+                await self._send(ws, transcription, {
+                    "type": "Metadata", "transaction_key": "deprecated", "request_id": "standin",
+                    "sha256": "0" * 64, "created": "2024-01-01T00:00:00.000Z",
+                    "duration": transcription.seconds(), "channels": 1})
+                record["close_code"] = 1000
+                await ws.aclose()
+                return
+            else:
+                # Deepgram ends the stream on a message it does not understand; so do we,
+                # so that a client bug shows up as a failure rather than as silence.
+                self.unexpected.append(message)
+                record["close_code"] = 1008
+                self._notify()
+                await ws.aclose(1008, "stand-in: unexpected text message")
+                return
+
+    async def _send(self, ws, transcription: _Transcription, message: dict) -> None:
+        transcript = None
+        if message["type"] == "Results":
+            transcript = message["channel"]["alternatives"][0]["transcript"]
+        self.sent.append((transcription.seconds(), message["type"], transcript))
+        self.messages.append((transcription.seconds(), message))
+        self._notify()
+        await ws.send_message(json.dumps(message))
+
+    async def _drop(self, ws: trio_websocket.WebSocketConnection, record: dict) -> None:
+        record["close_code"] = self.drop_code or 1006  # 1006: what the client sees with no close frame
+        if self.drop_code is not None:
+            await ws.aclose(self.drop_code, "stand-in dropped the connection")
+        else:
+            # No close frame at all, as when a network path dies. trio_websocket has no
+            # public way to do this, so close the TCP stream under it.
+            await ws._stream.aclose()
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# OpenAI-compatible HTTP API: /v1/chat/completions and /v1/audio/speech
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+def _compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))  # OpenAI sends JSON without spaces
+
+
+def _openai_error(status: int, message: str) -> dict:
+    kind, code = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
+                  404: ("invalid_request_error", "unknown_url"), 429: ("requests", "rate_limit_exceeded"),
+                  }.get(status, ("server_error", None))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class _Exchange:
+    """One HTTP request and its response, as the ASGI app sees them."""
+
+    def __init__(self, send, method: str, path: str, headers: dict[str, str], body: bytes):
+        self._send = send
+        self.method, self.path, self.headers, self.body = method, path, headers, body
+        self.record: tuple[str, int] | None = None  # ("chat" | "tts", index) once the request is recorded
+        self.finished = False
+
+    async def start(self, status: int, content_type: str) -> None:
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [(b"content-type", content_type.encode())]})
+
+    async def write(self, data: bytes) -> None:
+        # Each write goes out at once: with no content-length, Hypercorn sends a chunk per write.
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def finish(self) -> None:
+        self.finished = True  # every byte of content is out; a hang-up now loses only the terminator
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def json(self, status: int, value: dict) -> None:
+        await self.start(status, "application/json")
+        await self.write(json.dumps(value).encode())
+        await self.finish()
+
+
+class OpenAIStandIn(_Watched):
+    """An OpenAI-compatible API, scripted: streamed chat completions and streamed
+    24 kHz PCM speech, with delays, errors and hangs set by the test.
+
+    Every request (with a key) is recorded; `completed` and `disconnects` then
+    say, as ("chat" | "tts", index into chat_requests | tts_requests), whether
+    the response was sent whole or the client hung up before its end. Those two
+    are written a moment after the client saw the end (or hung up), so a test
+    waits for them: `await openai.wait_until(lambda: openai.disconnects)`."""
+
+    RATE = 24000  # OpenAI's "pcm": 24 kHz, 16-bit little-endian, mono
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies: list[list[str]] = []  # tokens of each chat reply; popped, one per request
+        self.first_token_delay = 0.0
+        self.token_interval = 0.0
+        self.chat_status = 200
+        self.chat_hang = False
+        self.tts_first_byte_delay = 0.0
+        self.tts_status = 200
+        self.tts_chunk_bytes = 4801  # odd, so a 16-bit sample is split across chunks
+        self.tts_interval = 0.0
+        self.chat_requests: list[dict] = []  # {"body": parsed JSON, "headers": {lowercase: value}}
+        self.tts_requests: list[dict] = []
+        self.completed: list[tuple[str, int]] = []
+        self.disconnects: list[tuple[str, int]] = []
+        self._voices: dict[str, bytes] = {}
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        """Serve on a loopback port; started() with the base URL, ending in /v1."""
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(serve, self._asgi, config, mode="asgi"))
+            task_status.started(urls[0] + "/v1")
+
+    # ── What the voice sounds like ──
+
+    def voice(self, text: str) -> bytes:
+        """The speech for `text`: a tone whose pitch depends on the text (so different
+        sentences usually differ), 24 kHz 16-bit little-endian PCM, 10 ms fades."""
+        if text not in self._voices:
+            frequency = 400 + 100 * (zlib.crc32(text.encode()) % 25)
+            count = int(max(0.4, 0.05 * len(text)) * self.RATE)
+            fade = int(0.010 * self.RATE)
+            samples = array.array("h", (
+                int(8000 * min(1.0, i / fade, (count - 1 - i) / fade)
+                    * math.sin(2 * math.pi * frequency * i / self.RATE))
+                for i in range(count)))
+            if sys.byteorder == "big":
+                samples.byteswap()
+            self._voices[text] = samples.tobytes()
+        return self._voices[text]
+
+    def voice_8k(self, text: str) -> bytes:
+        """voice(text) at 8 kHz, as a phone line carries it (for correlation checks)."""
+        return audioop.ratecv(self.voice(text), 2, 1, self.RATE, 8000, None)[0]
+
+    # ── The ASGI app ──
+
+    async def _asgi(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+                   for name, value in scope["headers"]}
+        exchange = _Exchange(send, scope["method"], scope["path"], headers, body)
+        client_left = False
+
+        async def watch_for_hangup(cancel_scope: trio.CancelScope) -> None:
+            # Hypercorn tells the app the client left only through receive(); the body
+            # was read, so the next message is http.disconnect, if it ever comes.
+            nonlocal client_left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_left = True
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_for_hangup, nursery.cancel_scope)
+            await self._route(exchange)
+            nursery.cancel_scope.cancel()  # answered: stop watching
+        if exchange.record is not None:
+            hung_up = client_left and not exchange.finished
+            (self.disconnects if hung_up else self.completed).append(exchange.record)
+            self._notify()
+
+    async def _route(self, exchange: _Exchange) -> None:
+        routes = {("POST", "/v1/chat/completions"): self._chat, ("POST", "/v1/audio/speech"): self._speech}
+        handler = routes.get((exchange.method, exchange.path))
+        if handler is None:
+            await exchange.json(404, _openai_error(404, f"Unknown URL: {exchange.method} {exchange.path}"))
+            return
+        scheme, _, key = exchange.headers.get("authorization", "").partition(" ")
+        if scheme != "Bearer" or not key.strip():
+            await exchange.json(401, _openai_error(401, "You didn't provide an API key."))
+            return
+        try:
+            request = json.loads(exchange.body)
+        except ValueError:
+            request = None
+        if not isinstance(request, dict):
+            await exchange.json(400, _openai_error(400, "We could not parse the JSON body of your request."))
+            return
+        await handler(exchange, request)
+
+    def _record(self, exchange: _Exchange, kind: str, requests: list[dict], request: dict) -> None:
+        exchange.record = (kind, len(requests))
+        requests.append({"body": request, "headers": exchange.headers})
+        self._notify()
+
+    async def _chat(self, exchange: _Exchange, request: dict) -> None:
+        self._record(exchange, "chat", self.chat_requests, request)
+        if self.chat_status != 200:
+            await exchange.json(self.chat_status, _openai_error(self.chat_status, "Told to fail."))
+            return
+        if self.chat_hang:
+            await trio.sleep_forever()  # until the client gives up (or the test ends)
+        tokens = self.replies.pop(0) if self.replies else ["Okay."]
+        model = request.get("model", "gpt-4o-mini")
+        if not request.get("stream"):
+            await trio.sleep(self.first_token_delay)
+            await exchange.json(200, {
+                "id": "chatcmpl-standin", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(tokens)},
+                             "finish_reason": "stop"}]})
+            return
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+            return ("data: " + _compact({
+                "id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}) + "\n\n").encode()
+
+        await exchange.start(200, "text/event-stream; charset=utf-8")
+        await exchange.write(chunk({"role": "assistant", "content": ""}))
+        for number, token in enumerate(tokens):
+            await trio.sleep(self.token_interval if number else self.first_token_delay)
+            await exchange.write(chunk({"content": token}))
+        await exchange.write(chunk({}, "stop"))
+        if (request.get("stream_options") or {}).get("include_usage"):
+            # Asked for usage, OpenAI sends one more chunk, with no choices at all.
+            await exchange.write(("data: " + _compact({
+                "id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": len(tokens),
+                                         "total_tokens": 1 + len(tokens)}}) + "\n\n").encode())
+        await exchange.write(b"data: [DONE]\n\n")
+        await exchange.finish()
+
+    async def _speech(self, exchange: _Exchange, request: dict) -> None:
+        self._record(exchange, "tts", self.tts_requests, request)
+        if self.tts_status != 200:
+            await exchange.json(self.tts_status, _openai_error(self.tts_status, "Told to fail."))
+            return
+        if not isinstance(request.get("input"), str) or not request["input"]:
+            await exchange.json(400, _openai_error(400, "'input' is a required property"))
+            return
+        if request.get("response_format", "mp3") != "pcm":  # OpenAI's default is mp3, which we can't speak
+            await exchange.json(400, _openai_error(400, "The stand-in speaks only response_format 'pcm'."))
+            return
+        pcm = self.voice(request["input"])
+        await trio.sleep(self.tts_first_byte_delay)
+        await exchange.start(200, "application/octet-stream")
+        for offset in range(0, len(pcm), self.tts_chunk_bytes):
+            if offset:
+                await trio.sleep(self.tts_interval)
+            await exchange.write(pcm[offset : offset + self.tts_chunk_bytes])
+        await exchange.finish()
+
+
+# ── The AI agent, against loopback stand-ins for Deepgram and OpenAI ──
+
+
+class Providers:
+    """A Deepgram and an OpenAI stand-in, and our server pointed at them."""
+
+    def __init__(self, deepgram: DeepgramStandIn, openai: OpenAIStandIn, server: Server):
+        self.deepgram, self.openai, self.server = deepgram, openai, server
+
+    def user_messages(self, request: int) -> list[str]:
+        messages = self.openai.chat_requests[request]["body"]["messages"]
+        return [m["content"] for m in messages if m["role"] == "user"]
+
+    def assistant_messages(self, request: int) -> list[str]:
+        messages = self.openai.chat_requests[request]["body"]["messages"]
+        return [m["content"] for m in messages if m["role"] == "assistant"]
+
+    def spoken_texts(self) -> list[str]:
+        return [request["body"]["input"] for request in self.openai.tts_requests]
+
+
+async def start_providers(nursery, transcripts=(), *, deepgram_options=None, **settings) -> Providers:
+    deepgram = DeepgramStandIn(transcripts, **(deepgram_options or {}))
+    openai = OpenAIStandIn()
+    deepgram_url = await nursery.start(deepgram.serve)
+    openai_url = await nursery.start(openai.serve)
+    server = await start_server(nursery, deepgram_api_key="dg-secret", deepgram_url=deepgram_url,
+                                openai_api_key="sk-secret", openai_base_url=openai_url,
+                                greeting="Hello, how can I help?", **settings)
+    return Providers(deepgram, openai, server)
+
+
+def heard_sentence(vobiz: SimulatedVobiz, openai: OpenAIStandIn, text: str, start: int = 0) -> float:
+    """How much of what the caller heard (from `start`) sounds like the TTS voice saying `text`."""
+    return resemblance(vobiz.agent_audio(start, vobiz.tick), openai.voice_8k(text))
+
+
+async def test_ai_conversation_greets_and_answers_three_turns_in_order(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    ai = await start_providers(nursery, ["What time is it?", "Tell me a joke.", "Thanks, bye."])
+    ai.openai.replies = [["It is ", "noon."], ["Why did the ", "chicken cross? ", "To get ", "across."],
+                         ["Goodbye!"]]
+    answers = [["It is noon."], ["Why did the chicken cross?", "To get across."], ["Goodbye!"]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        assert heard_sentence(vobiz, ai.openai, "Hello, how can I help?") > 0.9
+        for turn, sentences in enumerate(answers):
+            said, played = vobiz.say(speech(1.0, seed=20 + turn)), len(vobiz.played_names)
+            await vobiz.until(lambda: len(vobiz.played_names) >= played + len(sentences))  # noqa: B023
+            for sentence in sentences:
+                assert heard_sentence(vobiz, ai.openai, sentence, start=said) > 0.9, sentence
+    assert ai.spoken_texts() == ["Hello, how can I help?", "It is noon.", "Why did the chicken cross?",
+                                 "To get across.", "Goodbye!"]
+    assert ai.user_messages(2) == ["What time is it?", "Tell me a joke.", "Thanks, bye."]
+    assert ai.assistant_messages(2) == ["Hello, how can I help?", "It is noon.",
+                                        "Why did the chicken cross? To get across."]
+    request = ai.openai.chat_requests[0]
+    assert request["body"]["stream"] is True and request["body"]["model"] == "gpt-4o-mini"
+    assert request["headers"]["authorization"] == "Bearer sk-secret"
+    assert ai.openai.tts_requests[0]["body"]["response_format"] == "pcm"
+    # What Deepgram was asked for, and how.
+    connection = ai.deepgram.connections[0]
+    assert connection["headers"]["authorization"] == "Token dg-secret"
+    assert connection["query"] == {
+        "model": "nova-3", "language": "en", "encoding": "mulaw", "sample_rate": "8000", "channels": "1",
+        "interim_results": "true", "endpointing": "300", "utterance_end_ms": "1000", "vad_events": "true",
+        "smart_format": "true"}
+    await ai.server.app.live_calls.wait_until_empty()
+    assert ai.deepgram.close_streams == 1  # the call told Deepgram it was done
+    latency = [r for r in caplog.records if "latency" in r.getMessage()]
+    assert [r.fields["turn"] for r in latency] == [1, 2, 3]
+    assert all(r.fields["first_frame_heard"] >= r.fields["stt_final"] > 0 for r in latency)
+
+
+async def test_the_first_sentence_is_heard_while_the_llm_is_still_writing(nursery):
+    ai = await start_providers(nursery, ["Tell me about trains."])
+    tokens = ["Sure, ", "trains ", "are ", "great."] + [f" word{i}" for i in range(30)] + ["."]
+    ai.openai.replies = [tokens]
+    ai.openai.token_interval = 0.1  # three seconds of writing
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(1.0, seed=30))
+        await vobiz.until(lambda: "sentence-2" in vobiz.played_names)  # "Sure," has been heard whole
+        assert ("chat", 0) not in ai.openai.completed  # while the LLM is still writing
+        assert heard_sentence(vobiz, ai.openai, "Sure,", start=said) > 0.9
+        assert ai.spoken_texts()[1] == "Sure,"
+
+
+async def test_barge_in_closes_the_llm_and_tts_streams_and_history_keeps_what_was_heard(nursery):
+    ai = await start_providers(nursery, ["Tell me a story.", "Stop, please."])
+    ai.openai.replies = [["Once upon a time, ", "there was a very long story that went on and on. ",
+                          "It had many parts. ", "And it kept going for a very long while."],
+                         ["Okay, I will stop."]]
+    async with vobiz_call(ai.server.url, cleared_delay=0.05) as vobiz:
+        await greeted(vobiz)
+        ai.openai.token_interval = 1.0  # the LLM is still writing when the caller interrupts,
+        ai.openai.tts_interval = 0.2  # and the second sentence's audio still streaming
+        vobiz.say(speech(1.0, seed=31))
+        await vobiz.until(lambda: "sentence-2" in vobiz.played_names)  # "Once upon a time," was heard
+        vobiz.say(speech(0.8, seed=32))
+        await vobiz.until(lambda: vobiz.event_ticks("clearAudio"))
+        await vobiz.until(lambda: len(ai.openai.chat_requests) == 2)
+        await ai.openai.wait_until(lambda: ("chat", 0) in ai.openai.disconnects)
+    assert ("chat", 0) in ai.openai.disconnects  # the LLM stream was closed by the agent
+    assert any(kind == "tts" for kind, _ in ai.openai.disconnects)  # and a TTS stream
+    assert ai.assistant_messages(1)[-1] == "Once upon a time, [the caller interrupted]"
+    assert ai.user_messages(1) == ["Tell me a story.", "Stop, please."]
+
+
+async def test_a_cough_does_not_interrupt_the_agent(nursery):
+    ai = await start_providers(nursery, ["Tell me something.", ""])  # a cough has no words
+    ai.openai.replies = [["Here is a long answer that goes on for a while, so there is time to cough."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(1.0, seed=33))
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 50)) >= 10)
+        vobiz.say(tone(300, 0.12, 8000, amplitude=9000))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert vobiz.event_ticks("clearAudio") == []
+    assert len(ai.openai.chat_requests) == 1
+
+
+async def test_a_pause_mid_sentence_is_one_turn_not_two(nursery):
+    ai = await start_providers(nursery, ["I would like to", "book a table for two."])
+    ai.openai.replies = [["This reply must never be heard."], ["A table for two it is."]]
+    ai.openai.first_token_delay = 0.6  # the caller goes on before any reply could be heard
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=34) + bytes(2 * 8000 * 45 // 100) + speech(1.0, seed=35))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert ai.user_messages(1) == ["I would like to book a table for two."]
+    assert ai.assistant_messages(1) == ["Hello, how can I help?"]
+    assert "This reply must never be heard." not in ai.spoken_texts()
+    assert heard_sentence(vobiz, ai.openai, "A table for two it is.", start=said) > 0.9
+
+
+@pytest.mark.parametrize("failure", ["error", "timeout"])
+async def test_when_the_llm_fails_the_caller_hears_an_apology_and_the_call_goes_on(nursery, failure, caplog):
+    ai = await start_providers(nursery, ["Hello?", "Hello again?"], openai_timeout_s=0.5)
+    if failure == "error":
+        ai.openai.chat_status = 500
+    else:
+        ai.openai.chat_hang = True
+    ai.openai.replies = [["Now I can answer."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=36))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.LLM_APOLOGY, start=said) > 0.9
+        ai.openai.chat_status, ai.openai.chat_hang = 200, False
+        said = vobiz.say(speech(0.8, seed=37))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+        assert heard_sentence(vobiz, ai.openai, "Now I can answer.", start=said) > 0.9
+    assert any("LLM" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_when_the_voice_fails_the_caller_hears_a_trouble_tone(nursery, caplog):
+    ai = await start_providers(nursery, ["Hello?", "Hello again?"])
+    ai.openai.replies = [["You should not hear these words."], ["Now you can hear me."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        ai.openai.tts_status = 500
+        said = vobiz.say(speech(0.8, seed=38))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        tone_8k, _ = audioop.ratecv(vobiz_agent.trouble_tone(), 2, 1, 24000, 8000, None)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), tone_8k) > 0.8
+        ai.openai.tts_status = 200
+        said = vobiz.say(speech(0.8, seed=39))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+        assert heard_sentence(vobiz, ai.openai, "Now you can hear me.", start=said) > 0.9
+    assert any("TTS: HTTP 500" in r.getMessage() for r in caplog.records)
+
+
+async def test_deepgram_refusing_at_first_is_retried(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    ai = await start_providers(nursery, ["Are you there?"], deepgram_options={"refuse": 2})
+    ai.openai.replies = [["Yes I am here."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await ai.deepgram.wait_until(lambda: ai.deepgram.attempts >= 3)
+        said = vobiz.say(speech(0.8, seed=40))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, "Yes I am here.", start=said) > 0.9
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("speech-to-text is down (refused with HTTP 401)" in line for line in lines)
+    assert any("speech-to-text connected after 2 failed attempts" in line for line in lines)
+
+
+async def test_deepgram_staying_down_gets_the_caller_an_apology(nursery):
+    ai = await start_providers(nursery, deepgram_options={"refuse": 1000})
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.tick
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.EARS_APOLOGY, start=said) > 0.9
+    assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.EARS_APOLOGY]
+
+
+async def test_deepgram_dropping_mid_call_is_reconnected(nursery, caplog):
+    ai = await start_providers(nursery, ["Can you still hear me?"], deepgram_options={"drop_after_s": 1.0})
+    ai.openai.replies = [["Loud and clear."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await ai.deepgram.wait_until(lambda: len(ai.deepgram.connections) >= 2)
+        said = vobiz.say(speech(0.8, seed=41))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, "Loud and clear.", start=said) > 0.9
+    assert any("speech-to-text is down" in r.getMessage() for r in caplog.records)
+
+
+def test_llm_text_is_cut_where_speech_can_start():
+    async def pieces(tokens):
+        async def stream():
+            for token in tokens:
+                yield token
+        return [piece async for piece in vobiz_agent.speakable_pieces(stream())]
+
+    assert trio.run(pieces, ["Sure", ", I can ", "help. Dr. Smith is in ", "today. ", "Bye"]) == \
+        ["Sure,", "I can help. Dr. Smith is in today.", "Bye"]
+    assert trio.run(pieces, ["Dr. Who? ", "Yes."]) == ["Dr. Who?", "Yes."]
+
+
+@pytest.mark.parametrize("present, missing", [("DEEPGRAM_API_KEY", "OPENAI_API_KEY"),
+                                              ("OPENAI_API_KEY", "DEEPGRAM_API_KEY")])
+async def test_one_provider_key_alone_stops_the_program(present, missing):
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
+    result = await trio.run_process([sys.executable, "vobiz_agent.py"], env={**env, present: "k"},
+                                    check=False, capture_stdout=True, capture_stderr=True, cwd=HERE)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and missing in lines[0]

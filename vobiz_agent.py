@@ -1022,11 +1022,11 @@ class AIResponder:
         self.history: list[tuple[str, str | list[Utterance]]] = []
 
     async def greet(self, play: Play) -> None:
-        await self._speak([self.settings.greeting], play, Turn())
+        await self._speak("greeting", self.settings.greeting, play, Turn())
 
     async def reply(self, turn: Turn, play: Play) -> None:
         if turn.kind == "ears-down":
-            await self._speak([EARS_APOLOGY], play, turn)
+            await self._speak("apology", EARS_APOLOGY, play, turn)
             return
         messages = self._conversation(turn.text)
         async with trio.open_nursery() as nursery:
@@ -1035,13 +1035,12 @@ class AIResponder:
             async for utterance in ready_out:
                 await play(utterance)
 
-    async def _speak(self, texts: list[str], play: Play, turn: Turn) -> None:
-        """Fixed words (greeting, apologies): synthesized and played in order."""
+    async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
+        """Fixed words (the greeting, an apology): synthesized and played."""
         spoken: list[Utterance] = []
         self.history.append(("assistant", spoken))
         async with trio.open_nursery() as nursery:
-            for text in texts:
-                await play(self._utterance(text, turn, nursery, spoken))
+            await play(self._utterance(text, turn, nursery, spoken, label))
 
     def _conversation(self, text: str) -> list[dict]:
         # The caller went on talking before hearing any of the last reply:
@@ -1073,13 +1072,14 @@ class AIResponder:
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error)
                 if not spoken:  # never leave the caller in silence
-                    await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken))
+                    await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken, "apology"))
 
-    def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, spoken: list[Utterance]) -> Utterance:
+    def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, spoken: list[Utterance],
+                   label: str = "sentence") -> Utterance:
         """Start synthesizing `text` now; the utterance plays its audio as it arrives."""
         pcm_in, pcm_out = trio.open_memory_channel[bytes](math.inf)
         nursery.start_soon(self._synthesize, text, turn, pcm_in)
-        utterance = Utterance("sentence", TTS_RATE, pcm_out, text=text)
+        utterance = Utterance(label, TTS_RATE, pcm_out, text=text)
         spoken.append(utterance)
         return utterance
 
