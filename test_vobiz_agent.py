@@ -273,11 +273,11 @@ class SimulatedVobiz:
 
 
 @asynccontextmanager
-async def vobiz_call(base_url: str, **options):
+async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, **options):
     """A call from answer to hang-up; leaving the block hangs up (closes the socket)."""
     vobiz = SimulatedVobiz(**options)
     url = await vobiz.answer(base_url)
-    with trio.fail_after(CALL_LIMIT_S):  # a hung test fails instead of hanging CI
+    with trio.fail_after(limit_s):  # a hung test fails instead of hanging CI
         async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
             await nursery.start(vobiz.run, ws)
             yield vobiz
@@ -1430,3 +1430,12 @@ async def test_one_provider_key_alone_stops_the_program(present, missing):
                                     check=False, capture_stdout=True, capture_stderr=True, cwd=HERE)
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and missing in lines[0]
+
+
+def test_json_log_lines_carry_a_turns_latency_as_fields():
+    record = logging.LogRecord("vobiz_agent", logging.INFO, __file__, 1, "call %s: turn %d latency",
+                               ("c-1", 2), None)
+    record.fields = {"call": "c-1", "turn": 2, "stt_final": 310, "first_frame_heard": 790}
+    line = json.loads(vobiz_agent.JsonLogFormatter().format(record))
+    assert line["message"] == "call c-1: turn 2 latency" and line["level"] == "INFO"
+    assert line["stt_final"] == 310 and line["first_frame_heard"] == 790
