@@ -31,12 +31,16 @@ import argparse
 import array
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter, deque
@@ -110,6 +114,17 @@ class Settings:
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = "alloy"
     greeting: str = "Hello! How can I help you today?"
+    # Trust and operations.
+    vobiz_auth_id: str = ""
+    vobiz_auth_token: str = ""  # set: every webhook's signature is checked
+    vobiz_require_signature: bool = False  # refuse webhooks that carry no signature at all
+    vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
+    stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
+    max_calls: int = 50
+    offline_max_turns: int = 20  # the echo test says goodbye after this many turns
+    idle_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
 
     @property
     def uses_ai(self) -> bool:
@@ -147,6 +162,17 @@ class Settings:
             tts_model=env.get("TTS_MODEL") or defaults.tts_model,
             tts_voice=env.get("TTS_VOICE") or defaults.tts_voice,
             greeting=env.get("GREETING") or defaults.greeting,
+            vobiz_auth_id=env.get("VOBIZ_AUTH_ID", ""),
+            vobiz_auth_token=env.get("VOBIZ_AUTH_TOKEN", ""),
+            vobiz_require_signature=_flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")),
+            vobiz_api_url=_url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
+                               defaults.vobiz_api_url) or defaults.vobiz_api_url,
+            stream_secret=env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
+            stream_secret_generated=not env.get("STREAM_SECRET"),
+            max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
+            offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
+            idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
+            drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
         )
 
 
@@ -169,6 +195,12 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value.upper() not in choices:
         raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}={choices[1]}")
     return value.upper()
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise SettingsError(f"{name}={value!r} is not true or false, e.g. {name}=true")
+    return value.lower() in ("true", "1", "yes")
 
 
 def _number(name: str, env: Mapping[str, str], default: float, low: float, high: float) -> float:
@@ -337,11 +369,12 @@ class FrameEncoder:
 
 
 @cache
-def chime(rate: int = 24000) -> bytes:
-    """The offline agent's greeting: two soft tones, made here at 24 kHz so that
-    every call sends speech-rate audio through the whole chain, filter included."""
+def chime(frequencies: tuple[float, float], rate: int = 24000) -> bytes:
+    """The offline agent's greeting (rising) and goodbye (falling): two soft tones,
+    made here at 24 kHz so that every call sends speech-rate audio through the
+    whole chain, filter included."""
     samples = array.array("h")
-    for frequency, seconds in ((660.0, 0.18), (880.0, 0.30)):
+    for frequency, seconds in zip(frequencies, (0.18, 0.30), strict=True):
         count = int(rate * seconds)
         for i in range(count):
             fade = min(1.0, i / (0.01 * rate), (count - i) / (0.05 * rate))
@@ -528,6 +561,74 @@ class Outbound:
         return json.dumps({"event": "stop", "streamId": self.stream_id})
 
 
+# Trust. Vobiz signs its webhooks (when the callback has credentials); the media
+# WebSocket carries no authentication at all, so the URL we hand out in <Stream>
+# is itself the credential: a capability for one call, signed with STREAM_SECRET.
+
+NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
+
+
+def webhook_signature(auth_token: str, url: str, nonce: str, version: int) -> str:
+    """Vobiz's X-Vobiz-Signature-V3 (URL + "." + nonce) or -V2 (URL + nonce):
+    base64 of HMAC-SHA256 keyed with the account's auth token. The body is not signed."""
+    message = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
+    digest = hmac.new(auth_token.encode(), message.encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+class WebhookGuard:
+    """Checks webhook signatures and remembers recent nonces, so a captured
+    request cannot be replayed (the signature covers no timestamp)."""
+
+    def __init__(self, auth_token: str, require: bool):
+        self.auth_token = auth_token
+        self.require = require
+        self.seen: dict[str, float] = {}  # nonce → when; insertion order is time order
+
+    def refusal(self, url: str, headers: Mapping[str, str]) -> str | None:
+        """Why this request must be refused, or None if it may pass."""
+        if not self.auth_token:
+            return None
+        for version in (3, 2):
+            signature = headers.get(f"X-Vobiz-Signature-V{version}")
+            nonce = headers.get(f"X-Vobiz-Signature-V{version}-Nonce")
+            if signature and nonce:
+                return self._verify(url, signature, nonce, version)
+        return "no signature" if self.require else None
+
+    def _verify(self, url: str, signature: str, nonce: str, version: int) -> str | None:
+        expected = webhook_signature(self.auth_token, url, nonce, version)
+        if not hmac.compare_digest(expected.encode(), signature.encode()):
+            return f"wrong V{version} signature"
+        now = time.monotonic()
+        while self.seen and next(iter(self.seen.values())) < now - NONCE_MEMORY_S:
+            self.seen.pop(next(iter(self.seen)))
+        if nonce in self.seen:
+            return "replayed nonce"
+        self.seen[nonce] = now
+        return None
+
+
+STREAM_URL_LIFETIME_S = 60  # the URL must be used this soon after /answer issued it
+
+
+def stream_token(secret: bytes, call_id: str, expires: int) -> str:
+    """A short capability for one call's media URL: the expiry and a truncated MAC."""
+    mac = hmac.new(secret, f"{call_id}.{expires}".encode(), hashlib.sha256).digest()[:15]
+    return f"{expires}.{base64.urlsafe_b64encode(mac).decode()}"
+
+
+def stream_token_problem(secret: bytes, call_id: str, token: str, now: float, known_call: bool) -> str | None:
+    """Why a media URL is not valid for `call_id`, or None. A call that is already
+    known to this process (a reconnect) may use its URL after it expired."""
+    expires, _, _ = token.partition(".")
+    if not expires.isdigit() or not hmac.compare_digest(stream_token(secret, call_id, int(expires)), token):
+        return "bad token"
+    if int(expires) < now and not known_call:
+        return "expired token"
+    return None
+
+
 # ─────────────────────────────────────────────────────────────────────────────
 # The agent: ears, brain and mouth. The call feeds the ears every inbound
 # payload; the ears tell the call when the caller starts speaking (so it can
@@ -591,7 +692,10 @@ class Responder(Protocol):
 
     async def greet(self, play: Play) -> None: ...
 
-    async def reply(self, turn: Turn, play: Play) -> None: ...
+    async def reply(self, turn: Turn, play: Play) -> bool:
+        """Answer a turn; True when the conversation is over (the agent hangs up)."""
+
+    async def farewell(self, reason: str, play: Play) -> None: ...
 
 
 class Agent(Protocol):
@@ -607,7 +711,7 @@ class Agent(Protocol):
 
 
 class CallLog(Protocol):
-    def __call__(self, level: int, message: str, *args: object) -> None: ...
+    def __call__(self, level: int, message: str, *args: object, error: str | None = None) -> None: ...
 
 
 class VoiceActivity:
@@ -702,13 +806,23 @@ class EnergyEars:
 
 
 class EchoResponder:
-    """The offline brain and mouth: a chime to greet, then each turn played back."""
+    """The offline brain and mouth: a chime to greet, each turn played back, and
+    after `max_turns` turns a falling chime and the end of the call."""
+
+    def __init__(self, max_turns: int):
+        self.max_turns = max_turns
+        self.turns = 0
 
     async def greet(self, play: Play) -> None:
-        await play(Utterance("greeting", 24000, _once(chime(24000)), text="(chime)"))
+        await play(Utterance("greeting", 24000, _once(chime((660.0, 880.0))), text="(chime)"))
 
-    async def reply(self, turn: Turn, play: Play) -> None:
+    async def reply(self, turn: Turn, play: Play) -> bool:
+        self.turns += 1
         await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
+        return self.turns >= self.max_turns
+
+    async def farewell(self, reason: str, play: Play) -> None:
+        await play(Utterance("goodbye", 24000, _once(chime((880.0, 660.0))), text="(goodbye chime)"))
 
 
 async def _once(pcm: bytes) -> AsyncIterator[bytes]:
@@ -722,12 +836,13 @@ class OfflineAgent:
 
     def __init__(self, settings: Settings):
         self.speech_min_s = settings.barge_in_min_ms / 1000
+        self.max_turns = settings.offline_max_turns
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
         return EnergyEars(media_format, listener, self.speech_min_s)
 
     def responder(self, log: CallLog) -> Responder:
-        return EchoResponder()
+        return EchoResponder(self.max_turns)
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -837,7 +952,8 @@ class DeepgramEars:
                 apologized = True  # once per outage, so the caller knows why nobody answers
                 self.listener.turn_ended(Turn(kind="ears-down"))
             delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
-            self.log(logging.WARNING, "speech-to-text is down (%s); reconnecting in %.2f s", problem, delay)
+            self.log(logging.WARNING, "speech-to-text is down (%s); reconnecting in %.2f s", problem, delay,
+                     error="stt")
             failures += 1
             await trio.sleep(delay)
 
@@ -997,6 +1113,7 @@ def trouble_tone(rate: int = TTS_RATE) -> bytes:
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
 EARS_APOLOGY = "Sorry, I'm having trouble hearing you. Please hold on a moment."
+FAREWELL = "Sorry, I have to end our call now. Goodbye!"
 INTERRUPTED = "[the caller interrupted]"
 
 
@@ -1024,16 +1141,20 @@ class AIResponder:
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
 
-    async def reply(self, turn: Turn, play: Play) -> None:
+    async def reply(self, turn: Turn, play: Play) -> bool:
         if turn.kind == "ears-down":
             await self._speak("apology", EARS_APOLOGY, play, turn)
-            return
+            return False
         messages = self._conversation(turn.text)
         async with trio.open_nursery() as nursery:
             ready_in, ready_out = trio.open_memory_channel[Utterance](self.PREFETCH)
             nursery.start_soon(self._think, messages, turn, ready_in, nursery)
             async for utterance in ready_out:
                 await play(utterance)
+        return False
+
+    async def farewell(self, reason: str, play: Play) -> None:
+        await self._speak("goodbye", FAREWELL, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
         """Fixed words (the greeting, an apology): synthesized and played."""
@@ -1070,7 +1191,7 @@ class AIResponder:
                 if not spoken:
                     raise ProviderError("LLM: the reply was empty")
             except ProviderError as error:
-                self.log(logging.WARNING, "%s", error)
+                self.log(logging.WARNING, "%s", error, error="llm")
                 if not spoken:  # never leave the caller in silence
                     await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken, "apology"))
 
@@ -1091,7 +1212,7 @@ class AIResponder:
                         turn.mark("tts_first_byte")
                         pcm.send_nowait(chunk)
             except ProviderError as error:
-                self.log(logging.WARNING, "%s", error)
+                self.log(logging.WARNING, "%s", error, error="tts")
                 pcm.send_nowait(trouble_tone())
 
 
@@ -1149,11 +1270,16 @@ class Call:
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
-    def __init__(self, socket: Socket, agent: Agent, label: str):
+    FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
+
+    def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str):
         self.socket = socket
-        self.agent = agent
-        self.label = label  # the callId once `start` arrives
-        self.responder = agent.responder(self.log)
+        self.switchboard = switchboard
+        self.agent = switchboard.agent
+        self.call_id = call_id  # the CallUUID this socket's URL was issued for
+        self.label = call_id
+        self.responder: Responder | None = None  # the conversation, chosen at `start`
+        self.resumed = False  # a reconnect of a call whose conversation goes on
         self.start: Start | None = None
         self.outbound: Outbound | None = None
         self.ears: Ears | None = None
@@ -1164,19 +1290,22 @@ class Call:
         self.play_clock = 0.0  # when Vobiz will have played everything we sent
         self.turn: Turn | None = None  # the turn being answered, for its latency marks
         self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
+        self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
-        self.ended_by = "the socket closing"
-        self.began = trio.current_time()
+        self.ended_by = "hang-up"
+        self.began = self.last_frame = trio.current_time()
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as self.nursery:
                 self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.label} inbound")
                 self.nursery.start_soon(self.converse, name=f"call {self.label} conversation")
+                self.nursery.start_soon(self.watch_for_silence, name=f"call {self.label} idle watch")
         finally:
             self._log_end()
+            self.switchboard.metrics.count("calls_total", ended=self.ended_by)
 
     # Inbound: everything Vobiz sends. Nothing in here waits for anything but
     # the next frame, so acks are seen even while the agent is busy talking.
@@ -1185,6 +1314,7 @@ class Call:
         try:
             while True:
                 message = await self.socket.receive()
+                self.last_frame = trio.current_time()
                 try:
                     if self._handle(parse_frame(message)):
                         break
@@ -1204,6 +1334,8 @@ class Call:
             utterance, turn, frames = self.unheard.pop(frame.name, (None, None, 0))
             if utterance is not None:
                 utterance.heard = True
+                self.acked.set()
+                self.acked = trio.Event()
             if turn is not None:  # it began playing `frames` frames before this ack
                 turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
         elif isinstance(frame, ClearedAudio):
@@ -1211,19 +1343,37 @@ class Call:
         elif isinstance(frame, Dtmf):
             self.log(logging.INFO, "caller pressed %s", _clean(frame.digit))
         elif isinstance(frame, Stop):
-            self.ended_by = "a stop frame"
+            self.ended_by = "stop frame"
             return True
         return False
+
+    async def watch_for_silence(self) -> None:
+        """End a call whose socket stays open but carries nothing: a stuck peer."""
+        timeout = self.switchboard.settings.idle_timeout_s
+        while trio.current_time() < self.last_frame + timeout:
+            await trio.sleep_until(self.last_frame + timeout)
+        self.ended_by = "idle timeout"
+        self.log(logging.WARNING, "no frame from Vobiz for %.0f s: ending the call", timeout)
+        self.nursery.cancel_scope.cancel()
 
     def _begin(self, start: Start) -> None:
         if self.start is not None:
             raise BadFrame("start", f"second start (streamId {_clean(start.stream_id)}) ignored")
-        self.start, self.label = start, start.call_id
+        if start.call_id != self.call_id:
+            self.log(logging.WARNING, "start is for call %s, not the call this URL was issued for: closing",
+                     _clean(start.call_id))
+            self.switchboard.metrics.count("calls_refused_total", reason="wrong call")
+            self.ended_by = "refused"
+            self.nursery.cancel_scope.cancel()
+            return
+        self.start = start
+        self.responder, self.resumed = self.switchboard.conversation(start.call_id, self.log)
         self.outbound = Outbound(start.stream_id)
         self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
-        self.log(logging.INFO, "stream %s started, caller audio %s at %d Hz",
-                 start.stream_id, start.media_format.encoding, start.media_format.rate)
+        self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
+                 "reconnected: the conversation goes on" if self.resumed else "started",
+                 start.media_format.encoding, start.media_format.rate)
 
     def _hear(self, payload: bytes) -> None:
         if self.ears is None:
@@ -1260,6 +1410,7 @@ class Call:
         waits for clearedAudio, or it would race the flush and lose its start.
         """
         self.counts["barge-ins"] += 1
+        self.switchboard.metrics.count("barge_ins_total")
         if self.reply_scope is not None:
             self.reply_scope.cancel()
         self.unheard.clear()
@@ -1280,20 +1431,56 @@ class Call:
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
         await self.media_flowing.wait()
-        await self.respond(self.responder.greet)
+        if not self.resumed:
+            await self.respond(self.responder.greet)
         async for turn in self.turns_out:
+            if turn.kind == "farewell":
+                await self._say_goodbye(turn.text)
+                return
             self.turn = turn
             if turn.kind == "speech":
                 self.counts["turns"] += 1
-            await self.respond(partial(self.responder.reply, turn))
+                self.switchboard.metrics.count("turns_total")
+            finished = await self.respond(partial(self.responder.reply, turn))
             self._log_latency(turn)
             self.turn = None
+            if finished:
+                self.log(logging.INFO, "the agent ends the call")
+                self.end("agent")
 
-    async def respond(self, responder: Callable[[Play], Awaitable[None]]) -> None:
-        """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once."""
+    def end(self, reason: str) -> None:
+        """End the call from our side: stop talking, say goodbye, then `stop` the stream."""
+        if self.ended_by == "hang-up":
+            self.ended_by = reason
+            if self.reply_scope is not None:
+                self.reply_scope.cancel()
+            with suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self.turns_in.send_nowait(Turn(kind="farewell", text=reason))
+
+    async def _say_goodbye(self, reason: str) -> None:
+        """Play the farewell, wait (a little) until Vobiz has played it, then stop."""
+        if self.responder is not None and self.outbound is not None:
+            farewell: list[Utterance] = []
+
+            async def play_and_keep(utterance: Utterance) -> None:
+                farewell.append(utterance)
+                await self.play(utterance)
+
+            await self.respond(partial(self.responder.farewell, reason), play_and_keep)
+            with trio.move_on_after(self.FAREWELL_ACK_TIMEOUT_S):
+                while not all(utterance.heard for utterance in farewell):
+                    await self.acked.wait()
+            await self.send(self.outbound.stop())
+        self.nursery.cancel_scope.cancel()
+
+    async def respond(self, responder: Callable[[Play], Awaitable[object]], play: Play | None = None) -> object:
+        """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
+        Returns what the responder returned, or None if it was cut off."""
+        result = None
         with trio.CancelScope() as self.reply_scope:
-            await responder(self.play)
+            result = await responder(play or self.play)
         self.reply_scope = None
+        return result
 
     async def play(self, utterance: Utterance) -> None:
         """Send one utterance as paced playAudio frames, then a checkpoint."""
@@ -1338,11 +1525,15 @@ class Call:
 
     # The call's log: every line names the call.
 
-    def log(self, level: int, message: str, *args: object) -> None:
+    def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
+        """A line in the call's log; `error` also counts it in /metrics under that kind."""
         log.log(level, "call %s: " + message, self.label, *args)
+        if error:
+            self.switchboard.metrics.count("errors_total", kind=error)
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
+        self.switchboard.metrics.count("errors_total", kind=f"bad_frame_{kind}")
         if self.bad_frames[kind] <= self.BAD_FRAMES_LOGGED:
             self.log(logging.WARNING, "ignored a bad frame: %s", detail)
 
@@ -1360,6 +1551,8 @@ class Call:
             steps["heard_is_estimate"] = heard is None
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
+        if heard:
+            self.switchboard.metrics.observe_turn_latency(heard - turn.speech_ended)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
         log.info("call %s: turn %d latency: %s%s", self.label, self.counts["turns"], text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
@@ -1384,13 +1577,68 @@ def _clean(value: object, limit: int = 120) -> str:
 # ─────────────────────────────────────────────────────────────────────────────
 
 
-class LiveCalls:
-    """The calls in progress; /health reports their number."""
+class Metrics:
+    """Counters and the turn-latency histogram, served by /metrics in Prometheus' text format."""
+
+    LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
     def __init__(self) -> None:
+        self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.latency_buckets = [0] * len(self.LATENCY_BUCKETS_S)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def count(self, name: str, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] += 1
+
+    def observe_turn_latency(self, seconds: float) -> None:
+        for i, bound in enumerate(self.LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.latency_buckets[i] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def render(self, live_calls: int, draining: bool) -> str:
+        lines = [
+            "# TYPE vobiz_agent_calls_live gauge", f"vobiz_agent_calls_live {live_calls}",
+            "# TYPE vobiz_agent_draining gauge", f"vobiz_agent_draining {int(draining)}",
+        ]
+        for name in sorted({name for name, _ in self.counters}):
+            lines.append(f"# TYPE vobiz_agent_{name} counter")
+            for (each, labels), value in sorted(self.counters.items()):
+                if each == name:
+                    label_text = ",".join(f'{key}="{_label(value)}"' for key, value in labels)
+                    lines.append(f"vobiz_agent_{name}{{{label_text}}} {value}" if labels else
+                                 f"vobiz_agent_{name} {value}")
+        lines.append("# TYPE vobiz_agent_turn_latency_seconds histogram")
+        for bound, count in zip(self.LATENCY_BUCKETS_S, self.latency_buckets, strict=True):
+            lines.append(f'vobiz_agent_turn_latency_seconds_bucket{{le="{bound}"}} {count}')
+        lines += [f'vobiz_agent_turn_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+                  f"vobiz_agent_turn_latency_seconds_sum {self.latency_sum:.3f}",
+                  f"vobiz_agent_turn_latency_seconds_count {self.latency_count}"]
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+class Switchboard:
+    """What the calls of one process share: the agent, the live calls, their
+    conversations (kept a while after a socket closes, so a Vobiz reconnect
+    with the same callId goes on where it stopped), the counters, and whether
+    we are draining for shutdown."""
+
+    RESUME_WINDOW_S = 120.0
+
+    def __init__(self, settings: Settings, agent: Agent):
+        self.settings, self.agent = settings, agent
         self.calls: set[Call] = set()
         self.emptied = trio.Event()
         self.emptied.set()
+        self.conversations: dict[str, tuple[Responder, float]] = {}  # callId → (responder, last seen)
+        self.metrics = Metrics()
+        self.draining = False
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -1402,18 +1650,83 @@ class LiveCalls:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
+        if call.responder is not None:
+            self.conversations[call.call_id] = (call.responder, trio.current_time())
         if not self.calls:
             self.emptied.set()
 
     async def wait_until_empty(self) -> None:
         await self.emptied.wait()
 
+    def knows(self, call_id: str) -> bool:
+        return call_id in self.conversations
+
+    def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
+        """The call's responder: the one it had before a reconnect, or a new one."""
+        now = trio.current_time()
+        for old_id, (_, seen) in list(self.conversations.items()):
+            if seen < now - self.RESUME_WINDOW_S and not any(c.call_id == old_id for c in self.calls):
+                del self.conversations[old_id]
+        if call_id in self.conversations:
+            responder, _ = self.conversations[call_id]
+            resumed = True
+        else:
+            responder, resumed = self.agent.responder(log), False
+        self.conversations[call_id] = (responder, now)
+        return responder, resumed
+
+    def busy(self) -> str | None:
+        """Why a new call can't be taken now, or None."""
+        if self.draining:
+            return "draining"
+        if len(self.calls) >= self.settings.max_calls:
+            return "busy"
+        return None
+
+    async def drain(self) -> None:
+        """Stop taking calls, let live ones finish, then end the rest politely."""
+        self.draining = True
+        log.info("draining: %d live calls, waiting up to %.0f s", len(self), self.settings.drain_timeout_s)
+        with trio.move_on_after(self.settings.drain_timeout_s):
+            await self.wait_until_empty()
+        for call in list(self.calls):
+            call.end("shutdown")
+        with trio.move_on_after(Call.FAREWELL_ACK_TIMEOUT_S + 2):
+            await self.wait_until_empty()
+
+
+BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again in a few minutes."
+WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status")
+CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def busy_xml() -> bytes:
+    response = ET.Element("Response")
+    ET.SubElement(response, "Speak").text = BUSY_MESSAGE
+    ET.SubElement(response, "Hangup")
+    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
+
 
 def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app = QuartTrio(__name__)
     agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
-    app.live_calls = live_calls = LiveCalls()
-    call_numbers = iter(range(1, sys.maxsize))
+    app.switchboard = switchboard = Switchboard(settings, agent)
+    guard = WebhookGuard(settings.vobiz_auth_token, settings.vobiz_require_signature)
+    metrics = switchboard.metrics
+
+    @app.before_request
+    async def check_signature() -> Response | None:
+        if request.path not in WEBHOOK_PATHS:
+            return None
+        # Vobiz signed the URL it called: behind a tunnel that is PUBLIC_URL + path, not ours.
+        signed_url = (settings.public_url or _request_base()) + request.path
+        refusal = guard.refusal(signed_url, request.headers)
+        if refusal is None:
+            return None
+        log.warning("refused a %s %s from %s: %s", request.method, request.path, request.remote_addr, refusal)
+        metrics.count("calls_refused_total" if request.path == "/answer" else "webhooks_refused_total",
+                      reason="signature")
+        return Response("forbidden\n", 403)
 
     @app.route("/answer", methods=["GET", "POST"])
     async def answer() -> Response:
@@ -1421,10 +1734,19 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
         if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
             _log_hangup(params)
             return _xml(empty_xml())
+        call_id = params.get("CallUUID", "")
+        if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
+            log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
+            return Response("a CallUUID is required\n", 400)
+        if reason := switchboard.busy():
+            log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
+            metrics.count("calls_refused_total", reason=reason)
+            return _xml(busy_xml())
         base = settings.public_url or _request_base()
-        media_url = base.replace("http", "ws", 1) + "/ws"  # http→ws, https→wss
-        log.info("call %s: answering, %s → %s (%s)", _clean(params.get("CallUUID")),
-                 _clean(params.get("From")), _clean(params.get("To")), _clean(params.get("Direction")))
+        token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
+        media_url = base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
+        log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
+                 _clean(params.get("To")), _clean(params.get("Direction")))
         return _xml(stream_xml(media_url, base + "/stream-status"))
 
     @app.route("/hangup", methods=["GET", "POST"])
@@ -1441,21 +1763,37 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
         return Response("", 200)
 
     @app.route("/health")
-    async def health() -> dict:
-        return {"status": "ok", "calls": len(live_calls)}
+    async def health() -> tuple[dict, int]:
+        if switchboard.draining:
+            return {"status": "draining", "calls": len(switchboard)}, 503
+        return {"status": "ok", "calls": len(switchboard)}, 200
+
+    @app.route("/metrics")
+    async def prometheus_metrics() -> Response:
+        text = metrics.render(len(switchboard), switchboard.draining)
+        return Response(text, content_type="text/plain; version=0.0.4")
 
     @app.after_serving
     async def release_agent() -> None:
         await agent.aclose()
 
-    @app.websocket("/ws")
-    async def media_stream() -> None:
-        call = Call(websocket._get_current_object(), agent, f"#{next(call_numbers)}")
-        live_calls.add(call)
+    @app.websocket("/ws/<call_id>/<token>")
+    async def media_stream(call_id: str, token: str) -> Response | None:
+        # Checked before the socket is accepted: a refused peer gets HTTP 403, not a call.
+        problem = stream_token_problem(settings.stream_secret, call_id, token, time.time(),
+                                       switchboard.knows(call_id))
+        if problem:
+            log.warning("refused a media WebSocket for call %s from %s: %s", _clean(call_id),
+                        websocket.remote_addr, problem)
+            metrics.count("calls_refused_total", reason="token")
+            return Response("forbidden\n", 403)
+        call = Call(websocket._get_current_object(), switchboard, call_id)
+        switchboard.add(call)
         try:
             await call.run()
         finally:
-            live_calls.remove(call)
+            switchboard.remove(call)
+        return None
 
     return app
 
@@ -1536,6 +1874,11 @@ def banner(settings: Settings, agent: Agent) -> str:
             "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
             "into the Vobiz console. Until then /answer builds URLs from the request's Host header.",
         ]
+    if settings.stream_secret_generated:
+        lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
+                     "Several workers or hosts behind one URL need a shared STREAM_SECRET.")
+    if not settings.vobiz_auth_token:
+        lines.append("VOBIZ_AUTH_TOKEN is not set: webhook signatures are not checked.")
     return "\n".join(lines)
 
 
@@ -1556,7 +1899,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
-    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), then exit 0.
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), drain, then exit 0.
 
     The handler matters in a container: there the program is process 1, and
     the kernel drops signals that process 1 has not asked for.
@@ -1566,7 +1909,8 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for number in signals:
                 log.info("%s received: shutting down", signal.Signals(number).name)
-                return
+                break
+        await app.switchboard.drain()
 
     await serve(app, config, shutdown_trigger=signalled)
 
