@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import array
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -20,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections import deque
@@ -273,10 +276,12 @@ class SimulatedVobiz:
 
 
 @asynccontextmanager
-async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, **options):
-    """A call from answer to hang-up; leaving the block hangs up (closes the socket)."""
+async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
+    """A call from answer to hang-up; leaving the block hangs up (closes the socket).
+    With `url`, a reconnect: no answer webhook, straight to that media URL."""
     vobiz = SimulatedVobiz(**options)
-    url = await vobiz.answer(base_url)
+    url = url or await vobiz.answer(base_url)
+    vobiz.url = url
     with trio.fail_after(limit_s):  # a hung test fails instead of hanging CI
         async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
             await nursery.start(vobiz.run, ws)
@@ -1440,3 +1445,238 @@ def test_json_log_lines_carry_a_turns_latency_as_fields():
     line = json.loads(vobiz_agent.JsonLogFormatter().format(record))
     assert line["message"] == "call c-1: turn 2 latency" and line["level"] == "INFO"
     assert line["stt_final"] == 310 and line["first_frame_heard"] == 790
+
+
+
+# ── Trust: signed webhooks and signed media URLs ──
+
+
+def vobiz_signs(token: str, url: str, nonce: str, version: int) -> dict[str, str]:
+    """The headers Vobiz adds to a webhook, computed here independently of the server."""
+    message = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
+    signature = base64.b64encode(hmac.new(token.encode(), message.encode(), hashlib.sha256).digest()).decode()
+    return {f"X-Vobiz-Signature-V{version}": signature, f"X-Vobiz-Signature-V{version}-Nonce": nonce}
+
+
+async def test_webhook_signatures_are_checked_and_replays_refused(nursery, caplog):
+    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="secret-token")
+    url = "https://calls.example.com/hangup"  # what Vobiz signed: the public URL, without the query
+    fields = {"CallUUID": CALL_UUID, "Event": "Hangup"}
+    signed = vobiz_signs("secret-token", url, "11111111111111111111", 3)
+    assert (await server.post("/hangup?retry=1", data=fields, headers=signed)).status_code == 200
+    assert (await server.post("/hangup", data=fields, headers=signed)).status_code == 403  # replayed
+    forged = vobiz_signs("guessed-token", url, "22222222222222222222", 3)
+    assert (await server.post("/hangup", data=fields, headers=forged)).status_code == 403
+    v2 = vobiz_signs("secret-token", url, "33333333333333333333", 2)
+    assert (await server.post("/hangup", data=fields, headers=v2)).status_code == 200
+    answer = vobiz_signs("secret-token", "https://calls.example.com/answer", "44444444444444444444", 3)
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=answer)).status_code == 200
+    # Vobiz sends no signature when the callback has no credentials: accepted unless required.
+    assert (await server.post("/hangup", data=fields)).status_code == 200
+    refusals = [r.getMessage() for r in caplog.records if "refused a POST" in r.getMessage()]
+    assert any("replayed nonce" in line for line in refusals) and any("wrong V3" in line for line in refusals)
+    assert not any("secret-token" in r.getMessage() or signed["X-Vobiz-Signature-V3"] in r.getMessage()
+                   for r in caplog.records)  # no secrets in the logs
+
+
+async def test_unsigned_webhooks_are_refused_when_signatures_are_required(nursery):
+    server = await start_server(nursery, public_url="https://calls.example.com",
+                                vobiz_auth_token="secret-token", vobiz_require_signature=True)
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID})).status_code == 403
+    signed = vobiz_signs("secret-token", "https://calls.example.com/answer", "55555555555555555555", 3)
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=signed)).status_code == 200
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="signature"} 1' in metrics
+
+
+async def media_url(server: Server, call_id: str = CALL_UUID) -> str:
+    response = await server.post("/answer", data={"CallUUID": call_id})
+    return ET.fromstring(response.content).find("Stream").text
+
+
+async def refused_status(url: str) -> int | None:
+    try:
+        async with trio_websocket.open_websocket_url(url):
+            return None
+    except trio_websocket.ConnectionRejected as rejected:
+        return rejected.status_code
+
+
+async def test_media_urls_are_capabilities_for_one_call(nursery):
+    server = await start_server(nursery, stream_secret=b"shared-secret", stream_secret_generated=False)
+    good = await media_url(server)
+    base, call_id, token = good.rsplit("/", 2)
+    assert call_id == CALL_UUID and len(token) < 40
+    assert await refused_status(f"{base}/{call_id}/{token[:-2]}xx") == 403  # tampered
+    other = (await media_url(server, "another-call")).rsplit("/", 1)[1]
+    assert await refused_status(f"{base}/{CALL_UUID}/{other}") == 403  # issued for another call
+    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, int(time.time()) - 1)
+    assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403
+    assert await refused_status(good) is None
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="token"} 3' in metrics
+
+
+async def test_a_start_for_another_call_closes_the_socket(server, caplog):
+    url = await media_url(server)
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(json.dumps(SimulatedVobiz(call_id="someone-else").start_frame()))
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()  # no greeting: the server closes instead
+    assert any("not the call this URL was issued for" in r.getMessage() for r in caplog.records)
+
+
+# ── Operations ──
+
+
+async def test_over_max_calls_the_caller_hears_that_we_are_busy(nursery):
+    server = await start_server(nursery, max_calls=1)
+    async with vobiz_call(server.url, call_id="first") as first:
+        await first.until_tick(2)
+        response = await server.post("/answer", data={"CallUUID": "second"})
+    root = ET.fromstring(response.content)
+    assert [child.tag for child in root] == ["Speak", "Hangup"] and "busy" in root.find("Speak").text
+    assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
+
+
+async def test_a_silent_socket_is_ended_after_the_idle_timeout(nursery, caplog):
+    server = await start_server(nursery, idle_timeout_s=1.0)
+    async with trio_websocket.open_websocket_url(await media_url(server)) as ws:
+        await ws.send_message(json.dumps(SimulatedVobiz().start_frame()))  # and then nothing at all
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            while True:
+                await ws.get_message()
+    await server.app.switchboard.wait_until_empty()
+    assert any("no frame from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
+    assert 'vobiz_agent_calls_total{ended="idle timeout"} 1' in (await server.get("/metrics")).text
+
+
+async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nursery):
+    server = await start_server(nursery, offline_max_turns=2)
+    async with vobiz_call(server.url) as first:
+        await greeted(first)
+        first.say(speech(0.8, seed=81))
+        await first.until(lambda: len(first.played_names) >= 2)  # turn 1 answered
+        url = first.url
+    await server.app.switchboard.wait_until_empty()
+    async with vobiz_call(server.url, url=url, stream_id="stream-2") as second:  # Vobiz maxRetries
+        said = second.say(speech(0.8, seed=82))
+        await second.closed.wait()  # turn 2 was the last: echo, goodbye, stop
+    assert not any(name.startswith("greeting") for name in second.played_names)  # not greeted again
+    assert [name.split("-")[0] for name in second.played_names] == ["echo", "goodbye"]
+    assert resemblance(second.agent_audio(said, second.tick), speech(0.8, seed=82)) > 0.9
+    assert second.event_ticks("stop")
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_total{ended="agent"} 1' in metrics
+    assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
+    assert "vobiz_agent_turns_total 2" in metrics
+    assert "vobiz_agent_turn_latency_seconds_count 2" in metrics
+
+
+async def start_process(nursery, port: int, **env: str):
+    process = await nursery.start(partial(
+        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False))
+    async for chunk in process.stderr:  # hypercorn says when it is listening
+        if b"Running on" in chunk:
+            break
+    return process
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
+    port = free_port()
+    process = await start_process(nursery, port, DRAIN_TIMEOUT_S="20")
+    server = Server(None, f"http://127.0.0.1:{port}")
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        process.send_signal(signal.SIGTERM)
+        health = await server.get("/health")
+        while health.status_code == 200:  # the signal takes a moment to arrive
+            await vobiz.until_tick(vobiz.tick + 1)
+            health = await server.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        busy = ET.fromstring((await server.post("/answer", data={"CallUUID": "late"})).content)
+        assert [child.tag for child in busy] == ["Speak", "Hangup"]
+        said = vobiz.say(speech(0.8, seed=83))  # the live call goes on
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=83)) > 0.9
+    assert await process.wait() == 0  # the last call hung up: the process is done
+
+
+async def test_at_the_drain_deadline_calls_get_a_goodbye_and_a_stop(nursery):
+    port = free_port()
+    process = await start_process(nursery, port, DRAIN_TIMEOUT_S="0.5")
+    async with vobiz_call(f"http://127.0.0.1:{port}") as vobiz:
+        await greeted(vobiz)
+        process.send_signal(signal.SIGTERM)
+        await vobiz.closed.wait()
+    assert vobiz.played_names[-1].startswith("goodbye") and vobiz.event_ticks("stop")
+    assert await process.wait() == 0
+
+
+# ── Outbound calls through the Vobiz REST API ──
+
+
+class VobizApiStandIn:
+    """Vobiz's call-create endpoint, POST /api/v1/Account/{auth_id}/Call/, on loopback."""
+
+    def __init__(self, status: int = 201):
+        self.status = status
+        self.requests: list[dict] = []
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        from quart import request as incoming
+        from quart_trio import QuartTrio
+
+        app = QuartTrio("vobiz-api")
+
+        @app.post("/api/v1/Account/<auth_id>/Call/")
+        async def create_call(auth_id: str):
+            self.requests.append({"auth_id": auth_id, "headers": dict(incoming.headers),
+                                  "body": await incoming.get_json()})
+            if self.status in (200, 201):
+                return {"api_id": "a1", "message": "call fired", "request_uuid": "0e516b32-req"}, self.status
+            return {"api_id": "a1", "error": "nope"}, self.status
+
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(serve, app, config))
+            task_status.started(urls[0] + "/api/v1")
+
+
+async def place_call(api_url: str, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "VOBIZ_AUTH_ID": "MA_TEST", "VOBIZ_AUTH_TOKEN": "tok", "VOBIZ_API_URL": api_url,
+           "PUBLIC_URL": "https://abc.ngrok.app"}
+    result = await trio.run_process([sys.executable, "vobiz_agent.py", "call", *args], env=env, check=False,
+                                    capture_stdout=True, capture_stderr=True, cwd=HERE)
+    return result.returncode, result.stdout.decode().strip(), result.stderr.decode().strip()
+
+
+@pytest.mark.parametrize("status, complaint", [(201, None), (200, None), (401, "VOBIZ_AUTH_ID"),
+                                               (402, "balance"), (429, "rate limiting"), (500, "HTTP 500")])
+async def test_the_call_command_asks_vobiz_to_place_a_call(nursery, status, complaint):
+    api = VobizApiStandIn(status)
+    api_url = await nursery.start(api.serve)
+    code, out, err = await place_call(api_url, "--to", "+919876543210", "--from", "918071387423")
+    if complaint is None:
+        assert (code, out) == (0, "0e516b32-req")
+    else:
+        assert code == 1 and complaint in err and len(err.splitlines()) == 1
+    request = api.requests[0]
+    assert request["auth_id"] == "MA_TEST"
+    assert request["headers"]["X-Auth-Id"] == "MA_TEST" and request["headers"]["X-Auth-Token"] == "tok"
+    assert request["body"] == {"from": "918071387423", "to": "+919876543210",
+                               "answer_url": "https://abc.ngrok.app/answer", "answer_method": "POST",
+                               "hangup_url": "https://abc.ngrok.app/hangup", "hangup_method": "POST"}
+
+
+async def test_the_call_command_says_clearly_when_vobiz_cannot_be_reached():
+    code, _, err = await place_call(f"http://127.0.0.1:{free_port()}/api/v1", "--to", "+91", "--from", "1")
+    assert code == 1 and "could not reach" in err and len(err.splitlines()) == 1

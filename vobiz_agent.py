@@ -49,7 +49,7 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from functools import cache, partial
 from typing import Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import trio
@@ -1551,8 +1551,8 @@ class Call:
             steps["heard_is_estimate"] = heard is None
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
-        if heard:
-            self.switchboard.metrics.observe_turn_latency(heard - turn.speech_ended)
+        if heard or due:
+            self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
         log.info("call %s: turn %d latency: %s%s", self.label, self.counts["turns"], text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
@@ -1886,16 +1886,85 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
+    commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
+    call = commands.add_parser("call", help="ask Vobiz to call a number and connect it to this agent")
+    call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
+    call.add_argument("--from", dest="caller", help="your Vobiz number (default $VOBIZ_FROM)")
+    call.add_argument("--answer-url", help="default $PUBLIC_URL/answer")
     args = parser.parse_args(argv)
     try:
         port = _port("--port", args.port) if args.port is not None else None
         settings = Settings.from_env(os.environ, host=args.host, port=port)
+        if args.command == "call":
+            request = outbound_call(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""),
+                                    args.answer_url)
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
+    if args.command == "call":
+        try:
+            print(trio.run(place_call, settings, request))
+        except CallRefused as error:
+            sys.exit(f"vobiz-agent: {error}")
+        return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
     print(banner(settings, agent), flush=True)
     trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
+
+
+# Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
+# fetches our answer URL and the call proceeds exactly like an inbound one.
+
+
+class CallRefused(Exception):
+    """Vobiz did not queue the call; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    url: str
+    headers: dict[str, str]
+    body: dict[str, str]
+
+
+def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | None) -> OutboundCall:
+    for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id), ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token),
+                        ("--from (or VOBIZ_FROM)", caller)):
+        if not value:
+            raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+    answer_url = answer_url or (settings.public_url and settings.public_url + "/answer")
+    if not answer_url:
+        raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
+    return OutboundCall(
+        # Casing and the trailing slash matter: /account/... or /Call answers 401.
+        url=f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/",
+        headers={"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token},
+        body={"from": caller, "to": to, "answer_url": answer_url, "answer_method": "POST",
+              "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST"},
+    )
+
+
+CALL_ERRORS = {
+    401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
+    402: "the Vobiz account has no balance left (HTTP 402)",
+    429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
+}
+
+
+async def place_call(settings: Settings, call: OutboundCall) -> str:
+    """Ask Vobiz to place the call; returns its request_uuid (the future CallUUID)."""
+    try:
+        async with httpx.AsyncClient(timeout=15) as client:
+            response = await client.post(call.url, json=call.body, headers=call.headers)
+    except httpx.HTTPError as error:
+        raise CallRefused(f"could not reach {call.url}: {type(error).__name__} {error}".strip()) from None
+    if response.status_code in (200, 201):  # the docs say 200; the API has been seen answering 201
+        try:
+            return str(response.json()["request_uuid"])
+        except (ValueError, KeyError, TypeError):
+            raise CallRefused(f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}") from None
+    raise CallRefused(CALL_ERRORS.get(response.status_code)
+                      or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
