@@ -1172,10 +1172,18 @@ class OpenAIStandIn(_Watched):
 
         await exchange.start(200, "text/event-stream; charset=utf-8")
         await exchange.write(chunk({"role": "assistant", "content": ""}))
+        finish = "stop"
         for number, token in enumerate(tokens):
             await trio.sleep(self.token_interval if number else self.first_token_delay)
-            await exchange.write(chunk({"content": token}))
-        await exchange.write(chunk({}, "stop"))
+            if token == HANG_UP:  # the model calls the hang_up tool, streamed as OpenAI does
+                finish = "tool_calls"
+                call = {"index": 0, "id": "call_standin", "type": "function",
+                        "function": {"name": "hang_up", "arguments": ""}}
+                await exchange.write(chunk({"tool_calls": [call]}))
+                await exchange.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
+            else:
+                await exchange.write(chunk({"content": token}))
+        await exchange.write(chunk({}, finish))
         if (request.get("stream_options") or {}).get("include_usage"):
             # Asked for usage, OpenAI sends one more chunk, with no choices at all.
             await exchange.write(("data: " + _compact({
@@ -1207,6 +1215,9 @@ class OpenAIStandIn(_Watched):
 
 
 # ── The AI agent, against loopback stand-ins for Deepgram and OpenAI ──
+
+
+HANG_UP = object()  # in a scripted reply: the model calls the hang_up tool here
 
 
 class Providers:
@@ -1680,3 +1691,17 @@ async def test_the_call_command_asks_vobiz_to_place_a_call(nursery, status, comp
 async def test_the_call_command_says_clearly_when_vobiz_cannot_be_reached():
     code, _, err = await place_call(f"http://127.0.0.1:{free_port()}/api/v1", "--to", "+91", "--from", "1")
     assert code == 1 and "could not reach" in err and len(err.splitlines()) == 1
+
+
+
+async def test_the_ai_agent_hangs_up_when_the_caller_says_goodbye(nursery):
+    ai = await start_providers(nursery, ["That's all, goodbye."])
+    ai.openai.replies = [["Goodbye ", "and take care!", HANG_UP]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=84))
+        await vobiz.closed.wait()  # the agent ended the call
+        assert heard_sentence(vobiz, ai.openai, "Goodbye and take care!", start=said) > 0.9
+    assert vobiz.event_ticks("stop")
+    assert [tool["function"]["name"] for tool in ai.openai.chat_requests[0]["body"]["tools"]] == ["hang_up"]
+    assert ai.spoken_texts() == ["Hello, how can I help?", "Goodbye and take care!"]  # no extra farewell

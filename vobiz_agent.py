@@ -1014,9 +1014,19 @@ class ProviderError(Exception):
     """A provider (LLM or TTS) failed: bad status, timeout, or network error."""
 
 
-async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict]) -> AsyncIterator[str]:
-    """Stream a chat completion: server-sent events, one `data: {...}` line each."""
-    body = {"model": settings.openai_model, "messages": messages, "stream": True}
+# The model may end the call: it calls this tool after saying goodbye.
+HANG_UP_TOOL = {"type": "function", "function": {
+    "name": "hang_up",
+    "description": "End the phone call. Use it only after the caller says goodbye and you have said goodbye too.",
+    "parameters": {"type": "object", "properties": {}},
+}}
+
+
+async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict],
+                      tools_called: set[str]) -> AsyncIterator[str]:
+    """Stream a chat completion: server-sent events, one `data: {...}` line each.
+    Text comes out as it arrives; the names of tools the model calls go into `tools_called`."""
+    body = {"model": settings.openai_model, "messages": messages, "stream": True, "tools": [HANG_UP_TOOL]}
     try:
         async with client.stream("POST", f"{settings.openai_base_url}/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
@@ -1031,9 +1041,13 @@ async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: l
                     choice = json.loads(data)["choices"][0]
                 except (ValueError, KeyError, IndexError, TypeError):
                     continue  # e.g. a usage-only chunk with no choices
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    yield content
+                delta = choice.get("delta") or {}
+                for call in delta.get("tool_calls") or []:
+                    name = (call.get("function") or {}).get("name")
+                    if name:  # later chunks of the same call carry only its arguments
+                        tools_called.add(name)
+                if delta.get("content"):
+                    yield delta["content"]
     except httpx.HTTPError as error:
         raise ProviderError(f"LLM: {type(error).__name__} {error}".strip()) from None
 
@@ -1137,6 +1151,7 @@ class AIResponder:
         self.client = client
         self.log = log
         self.history: list[tuple[str, str | list[Utterance]]] = []
+        self.tools_called: set[str] = set()
 
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
@@ -1151,10 +1166,11 @@ class AIResponder:
             nursery.start_soon(self._think, messages, turn, ready_in, nursery)
             async for utterance in ready_out:
                 await play(utterance)
-        return False
+        return "hang_up" in self.tools_called
 
     async def farewell(self, reason: str, play: Play) -> None:
-        await self._speak("goodbye", FAREWELL, play, Turn())
+        if reason != "agent":  # the model said its own goodbye before hanging up
+            await self._speak("goodbye", FAREWELL, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
         """Fixed words (the greeting, an apology): synthesized and played."""
@@ -1183,12 +1199,12 @@ class AIResponder:
         self.history.append(("assistant", spoken))
         async with ready:
             try:
-                tokens = _marking(chat_tokens(self.client, self.settings, messages), turn)
+                tokens = _marking(chat_tokens(self.client, self.settings, messages, self.tools_called), turn)
                 async with aclosing(speakable_pieces(tokens)) as pieces:
                     async for piece in pieces:
                         turn.mark("first_sentence")
                         await ready.send(self._utterance(piece, turn, nursery, spoken))
-                if not spoken:
+                if not spoken and "hang_up" not in self.tools_called:
                     raise ProviderError("LLM: the reply was empty")
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error, error="llm")
@@ -1458,17 +1474,12 @@ class Call:
                 self.turns_in.send_nowait(Turn(kind="farewell", text=reason))
 
     async def _say_goodbye(self, reason: str) -> None:
-        """Play the farewell, wait (a little) until Vobiz has played it, then stop."""
+        """Play the farewell, wait (a little) until Vobiz has played everything, then stop:
+        a `stop` drops whatever is still queued, last words included."""
         if self.responder is not None and self.outbound is not None:
-            farewell: list[Utterance] = []
-
-            async def play_and_keep(utterance: Utterance) -> None:
-                farewell.append(utterance)
-                await self.play(utterance)
-
-            await self.respond(partial(self.responder.farewell, reason), play_and_keep)
+            await self.respond(partial(self.responder.farewell, reason))
             with trio.move_on_after(self.FAREWELL_ACK_TIMEOUT_S):
-                while not all(utterance.heard for utterance in farewell):
+                while self.unheard:
                     await self.acked.wait()
             await self.send(self.outbound.stop())
         self.nursery.cancel_scope.cancel()
