@@ -1705,3 +1705,26 @@ async def test_the_ai_agent_hangs_up_when_the_caller_says_goodbye(nursery):
     assert vobiz.event_ticks("stop")
     assert [tool["function"]["name"] for tool in ai.openai.chat_requests[0]["body"]["tools"]] == ["hang_up"]
     assert ai.spoken_texts() == ["Hello, how can I help?", "Goodbye and take care!"]  # no extra farewell
+
+
+async def test_several_workers_serve_calls_with_one_shared_secret(nursery):
+    port = free_port()
+    process = await nursery.start(partial(
+        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "2"],
+        env={**os.environ, "DRAIN_TIMEOUT_S": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=HERE, check=False))
+    started = b""
+    async for chunk in process.stderr:  # both workers say when they listen
+        started += chunk
+        if started.count(b"Running on") >= 2:
+            break
+    for n in range(4):  # answer and WebSocket land on whichever worker accepts them
+        words = speech(0.6, seed=90 + n)
+        async with vobiz_call(f"http://127.0.0.1:{port}", call_id=f"worker-call-{n}") as vobiz:
+            await greeted(vobiz)
+            said = vobiz.say(words)
+            await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # noqa: B023
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
+    process.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0

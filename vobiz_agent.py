@@ -52,6 +52,7 @@ from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
+import hypercorn.run
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -1897,6 +1898,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
     call = commands.add_parser("call", help="ask Vobiz to call a number and connect it to this agent")
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
@@ -1920,7 +1922,32 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
     print(banner(settings, agent), flush=True)
-    trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
+    if args.workers > 1:
+        serve_with_workers(settings, args.workers)
+    else:
+        trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
+
+
+def serve_with_workers(settings: Settings, workers: int) -> None:
+    """Several processes on one port (Hypercorn's workers), each with its own event
+    loop and calls. Any worker can take any call's WebSocket: the media URL is
+    self-verifying, so the only thing they share is STREAM_SECRET. On SIGTERM
+    Hypercorn stops accepting and gives live calls DRAIN_TIMEOUT_S to end."""
+    if settings.stream_secret_generated:  # one random secret for all of this host's workers
+        os.environ["STREAM_SECRET"] = secrets.token_urlsafe(32)
+    config = hypercorn_config(settings)
+    config.workers = workers
+    config.worker_class = "trio"
+    config.application_path = "vobiz_agent:app_from_environment()"
+    config.graceful_timeout = settings.drain_timeout_s
+    hypercorn.run.run(config)
+
+
+def app_from_environment() -> QuartTrio:
+    """The app as each worker process builds it, from the same environment."""
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings)
+    return create_app(settings)
 
 
 # Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
