@@ -36,6 +36,8 @@ import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vobiz_agent
 from vobiz_agent import audioop
@@ -1724,7 +1726,43 @@ async def test_several_workers_serve_calls_with_one_shared_secret(nursery):
         async with vobiz_call(f"http://127.0.0.1:{port}", call_id=f"worker-call-{n}") as vobiz:
             await greeted(vobiz)
             said = vobiz.say(words)
-            await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # noqa: B023
+            await vobiz.until(lambda: len(vobiz.played_names) >= 2)
         assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
     process.send_signal(signal.SIGTERM)
     assert await process.wait() == 0
+
+
+# ── Property: no sequence of junk frames harms the call that gets it, or any other ──
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                          max_size=3),
+                           max_leaves=8)
+events = st.sampled_from(["start", "media", "playedStream", "clearedAudio", "dtmf", "mark", "", "MEDIA"])
+payloads = st.one_of(st.binary(max_size=400).map(lambda b: base64.b64encode(b).decode()),
+                     st.text(max_size=40), json_values)
+frame_shapes = st.one_of(
+    st.text(max_size=60),  # not JSON at all
+    json_values.map(json.dumps),  # JSON, but any shape
+    st.builds(lambda event, payload, name: json.dumps({"event": event, "media": {"payload": payload},
+                                                       "name": name, "start": {"callId": name}}),
+              events, payloads, json_values),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(frame_shapes, min_size=1, max_size=25))
+async def test_junk_frames_never_crash_a_call_or_disturb_another(caplog, junk):
+    async with trio.open_nursery() as nursery:  # a server per example: hypothesis runs many
+        server = await start_server(nursery)
+        async with vobiz_call(server.url, call_id="victim", stream_id="sv") as victim, \
+                vobiz_call(server.url, call_id="bystander", stream_id="sb") as bystander:
+            for frame in junk:
+                await victim.ws.send_message(frame)
+            await greeted(bystander)
+            ticks = bystander.agent_ticks()
+            assert ticks == list(range(ticks[0], ticks[-1] + 1))  # the greeting played without a gap
+            assert not victim.closed.is_set()
+            assert (await server.get("/health")).json()["calls"] == 2
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
