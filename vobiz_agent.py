@@ -57,7 +57,7 @@ import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response, request, websocket
+from quart import Response, current_app, request, websocket
 from quart_trio import QuartTrio
 
 with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library in 3.13;
@@ -488,7 +488,7 @@ def _media_payload(data: dict) -> bytes:
         raise BadFrame("fields", "media frame has no media.payload")
     try:
         return binascii.a2b_base64(payload, strict_mode=True)
-    except binascii.Error as error:
+    except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
         raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
 
 
@@ -1720,94 +1720,105 @@ def busy_xml() -> bytes:
 
 
 def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
+    """The web app: Vobiz's three webhooks, health and metrics, and the media WebSocket."""
     app = QuartTrio(__name__)
     agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
-    app.switchboard = switchboard = Switchboard(settings, agent)
-    guard = WebhookGuard(settings.vobiz_auth_token, settings.vobiz_require_signature)
-    metrics = switchboard.metrics
-
-    @app.before_request
-    async def check_signature() -> Response | None:
-        if request.path not in WEBHOOK_PATHS:
-            return None
-        # Vobiz signed the URL it called: behind a tunnel that is PUBLIC_URL + path, not ours.
-        signed_url = (settings.public_url or _request_base()) + request.path
-        refusal = guard.refusal(signed_url, request.headers)
-        if refusal is None:
-            return None
-        log.warning("refused a %s %s from %s: %s", request.method, request.path, request.remote_addr, refusal)
-        metrics.count("calls_refused_total" if request.path == "/answer" else "webhooks_refused_total",
-                      reason="signature")
-        return Response("forbidden\n", 403)
-
-    @app.route("/answer", methods=["GET", "POST"])
-    async def answer() -> Response:
-        params = await _webhook_params()
-        if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
-            _log_hangup(params)
-            return _xml(empty_xml())
-        call_id = params.get("CallUUID", "")
-        if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
-            log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
-            return Response("a CallUUID is required\n", 400)
-        if reason := switchboard.busy():
-            log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
-            metrics.count("calls_refused_total", reason=reason)
-            return _xml(busy_xml())
-        base = settings.public_url or _request_base()
-        token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
-        media_url = base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
-        log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
-                 _clean(params.get("To")), _clean(params.get("Direction")))
-        return _xml(stream_xml(media_url, base + "/stream-status"))
-
-    @app.route("/hangup", methods=["GET", "POST"])
-    async def hangup() -> Response:
-        _log_hangup(await _webhook_params())
-        return Response("", 200)
-
-    @app.route("/stream-status", methods=["GET", "POST"])
-    async def stream_status() -> Response:
-        params = await _webhook_params()
-        fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
-        log.info("call %s: stream %s %s %s", _clean(params.get("CallUUID")), _clean(params.get("StreamID")),
-                 _clean(params.get("Event")), fields)
-        return Response("", 200)
-
-    @app.route("/health")
-    async def health() -> tuple[dict, int]:
-        if switchboard.draining:
-            return {"status": "draining", "calls": len(switchboard)}, 503
-        return {"status": "ok", "calls": len(switchboard)}, 200
-
-    @app.route("/metrics")
-    async def prometheus_metrics() -> Response:
-        text = metrics.render(len(switchboard), switchboard.draining)
-        return Response(text, content_type="text/plain; version=0.0.4")
-
-    @app.after_serving
-    async def release_agent() -> None:
-        await agent.aclose()
-
-    @app.websocket("/ws/<call_id>/<token>")
-    async def media_stream(call_id: str, token: str) -> Response | None:
-        # Checked before the socket is accepted: a refused peer gets HTTP 403, not a call.
-        problem = stream_token_problem(settings.stream_secret, call_id, token, time.time(),
-                                       switchboard.knows(call_id))
-        if problem:
-            log.warning("refused a media WebSocket for call %s from %s: %s", _clean(call_id),
-                        websocket.remote_addr, problem)
-            metrics.count("calls_refused_total", reason="token")
-            return Response("forbidden\n", 403)
-        call = Call(websocket._get_current_object(), switchboard, call_id)
-        switchboard.add(call)
-        try:
-            await call.run()
-        finally:
-            switchboard.remove(call)
-        return None
-
+    app.switchboard = Switchboard(settings, agent)
+    app.webhook_guard = WebhookGuard(settings.vobiz_auth_token, settings.vobiz_require_signature)
+    app.before_request(check_signature)
+    for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status)):
+        app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
+    app.add_url_rule("/health", view_func=health)
+    app.add_url_rule("/metrics", view_func=prometheus_metrics)
+    app.add_websocket("/ws/<call_id>/<token>", view_func=media_stream)
+    app.after_serving(release_agent)
     return app
+
+
+async def check_signature() -> Response | None:
+    if request.path not in WEBHOOK_PATHS:
+        return None
+    settings = current_app.switchboard.settings
+    # Vobiz signed the URL it called: behind a tunnel that is PUBLIC_URL + path, not ours.
+    signed_url = (settings.public_url or _request_base()) + request.path
+    refusal = current_app.webhook_guard.refusal(signed_url, request.headers)
+    if refusal is None:
+        return None
+    log.warning("refused a %s %s from %s: %s", request.method, request.path, request.remote_addr, refusal)
+    current_app.switchboard.metrics.count(
+        "calls_refused_total" if request.path == "/answer" else "webhooks_refused_total", reason="signature")
+    return Response("forbidden\n", 403)
+
+
+async def answer() -> Response:
+    switchboard, params = current_app.switchboard, await _webhook_params()
+    if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
+        _log_hangup(params)
+        return _xml(empty_xml())
+    call_id = params.get("CallUUID", "")
+    if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
+        log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
+        return Response("a CallUUID is required\n", 400)
+    if reason := switchboard.busy():
+        log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
+        switchboard.metrics.count("calls_refused_total", reason=reason)
+        return _xml(busy_xml())
+    settings = switchboard.settings
+    base = settings.public_url or _request_base()
+    token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
+    media_url = base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
+    log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
+             _clean(params.get("To")), _clean(params.get("Direction")))
+    return _xml(stream_xml(media_url, base + "/stream-status"))
+
+
+async def hangup() -> Response:
+    _log_hangup(await _webhook_params())
+    return Response("", 200)
+
+
+async def stream_status() -> Response:
+    params = await _webhook_params()
+    fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
+    log.info("call %s: stream %s %s %s", _clean(params.get("CallUUID")), _clean(params.get("StreamID")),
+             _clean(params.get("Event")), fields)
+    return Response("", 200)
+
+
+async def health() -> tuple[dict, int]:
+    switchboard = current_app.switchboard
+    if switchboard.draining:
+        return {"status": "draining", "calls": len(switchboard)}, 503
+    return {"status": "ok", "calls": len(switchboard)}, 200
+
+
+async def prometheus_metrics() -> Response:
+    switchboard = current_app.switchboard
+    text = switchboard.metrics.render(len(switchboard), switchboard.draining)
+    return Response(text, content_type="text/plain; version=0.0.4")
+
+
+async def release_agent() -> None:
+    await current_app.switchboard.agent.aclose()
+
+
+async def media_stream(call_id: str, token: str) -> Response | None:
+    switchboard = current_app.switchboard
+    # Checked before the socket is accepted: a refused peer gets HTTP 403, not a call.
+    problem = stream_token_problem(switchboard.settings.stream_secret, call_id, token, time.time(),
+                                   switchboard.knows(call_id))
+    if problem:
+        log.warning("refused a media WebSocket for call %s from %s: %s", _clean(call_id),
+                    websocket.remote_addr, problem)
+        switchboard.metrics.count("calls_refused_total", reason="token")
+        return Response("forbidden\n", 403)
+    call = Call(websocket._get_current_object(), switchboard, call_id)
+    switchboard.add(call)
+    try:
+        await call.run()
+    finally:
+        switchboard.remove(call)
+    return None
 
 
 async def _webhook_params() -> dict[str, str]:
