@@ -1767,3 +1767,14 @@ async def test_junk_frames_never_crash_a_call_or_disturb_another(caplog, junk):
             assert (await server.get("/health")).json()["calls"] == 2
         nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+
+async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery, offline_silence_s=1.0)
+    async with vobiz_call(server.url) as vobiz:  # the caller never says a word
+        await vobiz.closed.wait()
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
+    assert vobiz.event_ticks("stop")
+    assert any("ended by agent" in r.getMessage() for r in caplog.records)

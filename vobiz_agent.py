@@ -123,7 +123,8 @@ class Settings:
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     max_calls: int = 50
-    offline_max_turns: int = 20  # the echo test says goodbye after this many turns
+    offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
+    offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
 
@@ -172,6 +173,7 @@ class Settings:
             stream_secret_generated=not env.get("STREAM_SECRET"),
             max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
             offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
+            offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
             drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
         )
@@ -649,7 +651,7 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # or "ears-down": the speech-to-text service is unreachable
+    kind: str = "speech"  # "ears-down": speech-to-text is unreachable; "silence": nobody has spoken for long
     speech_ended: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
 
@@ -767,10 +769,12 @@ class EnergyEars:
     TAIL_S = 0.10  # keep this much of the closing quiet: words trail off below the threshold
     MAX_TURN_S = 30.0
 
-    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
+    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float, silence_s: float):
         self.format = media_format
         self.listener = listener
         self.speech_min_s = speech_min_s
+        self.silence_s = silence_s  # this long without speech: report a "silence" turn, once
+        self.silent_for_s = 0.0
         self.vad = VoiceActivity()
         self.speaking = False
         self.heard: deque[bytes] = deque()  # before a turn: pre-roll; during one: the turn
@@ -782,6 +786,9 @@ class EnergyEars:
         voiced = self.vad.voiced(pcm, seconds)
         self.heard.append(pcm)
         self.heard_s += seconds
+        self.silent_for_s = 0.0 if voiced else self.silent_for_s + seconds
+        if self.silent_for_s >= self.silence_s > self.silent_for_s - seconds:
+            self.listener.turn_ended(Turn(kind="silence"))
         if not self.speaking:
             if not self.vad.run_s:  # nothing started yet: keep only the pre-roll
                 while self.heard_s > self.PRE_ROLL_S and len(self.heard) > 1:
@@ -808,7 +815,7 @@ class EnergyEars:
 
 class EchoResponder:
     """The offline brain and mouth: a chime to greet, each turn played back, and
-    after `max_turns` turns a falling chime and the end of the call."""
+    after `max_turns` turns (or a long silence) a falling chime and the end of the call."""
 
     def __init__(self, max_turns: int):
         self.max_turns = max_turns
@@ -818,6 +825,8 @@ class EchoResponder:
         await play(Utterance("greeting", 24000, _once(chime((660.0, 880.0))), text="(chime)"))
 
     async def reply(self, turn: Turn, play: Play) -> bool:
+        if turn.kind == "silence":
+            return True  # nobody there: say goodbye
         self.turns += 1
         await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
         return self.turns >= self.max_turns
@@ -838,9 +847,10 @@ class OfflineAgent:
     def __init__(self, settings: Settings):
         self.speech_min_s = settings.barge_in_min_ms / 1000
         self.max_turns = settings.offline_max_turns
+        self.silence_s = settings.offline_silence_s
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
-        return EnergyEars(media_format, listener, self.speech_min_s)
+        return EnergyEars(media_format, listener, self.speech_min_s, self.silence_s)
 
     def responder(self, log: CallLog) -> Responder:
         return EchoResponder(self.max_turns)
