@@ -17,15 +17,31 @@ first agent frame *heard*: played out at the simulated Vobiz.
 from __future__ import annotations
 
 import array
+import itertools
+import json
 import math
+import os
+import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import cache
 
+import httpx
 import trio
+import trio_websocket
 
 import vobiz_agent
-from test_vobiz_agent import TICK, greeted, speech, start_providers, vobiz_call
+from test_vobiz_agent import (TICK, DeepgramStandIn, OpenAIStandIn, SimulatedVobiz, free_port, greeted, speech,
+                              start_providers, vobiz_call)
 from vobiz_agent import audioop
 
 
@@ -156,9 +172,385 @@ def latency() -> None:
     print(f"   onset → end of last frame played: {percentiles([t[1] for t in times])}")
 
 
+# ── Capacity, memory and profile: the server as a separate process on its own core ──
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Which server to measure; point it at a modified copy of vobiz_agent.py to compare a change.
+SERVER_SCRIPT = os.environ.get("BENCH_SERVER_SCRIPT", os.path.join(HERE, "vobiz_agent.py"))
+SERVER_LOG = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_server.log")
+SERVER_CORE, LOAD_CORE = 0, 1
+QUICK = bool(os.environ.get("BENCH_QUICK"))  # or --quick: shorter capacity steps
+OFFLINE_ENV = {"DEEPGRAM_API_KEY": "", "OPENAI_API_KEY": ""}
+
+
+@contextmanager
+def server_process(**env: str) -> Iterator[tuple[int, str]]:
+    """vobiz_agent.py serving on loopback, pinned to SERVER_CORE: yields (pid, base URL)."""
+    port = free_port()
+    env = {**os.environ, "MAX_CALLS": "10000", "OFFLINE_MAX_TURNS": "10000", "IDLE_TIMEOUT_S": "60", **env}
+    command = ["taskset", "-c", str(SERVER_CORE), sys.executable, SERVER_SCRIPT,  # taskset execs: same pid
+               "--host", "127.0.0.1", "--port", str(port)]
+    with open(SERVER_LOG, "ab") as log_file:
+        process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log_file)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}: see {SERVER_LOG}")
+            time.sleep(0.05)
+        yield process.pid, url
+    finally:
+        process.terminate()  # SIGTERM: it drains (no calls are left) and exits
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far: /proc/<pid>/stat fields 14 and 15."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # the name may hold spaces; field 3 on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+async def until_idle(url: str, client: httpx.AsyncClient, limit_s: float = 30) -> None:
+    """Until the server counts no live calls (sockets we closed may take a moment)."""
+    with trio.move_on_after(limit_s):
+        while (await client.get(url + "/health")).json()["calls"]:
+            await trio.sleep(0.05)
+
+
+CALL_NUMBERS = itertools.count()  # every call of a run gets its own CallUUID: no "reconnects"
+
+
+class LoadedVobiz(SimulatedVobiz):
+    """The test suite's simulated Vobiz as one call of many: it answers through a shared
+    HTTP client (a new client costs some 40 ms of CPU) and notes where utterances end."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        number = next(CALL_NUMBERS)
+        super().__init__(call_id=f"bench-{os.getpid()}-{number}", stream_id=f"stream-{number}")
+        self.client = client
+        self.utterance_ends: list[int] = []  # len(audio_arrivals) when each checkpoint arrived
+
+    async def answer(self, base_url: str, method: str = "POST") -> str:
+        fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
+                  "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
+        response = await self.client.post(base_url + "/answer", data=fields)
+        return ET.fromstring(response.content).find("Stream").text.strip()
+
+    def _on_message(self, message: dict, nursery: trio.Nursery) -> None:
+        if message.get("event") == "checkpoint":
+            self.utterance_ends.append(len(self.audio_arrivals))
+        super()._on_message(message, nursery)
+
+    def utterances(self) -> list[list[float]]:
+        """Arrival times of the frames of each utterance the agent finished (sent its checkpoint)."""
+        starts = [0, *self.utterance_ends]
+        return [self.audio_arrivals[a:b] for a, b in zip(starts, self.utterance_ends) if b > a]
+
+
+@asynccontextmanager
+async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[LoadedVobiz]:
+    """vobiz_call's steps, for a LoadedVobiz: answer, media socket, clock; leaving hangs up."""
+    url = await vobiz.answer(base_url)
+    async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
+        await nursery.start(vobiz.run, ws)
+        yield vobiz
+        nursery.cancel_scope.cancel()
+
+
+RAMP_S = 2.0  # the calls of a step start spread over this long
+REPLY_TIMEOUT_S = 10.0
+AI_REPLY = ["Here is ", "the answer ", "you asked ", "for today."]  # one sentence: one utterance, 1.95 s
+
+
+@cache
+def phrases() -> list[bytes]:
+    return [speech(1.0, seed=80 + n) for n in range(4)]
+
+
+@dataclass
+class Load:
+    """What the callers of one capacity step saw."""
+
+    calls: list[LoadedVobiz] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # why, for each call that failed
+    turns: int = 0
+    missed: int = 0  # turns that got no reply within REPLY_TIMEOUT_S
+
+
+async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: float, load: Load) -> None:
+    """One call: hear the greeting, then speak, hear the reply, pause, until `stop`; then hang up."""
+    await trio.sleep_until(start)
+    vobiz = LoadedVobiz(client)
+    load.calls.append(vobiz)
+    replies = 0
+    try:
+        async with loaded_call(vobiz, base_url):
+            with trio.move_on_after(REPLY_TIMEOUT_S):
+                await greeted(vobiz)
+            while vobiz.played_names and trio.current_time() < stop and not vobiz.closed.is_set():
+                played = len(vobiz.played_names)
+                vobiz.say(random.choice(phrases()))
+                load.turns += 1
+                with trio.move_on_after(REPLY_TIMEOUT_S):
+                    await vobiz.until(lambda: len(vobiz.played_names) > played)  # noqa: B023
+                replies += len(vobiz.played_names) > played
+                load.missed += len(vobiz.played_names) == played
+                await trio.sleep(random.uniform(0.3, 0.8))
+    except Exception as error:  # noqa: BLE001  (a failed call is a figure, not a crash)
+        load.failed.append(f"{type(error).__name__} {error}"[:100])
+        return
+    problem = (vobiz.protocol_errors[:1] or (["no greeting"] if not vobiz.played_names else [])
+               or (["the server hung up"] if vobiz.closed.is_set() else [])
+               or (["no reply heard"] if not replies else []))
+    load.failed += problem
+
+
+async def loop_lag(lags: list[float]) -> None:
+    """How late this process's own event loop wakes a 5 ms sleeper: a busy generator shows here,
+    and would show in the arrival times too."""
+    while True:
+        due = trio.current_time() + 0.005
+        await trio.sleep_until(due)
+        lags.append(trio.current_time() - due)
+
+
+async def load_step(base_url: str, pid: int, calls: int, seconds: float) -> dict:
+    """`calls` concurrent callers for about `seconds`; the figures of what they heard."""
+    load, lags = Load(), []
+    server_cpu, own_cpu, began = cpu_seconds(pid), time.process_time(), trio.current_time()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop_lag, lags)
+            async with trio.open_nursery() as callers:
+                for n in range(calls):
+                    callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls,
+                                       began + RAMP_S + seconds, load)
+            nursery.cancel_scope.cancel()
+        wall = trio.current_time() - began
+        figures = {"calls": calls, "server_cpu": (cpu_seconds(pid) - server_cpu) / wall,
+                   "load_cpu": (time.process_time() - own_cpu) / wall, "load_lag": max(lags),
+                   **load_figures(load)}
+        await until_idle(base_url, client)
+    return figures
+
+
+def underruns(arrivals: list[float]) -> int:
+    """Frames of one utterance that came after Vobiz had played out all the frames before them."""
+    count, played_until = 0, arrivals[0]
+    for arrived in arrivals:
+        count += arrived > played_until
+        played_until = max(played_until, arrived) + TICK
+    return count
+
+
+def load_figures(load: Load) -> dict:
+    gaps, dry, utterances = [], 0, 0
+    for vobiz in load.calls:
+        for arrivals in vobiz.utterances():
+            utterances += 1
+            gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+            dry += underruns(arrivals)
+    cut = statistics.quantiles(gaps, n=100, method="inclusive") if len(gaps) > 1 else [math.nan] * 99
+    return {"turns": load.turns, "missed": load.missed, "failed": len(load.failed), "why": load.failed[:3],
+            "utterances": utterances, "p50": statistics.median(gaps) if gaps else math.nan,
+            "p90": cut[89], "p99": cut[98], "max": max(gaps, default=math.nan), "underruns": dry}
+
+
+CAPACITY_STEPS = (10, 20, 40, 60, 80, 100)
+P90_LIMIT_S = 0.050
+
+
+def passes(row: dict) -> bool:
+    return row["p90"] < P90_LIMIT_S and not row["underruns"] and not row["failed"]
+
+
+def saturated(row: dict) -> bool:
+    """Clearly past capacity: more calls would only fail more."""
+    return row["p90"] >= P90_LIMIT_S or row["failed"] > row["calls"] / 10 or row["server_cpu"] >= 0.97
+
+
+async def stand_ins(nursery: trio.Nursery) -> dict[str, str]:
+    """The Deepgram and OpenAI stand-ins, with no delays, in this process: the server's env for them."""
+    deepgram = DeepgramStandIn(endpointing_ms=GAP_ENDPOINTING_MS)
+    openai = OpenAIStandIn()
+    openai.replies = [AI_REPLY] * 100_000
+    return {"DEEPGRAM_API_KEY": "dg-bench", "DEEPGRAM_URL": await nursery.start(deepgram.serve),
+            "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": await nursery.start(openai.serve)}
+
+
+async def capacity_of(ai: bool, seconds: float) -> list[dict]:
+    rows = []
+    async with trio.open_nursery() as nursery:
+        env = await stand_ins(nursery) if ai else OFFLINE_ENV
+        with server_process(**env) as (pid, url):
+            for calls in CAPACITY_STEPS:
+                rows.append(await load_step(url, pid, calls, seconds))
+                print_row(rows[-1])
+                if saturated(rows[-1]):
+                    break
+        nursery.cancel_scope.cancel()
+    return rows
+
+
+CAPACITY_HEADER = ("calls  turns missed failed  utt.  gap p50   p90   p99    max  underruns  "
+                   "server CPU  generator CPU, lag")
+
+
+def print_row(row: dict) -> None:
+    ms = {key: row[key] * 1000 for key in ("p50", "p90", "p99", "max")}
+    print(f"{row['calls']:5d} {row['turns']:6d} {row['missed']:6d} {row['failed']:6d} {row['utterances']:5d}"
+          f"  {ms['p50']:5.1f} {ms['p90']:5.1f} {ms['p99']:5.1f} {ms['max']:6.0f} {row['underruns']:10d}"
+          f"  {row['server_cpu']:9.0%}  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
+          + ("  ← generator saturated" if row["load_cpu"] >= 0.9 else "")
+          + (f"  ({'; '.join(row['why'])})" if row["why"] else ""), flush=True)
+
+
+def capacity() -> None:
+    seconds = 5.0 if QUICK else 10.0
+    print(f"== capacity: concurrent calls on one core (server pinned to core {SERVER_CORE}, simulated "
+          f"Vobiz and stand-ins on core {LOAD_CORE}), {seconds:.0f} s of calls per step after a "
+          f"{RAMP_S:.0f} s ramp")
+    print(f"   a pass: gap p90 < {P90_LIMIT_S * 1000:.0f} ms, no underrun, no failed call; "
+          "gaps and underruns are of agent frames arriving within an utterance")
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    try:
+        for ai, label in ((False, "offline echo agent"), (True, "AI agent, stand-ins with no delays")):
+            print(f"-- {label}\n{CAPACITY_HEADER}")
+            rows = trio.run(capacity_of, ai, seconds)
+            passing = list(itertools.takewhile(passes, rows))
+            print(f"   largest passing step: {passing[-1]['calls'] if passing else 0} calls per core")
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+MEMORY_CALLS = (10, 100, 250, 500, 1000)  # RSS is read after this many calls
+MEMORY_PARALLEL = 10
+
+
+async def short_call(client: httpx.AsyncClient, url: str) -> bool:
+    """Answer, connect, start, five media frames, the greeting's first frame back, hang up."""
+    vobiz = LoadedVobiz(client)
+    media_url = await vobiz.answer(url)
+    async with trio_websocket.open_websocket_url(media_url) as ws:
+        await ws.send_message(json.dumps(vobiz.start_frame()))
+        vobiz.ws = ws
+        for vobiz.tick in range(1, 6):
+            await vobiz._send_media()  # line noise, as the simulated Vobiz sends it
+        with trio.move_on_after(5):
+            return json.loads(await ws.get_message())["event"] == "playAudio"
+    return False
+
+
+async def rss_over_calls(pid: int, url: str) -> tuple[dict[int, float], int]:
+    """RSS (MB) after each count in MEMORY_CALLS of short calls, MEMORY_PARALLEL at a time; failures."""
+    rss, outcomes = {}, []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        try:
+            outcomes.append(await short_call(client, url))
+        except Exception:  # noqa: BLE001
+            outcomes.append(False)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        for target in MEMORY_CALLS:
+            while len(outcomes) < target:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(min(MEMORY_PARALLEL, target - len(outcomes))):
+                        nursery.start_soon(one, client)
+            await until_idle(url, client)
+            rss[target] = rss_mb(pid)
+    return rss, outcomes.count(False)
+
+
+def memory() -> None:
+    print(f"== memory: server RSS over {MEMORY_CALLS[-1]:,} short calls to the offline agent "
+          f"({MEMORY_PARALLEL} at a time: answer, start, 5 media frames, first greeting frame, hang-up)")
+    with server_process(**OFFLINE_ENV) as (pid, url):
+        started = rss_mb(pid)
+        rss, failed = trio.run(rss_over_calls, pid, url)
+    print(f"   at start {started:.1f} MB; " + ", ".join(f"after {n:,}: {mb:.1f} MB" for n, mb in rss.items()))
+    first, last = MEMORY_CALLS[0], MEMORY_CALLS[-1]
+    print(f"   growth from {first} to {last:,} calls: {rss[last] - rss[first]:+.1f} MB "
+          f"({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); failed calls: {failed}")
+
+
+PROFILE_CALLS, PROFILE_SECONDS = 40, 10
+PROFILE_OUTPUT = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_profile.txt")
+
+
+async def profiled_load(pid: int, url: str, py_spy: str) -> None:
+    """PROFILE_CALLS callers; py-spy samples the server for PROFILE_SECONDS once they are all in."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(load_step, url, pid, PROFILE_CALLS, PROFILE_SECONDS + 1)
+        await trio.sleep(RAMP_S + 0.5)
+        await trio.run_process([py_spy, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
+                                "--rate", "250", "--format", "raw", "--function",
+                                "--output", PROFILE_OUTPUT], capture_stdout=True, capture_stderr=True)
+
+
+def read_profile(path: str) -> tuple[int, Counter, Counter]:
+    """py-spy's raw stacks → (samples, own samples per function, samples per function on the stack)."""
+    own, inclusive, samples = Counter(), Counter(), 0
+    with open(path) as raw:
+        for line in raw:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            samples += int(count)
+            own[frames[-1]] += int(count)
+            for frame in set(frames):
+                inclusive[frame] += int(count)
+    return samples, own, inclusive
+
+
+def profile() -> None:
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if not py_spy:
+        print("== profile: skipped, py-spy is not installed (pip install py-spy: a dev tool only)")
+        return
+    print(f"== profile: the server (offline agent) under {PROFILE_CALLS} calls, sampled by py-spy for "
+          f"{PROFILE_SECONDS} s; % of wall time (so of one core), raw stacks in {PROFILE_OUTPUT}")
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    try:
+        with server_process(**OFFLINE_ENV) as (pid, url):
+            trio.run(profiled_load, pid, url, py_spy)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    samples, own, inclusive = read_profile(PROFILE_OUTPUT)
+    wall = PROFILE_SECONDS * 250
+    print(f"   busy in {samples / wall:.0%} of samples. Own time, top 15:")
+    for frame, count in own.most_common(15):
+        print(f"   {count / wall:6.1%}  {frame}")
+    print("   vobiz_agent.py functions, with all they call:")
+    ours = [(frame, count) for frame, count in inclusive.most_common() if "vobiz_agent.py" in frame]
+    for frame, count in ours[:12]:
+        print(f"   {count / wall:6.1%}  {frame}")
+
+
+SECTIONS = {"audio": lambda: audio_chain(), "latency": lambda: latency(),
+            "capacity": lambda: capacity(), "memory": lambda: memory(), "profile": lambda: profile()}
+DEFAULT_SECTIONS = ["audio", "latency", "capacity", "memory"]
+
 if __name__ == "__main__":
-    wanted = sys.argv[1:] or ["audio", "latency"]
-    if "audio" in wanted:
-        audio_chain()
-    if "latency" in wanted:
-        latency()
+    wanted = [arg for arg in sys.argv[1:] if not arg.startswith("--")] or DEFAULT_SECTIONS
+    QUICK = QUICK or "--quick" in sys.argv
+    for name in wanted:
+        began = time.monotonic()
+        SECTIONS[name]()
+        print(f"   ({name}: {time.monotonic() - began:.0f} s)", flush=True)
