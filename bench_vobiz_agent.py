@@ -1,8 +1,15 @@
 """Benchmarks for vobiz_agent: they print figures, they assert nothing.
 
-    python bench_vobiz_agent.py            # everything
+    python bench_vobiz_agent.py            # audio, latency, capacity and memory (about 5 minutes)
     python bench_vobiz_agent.py audio      # just the audio chain
     python bench_vobiz_agent.py latency    # just the AI agent's turn latency and barge-in
+    python bench_vobiz_agent.py capacity   # concurrent calls per core, offline and AI agents
+    python bench_vobiz_agent.py memory     # server RSS over 1,000 short calls
+    python bench_vobiz_agent.py profile    # where the server's CPU goes under 40 calls (needs py-spy)
+
+--quick (or BENCH_QUICK=1) shortens the capacity steps from 8 s to 4 s of calls.
+BENCH_SERVER_SCRIPT=/path/to/vobiz_agent.py measures another copy (capacity,
+memory, profile), to compare a change.
 
 The audio chain: how well the anti-alias filter works (passband flatness,
 rejection of tones that would fold into the band) and what the whole
@@ -12,6 +19,45 @@ Latency: the real server, the test suite's simulated Vobiz and its Deepgram and
 OpenAI stand-ins, all on loopback in one process. A turn's latency runs from
 the end of the caller's speech (the last voiced 20 ms frame Vobiz sent) to the
 first agent frame *heard*: played out at the simulated Vobiz.
+
+Capacity: `python vobiz_agent.py` as its own process, pinned to core 0
+(taskset); this process, pinned to core 1, is the load: N simulated Vobiz
+calls (the test suite's, 50 media frames a second each way), and for the AI
+agent the Deepgram and OpenAI stand-ins too, with no delays (the server gets
+their loopback URLs in DEEPGRAM_URL and OPENAI_BASE_URL). Each caller hears
+the greeting, then over and over: says a 1 s phrase, waits to hear the whole
+reply (offline: its own words; AI: the TTS tone of a one-sentence answer),
+pauses 0.2-1.5 s. N steps up (10, 20, 40, ...) until two steps in a row fail
+or one fails clearly. Per step, read off the agent frames' *arrival* times at
+the simulated Vobiz, utterance by utterance (an utterance's frames end at its
+checkpoint):
+  gap        the time between two consecutive frames of one utterance (p50,
+             p90, p99, max); paced at 20 ms, after a first burst of 80 ms.
+  underrun   a frame that arrives after Vobiz would have finished playing all
+             the frames before it: the caller hears a gap. The model: Vobiz
+             starts playing an utterance one frame (20 ms, JITTER_BUFFER_S)
+             after its first frame arrives, and plays 20 ms per frame; frame k
+             plays from max(its arrival, the end of frame k-1), and arriving
+             after the end of frame k-1 is an underrun. Counted in frames.
+             With the server's 80 ms lead, a frame must be some 100 ms behind
+             its schedule to underrun (40 ms for the first burst).
+  missed     turns with no reply heard within 10 s; failed: calls that raised,
+             broke the protocol, were hung up on, or heard no greeting or reply.
+  CPU        user + system time from /proc/<pid>/stat over the step, as a
+             share of one core: the server's, and this process's own (the
+             generator: if it nears 100% the figures are the generator's,
+             not the server's). "lag" is how late this process's event loop
+             woke a 5 ms sleeper at worst: arrival times are that uncertain.
+A step passes with gap p90 < 50 ms, no underrun and no failed call; the
+largest N whose step and all smaller ones passed is the capacity per core.
+
+Memory: the offline server as its own process; 1,000 short calls, 10 at a
+time (answer, connect, start, 5 media frames, the greeting's first frame,
+hang up); VmRSS from /proc/<pid>/status after 10, 100, 250, 500 and 1,000.
+
+Profile: py-spy samples the server (offline agent, 40 calls of the capacity
+load) for 10 s: own time by module and by function, and the time spent in
+vobiz_agent's per-message functions with everything they call.
 """
 
 from __future__ import annotations
@@ -19,6 +65,7 @@ from __future__ import annotations
 import array
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -40,8 +87,17 @@ import trio
 import trio_websocket
 
 import vobiz_agent
-from test_vobiz_agent import (TICK, DeepgramStandIn, OpenAIStandIn, SimulatedVobiz, free_port, greeted, speech,
-                              start_providers, vobiz_call)
+from test_vobiz_agent import (
+    TICK,
+    DeepgramStandIn,
+    OpenAIStandIn,
+    SimulatedVobiz,
+    free_port,
+    greeted,
+    speech,
+    start_providers,
+    vobiz_call,
+)
 from vobiz_agent import audioop
 
 
@@ -190,7 +246,7 @@ def server_process(**env: str) -> Iterator[tuple[int, str]]:
     env = {**os.environ, "MAX_CALLS": "10000", "OFFLINE_MAX_TURNS": "10000", "IDLE_TIMEOUT_S": "60", **env}
     command = ["taskset", "-c", str(SERVER_CORE), sys.executable, SERVER_SCRIPT,  # taskset execs: same pid
                "--host", "127.0.0.1", "--port", str(port)]
-    with open(SERVER_LOG, "ab") as log_file:
+    with open(SERVER_LOG, "wb") as log_file:  # the last server's log
         process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -209,6 +265,17 @@ def server_process(**env: str) -> Iterator[tuple[int, str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def on_load_core() -> Iterator[None]:
+    """This process (the load: simulated Vobiz calls, stand-ins) on LOAD_CORE only, meanwhile."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {LOAD_CORE})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, affinity)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -291,7 +358,8 @@ class Load:
     missed: int = 0  # turns that got no reply within REPLY_TIMEOUT_S
 
 
-async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: float, load: Load) -> None:
+async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: float, load: Load,
+                 rng: random.Random) -> None:
     """One call: hear the greeting, then speak, hear the reply, pause, until `stop`; then hang up."""
     await trio.sleep_until(start)
     vobiz = LoadedVobiz(client)
@@ -301,15 +369,16 @@ async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: f
         async with loaded_call(vobiz, base_url):
             with trio.move_on_after(REPLY_TIMEOUT_S):
                 await greeted(vobiz)
+            await trio.sleep(rng.uniform(0, 1.5))  # callers out of step, as real ones are
             while vobiz.played_names and trio.current_time() < stop and not vobiz.closed.is_set():
                 played = len(vobiz.played_names)
-                vobiz.say(random.choice(phrases()))
+                vobiz.say(rng.choice(phrases()))
                 load.turns += 1
                 with trio.move_on_after(REPLY_TIMEOUT_S):
                     await vobiz.until(lambda: len(vobiz.played_names) > played)  # noqa: B023
                 replies += len(vobiz.played_names) > played
                 load.missed += len(vobiz.played_names) == played
-                await trio.sleep(random.uniform(0.3, 0.8))
+                await trio.sleep(rng.uniform(0.2, 1.5))
     except Exception as error:  # noqa: BLE001  (a failed call is a figure, not a crash)
         load.failed.append(f"{type(error).__name__} {error}"[:100])
         return
@@ -328,30 +397,54 @@ async def loop_lag(lags: list[float]) -> None:
         lags.append(trio.current_time() - due)
 
 
+def core_busy(core: int) -> float:
+    """Seconds a core has been busy (anyone's work), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = next(line for line in stat if line.startswith(f"cpu{core} ")).split()[1:]
+    idle = int(fields[3]) + int(fields[4])  # idle, iowait
+    return (sum(int(f) for f in fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_window(pid: int, start: float, stop: float, figures: dict) -> None:
+    """The server's and this process's CPU (share of one core) from `start` to `stop`, and
+    how much of their two cores anything else took meanwhile (it would skew the figures)."""
+    await trio.sleep_until(start)
+    server, own, began = cpu_seconds(pid), time.process_time(), trio.current_time()
+    cores = core_busy(SERVER_CORE), core_busy(LOAD_CORE)
+    await trio.sleep_until(stop)
+    wall = trio.current_time() - began
+    server, own = (cpu_seconds(pid) - server) / wall, (time.process_time() - own) / wall
+    others = max((core_busy(SERVER_CORE) - cores[0]) / wall - server, (core_busy(LOAD_CORE) - cores[1]) / wall - own)
+    figures.update(server_cpu=server, load_cpu=own, others=others)
+
+
 async def load_step(base_url: str, pid: int, calls: int, seconds: float) -> dict:
-    """`calls` concurrent callers for about `seconds`; the figures of what they heard."""
-    load, lags = Load(), []
-    server_cpu, own_cpu, began = cpu_seconds(pid), time.process_time(), trio.current_time()
+    """`calls` concurrent callers for about `seconds` after the ramp; the figures of what they heard.
+    CPU is measured while all of them are in their calls: from the end of the ramp to `seconds` later."""
+    load, lags, figures = Load(), [], {"calls": calls}
+    began = trio.current_time()
+    stop = began + RAMP_S + seconds
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop_lag, lags)
+            nursery.start_soon(cpu_window, pid, began + RAMP_S, stop, figures)
             async with trio.open_nursery() as callers:
                 for n in range(calls):
-                    callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls,
-                                       began + RAMP_S + seconds, load)
+                    callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls, stop, load,
+                                       random.Random(n))  # the same phrases and pauses every run
             nursery.cancel_scope.cancel()
-        wall = trio.current_time() - began
-        figures = {"calls": calls, "server_cpu": (cpu_seconds(pid) - server_cpu) / wall,
-                   "load_cpu": (time.process_time() - own_cpu) / wall, "load_lag": max(lags),
-                   **load_figures(load)}
+        figures.update(load_lag=max(lags), **load_figures(load))
         await until_idle(base_url, client)
     return figures
 
 
+JITTER_BUFFER_S = TICK  # Vobiz starts playing an utterance this long after its first frame arrives
+
+
 def underruns(arrivals: list[float]) -> int:
     """Frames of one utterance that came after Vobiz had played out all the frames before them."""
-    count, played_until = 0, arrivals[0]
+    count, played_until = 0, arrivals[0] + JITTER_BUFFER_S
     for arrived in arrivals:
         count += arrived > played_until
         played_until = max(played_until, arrived) + TICK
@@ -363,7 +456,7 @@ def load_figures(load: Load) -> dict:
     for vobiz in load.calls:
         for arrivals in vobiz.utterances():
             utterances += 1
-            gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+            gaps += [b - a for a, b in itertools.pairwise(arrivals)]
             dry += underruns(arrivals)
     cut = statistics.quantiles(gaps, n=100, method="inclusive") if len(gaps) > 1 else [math.nan] * 99
     return {"turns": load.turns, "missed": load.missed, "failed": len(load.failed), "why": load.failed[:3],
@@ -371,7 +464,7 @@ def load_figures(load: Load) -> dict:
             "p90": cut[89], "p99": cut[98], "max": max(gaps, default=math.nan), "underruns": dry}
 
 
-CAPACITY_STEPS = (10, 20, 40, 60, 80, 100)
+CAPACITY_STEPS = (10, 20, 40, 60, 80, 100, 120)
 P90_LIMIT_S = 0.050
 
 
@@ -379,9 +472,11 @@ def passes(row: dict) -> bool:
     return row["p90"] < P90_LIMIT_S and not row["underruns"] and not row["failed"]
 
 
-def saturated(row: dict) -> bool:
-    """Clearly past capacity: more calls would only fail more."""
-    return row["p90"] >= P90_LIMIT_S or row["failed"] > row["calls"] / 10 or row["server_cpu"] >= 0.97
+def saturated(rows: list[dict]) -> bool:
+    """Clearly past capacity: the last two steps failed, or the last one by far."""
+    last = rows[-1]
+    return (len(rows) >= 2 and not passes(rows[-2]) and not passes(last)) or last["p90"] >= P90_LIMIT_S \
+        or last["failed"] > last["calls"] / 10 or last["server_cpu"] >= 0.97
 
 
 async def stand_ins(nursery: trio.Nursery) -> dict[str, str]:
@@ -401,7 +496,7 @@ async def capacity_of(ai: bool, seconds: float) -> list[dict]:
             for calls in CAPACITY_STEPS:
                 rows.append(await load_step(url, pid, calls, seconds))
                 print_row(rows[-1])
-                if saturated(rows[-1]):
+                if saturated(rows):
                     break
         nursery.cancel_scope.cancel()
     return rows
@@ -417,26 +512,25 @@ def print_row(row: dict) -> None:
           f"  {ms['p50']:5.1f} {ms['p90']:5.1f} {ms['p99']:5.1f} {ms['max']:6.0f} {row['underruns']:10d}"
           f"  {row['server_cpu']:9.0%}  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
           + ("  ← generator saturated" if row["load_cpu"] >= 0.9 else "")
+          + (f"  ← other processes took {row['others']:.0%} of a core" if row["others"] >= 0.15 else "")
           + (f"  ({'; '.join(row['why'])})" if row["why"] else ""), flush=True)
 
 
 def capacity() -> None:
-    seconds = 5.0 if QUICK else 10.0
+    seconds = 4.0 if QUICK else 8.0
     print(f"== capacity: concurrent calls on one core (server pinned to core {SERVER_CORE}, simulated "
           f"Vobiz and stand-ins on core {LOAD_CORE}), {seconds:.0f} s of calls per step after a "
           f"{RAMP_S:.0f} s ramp")
     print(f"   a pass: gap p90 < {P90_LIMIT_S * 1000:.0f} ms, no underrun, no failed call; "
           "gaps and underruns are of agent frames arriving within an utterance")
-    affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {LOAD_CORE})
-    try:
+    phrases()  # made now: making them takes this process 0.2 s
+    logging.getLogger("hypercorn.error").disabled = True  # the stand-ins' "Running on" lines
+    with on_load_core():
         for ai, label in ((False, "offline echo agent"), (True, "AI agent, stand-ins with no delays")):
             print(f"-- {label}\n{CAPACITY_HEADER}")
             rows = trio.run(capacity_of, ai, seconds)
             passing = list(itertools.takewhile(passes, rows))
             print(f"   largest passing step: {passing[-1]['calls'] if passing else 0} calls per core")
-    finally:
-        os.sched_setaffinity(0, affinity)
 
 
 MEMORY_CALLS = (10, 100, 250, 500, 1000)  # RSS is read after this many calls
@@ -490,18 +584,24 @@ def memory() -> None:
           f"({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); failed calls: {failed}")
 
 
-PROFILE_CALLS, PROFILE_SECONDS = 40, 10
+PROFILE_CALLS, PROFILE_SECONDS, PROFILE_RATE = 40, 10, 100
 PROFILE_OUTPUT = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_profile.txt")
+# The per-message path: what vobiz_agent.py does for each frame in and out, with what it calls.
+PER_MESSAGE = ("Call.listen_to_vobiz", "parse_frame", "Call._hear", "EnergyEars.hear", "Call.send_frame",
+               "Outbound.play_audio", "Call.send", "TrioWebsocket.send", "FrameEncoder.encode")
 
 
-async def profiled_load(pid: int, url: str, py_spy: str) -> None:
-    """PROFILE_CALLS callers; py-spy samples the server for PROFILE_SECONDS once they are all in."""
+async def profiled_load(pid: int, url: str, py_spy: str) -> float:
+    """PROFILE_CALLS callers; py-spy samples the server for PROFILE_SECONDS once they are all in.
+    Returns the server's CPU (share of one core) while it was sampled."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(load_step, url, pid, PROFILE_CALLS, PROFILE_SECONDS + 1)
         await trio.sleep(RAMP_S + 0.5)
+        began, cpu = trio.current_time(), cpu_seconds(pid)
         await trio.run_process([py_spy, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
-                                "--rate", "250", "--format", "raw", "--function",
+                                "--rate", str(PROFILE_RATE), "--format", "raw", "--function",
                                 "--output", PROFILE_OUTPUT], capture_stdout=True, capture_stderr=True)
+        return (cpu_seconds(pid) - cpu) / (trio.current_time() - began)
 
 
 def read_profile(path: str) -> tuple[int, Counter, Counter]:
@@ -518,29 +618,39 @@ def read_profile(path: str) -> tuple[int, Counter, Counter]:
     return samples, own, inclusive
 
 
+def layer(frame: str) -> str:
+    """'XorMaskerSimple.process (wsproto/frame_protocol.py:29)' → 'wsproto'."""
+    where = frame.rpartition(" (")[2]
+    return where.split("/")[0].split(".py")[0].split(":")[0]
+
+
+def print_profile(cpu: float) -> None:
+    samples, own, inclusive = read_profile(PROFILE_OUTPUT)
+    share = cpu / samples  # one sample's share of a core: the shares below add up to the CPU
+    layers = Counter()
+    for frame, count in own.items():
+        layers[layer(frame)] += count
+    print(f"   server CPU {cpu:.0%} of one core ({samples} busy samples); by module, own time: "
+          + ", ".join(f"{name} {count * share:.1%}" for name, count in layers.most_common(9)))
+    print("   functions, own time (C calls such as json.loads or audioop count in their caller):")
+    for frame, count in own.most_common(12):
+        print(f"   {count * share:6.1%}  {frame}")
+    print("   vobiz_agent's per-message path, with all it calls:")
+    for name in PER_MESSAGE:
+        count = sum(n for frame, n in inclusive.items() if frame.startswith(name + " ("))
+        print(f"   {count * share:6.1%}  {name}")
+
+
 def profile() -> None:
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if not py_spy:
         print("== profile: skipped, py-spy is not installed (pip install py-spy: a dev tool only)")
         return
     print(f"== profile: the server (offline agent) under {PROFILE_CALLS} calls, sampled by py-spy for "
-          f"{PROFILE_SECONDS} s; % of wall time (so of one core), raw stacks in {PROFILE_OUTPUT}")
-    affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {LOAD_CORE})
-    try:
-        with server_process(**OFFLINE_ENV) as (pid, url):
-            trio.run(profiled_load, pid, url, py_spy)
-    finally:
-        os.sched_setaffinity(0, affinity)
-    samples, own, inclusive = read_profile(PROFILE_OUTPUT)
-    wall = PROFILE_SECONDS * 250
-    print(f"   busy in {samples / wall:.0%} of samples. Own time, top 15:")
-    for frame, count in own.most_common(15):
-        print(f"   {count / wall:6.1%}  {frame}")
-    print("   vobiz_agent.py functions, with all they call:")
-    ours = [(frame, count) for frame, count in inclusive.most_common() if "vobiz_agent.py" in frame]
-    for frame, count in ours[:12]:
-        print(f"   {count / wall:6.1%}  {frame}")
+          f"{PROFILE_SECONDS} s; percentages are of one core; raw stacks in {PROFILE_OUTPUT}")
+    with on_load_core(), server_process(**OFFLINE_ENV) as (pid, url):
+        cpu = trio.run(profiled_load, pid, url, py_spy)
+    print_profile(cpu)
 
 
 SECTIONS = {"audio": lambda: audio_chain(), "latency": lambda: latency(),
