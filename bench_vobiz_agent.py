@@ -62,7 +62,6 @@ vobiz_agent's per-message functions with everything they call.
 
 from __future__ import annotations
 
-import array
 import itertools
 import json
 import logging
@@ -96,16 +95,10 @@ from test_vobiz_agent import (
     greeted,
     speech,
     start_providers,
+    tone,
     vobiz_call,
 )
 from vobiz_agent import audioop
-
-
-def tone(frequency: float, seconds: float, rate: int, amplitude: int = 10000) -> bytes:
-    count = int(seconds * rate)
-    return array.array(
-        "h", (int(amplitude * math.sin(2 * math.pi * frequency * i / rate)) for i in range(count))
-    ).tobytes()
 
 
 def level_db(frequency: float, rate: int) -> float:
