@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -1586,14 +1587,35 @@ async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nurs
     assert "vobiz_agent_turn_latency_seconds_count 2" in metrics
 
 
-async def start_process(nursery, port: int, **env: str):
+class ProcessLog:
+    """A server process's stderr, read as it comes (a full pipe would stall the server)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._grew = trio.Event()
+
+    async def read(self, stream) -> None:
+        async for chunk in stream:
+            self.text += chunk.decode(errors="replace")
+            self._grew.set()
+            self._grew = trio.Event()
+
+    async def until(self, predicate) -> str:
+        with trio.fail_after(20):
+            while not predicate(self.text):
+                await self._grew.wait()
+        return self.text
+
+
+async def start_process(nursery, port: int, *args: str, **env: str):
     process = await nursery.start(partial(
-        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port)],
+        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port), *args],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False))
-    async for chunk in process.stderr:  # hypercorn says when it is listening
-        if b"Running on" in chunk:
-            break
-    return process
+    process_log = ProcessLog()
+    nursery.start_soon(process_log.read, process.stderr)
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    await process_log.until(lambda text: text.count("Running on") >= workers)  # Hypercorn: listening
+    return process, process_log
 
 
 def free_port() -> int:
@@ -1604,7 +1626,7 @@ def free_port() -> int:
 
 async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
     port = free_port()
-    process = await start_process(nursery, port, DRAIN_TIMEOUT_S="20")
+    process, _ = await start_process(nursery, port, DRAIN_TIMEOUT_S="20")
     server = Server(None, f"http://127.0.0.1:{port}")
     async with vobiz_call(server.url) as vobiz:
         await greeted(vobiz)
@@ -1624,7 +1646,7 @@ async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
 
 async def test_at_the_drain_deadline_calls_get_a_goodbye_and_a_stop(nursery):
     port = free_port()
-    process = await start_process(nursery, port, DRAIN_TIMEOUT_S="0.5")
+    process, _ = await start_process(nursery, port, DRAIN_TIMEOUT_S="0.5")
     async with vobiz_call(f"http://127.0.0.1:{port}") as vobiz:
         await greeted(vobiz)
         process.send_signal(signal.SIGTERM)
@@ -1709,27 +1731,36 @@ async def test_the_ai_agent_hangs_up_when_the_caller_says_goodbye(nursery):
     assert ai.spoken_texts() == ["Hello, how can I help?", "Goodbye and take care!"]  # no extra farewell
 
 
-async def test_several_workers_serve_calls_with_one_shared_secret(nursery):
+async def test_workers_share_calls_replace_a_dead_one_and_drain_with_goodbyes(nursery):
     port = free_port()
-    process = await nursery.start(partial(
-        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port),
-                           "--workers", "2"],
-        env={**os.environ, "DRAIN_TIMEOUT_S": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        cwd=HERE, check=False))
-    started = b""
-    async for chunk in process.stderr:  # both workers say when they listen
-        started += chunk
-        if started.count(b"Running on") >= 2:
-            break
-    for n in range(4):  # answer and WebSocket land on whichever worker accepts them
+    process, process_log = await start_process(nursery, port, "--workers", "2", DRAIN_TIMEOUT_S="0.5")
+    first, _ = re.findall(r"worker (\d+) started", process_log.text)
+    os.kill(int(first), signal.SIGKILL)  # a worker crashes: the parent starts another in its place
+    await process_log.until(lambda text: f"worker {first} ended (exit code -9)" in text
+                            and len(re.findall(r"worker \d+ started", text)) == 3
+                            and text.count("Running on") == 3)
+
+    async def talk(n: int, done: trio.Event) -> None:  # answer and WebSocket land on any worker
         words = speech(0.6, seed=90 + n)
         async with vobiz_call(f"http://127.0.0.1:{port}", call_id=f"worker-call-{n}") as vobiz:
             await greeted(vobiz)
             said = vobiz.say(words)
             await vobiz.until(lambda: len(vobiz.played_names) >= 2)
-        assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
-    process.send_signal(signal.SIGTERM)
+            assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
+            done.set()
+            await vobiz.closed.wait()  # ended by the drain, not by us
+        assert vobiz.played_names[-1].startswith("goodbye") and vobiz.event_ticks("stop")
+
+    answered = [trio.Event() for _ in range(4)]
+    async with trio.open_nursery() as calls:
+        for n, done in enumerate(answered):
+            calls.start_soon(talk, n, done)
+        for done in answered:
+            await done.wait()
+        process.send_signal(signal.SIGTERM)  # to the parent, as `docker stop` does
     assert await process.wait() == 0
+    assert process_log.text.count("SIGTERM received: shutting down") == 2  # each worker drained
+    assert "Traceback" not in process_log.text
 
 
 # ── Property: no sequence of junk frames harms the call that gets it, or any other ──

@@ -36,6 +36,8 @@ import hmac
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -52,7 +54,6 @@ from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
-import hypercorn.run
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -1909,7 +1910,7 @@ def banner(settings: Settings, agent: Agent) -> str:
         ]
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
-                     "Several workers or hosts behind one URL need a shared STREAM_SECRET.")
+                     "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
     if not settings.vobiz_auth_token:
         lines.append("VOBIZ_AUTH_TOKEN is not set: webhook signatures are not checked.")
     return "\n".join(lines)
@@ -1926,6 +1927,8 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--from", dest="caller", help="your Vobiz number (default $VOBIZ_FROM)")
     call.add_argument("--answer-url", help="default $PUBLIC_URL/answer")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more, e.g. --workers 4")
     try:
         port = _port("--port", args.port) if args.port is not None else None
         settings = Settings.from_env(os.environ, host=args.host, port=port)
@@ -1950,25 +1953,65 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_with_workers(settings: Settings, workers: int) -> None:
-    """Several processes on one port (Hypercorn's workers), each with its own event
-    loop and calls. Any worker can take any call's WebSocket: the media URL is
-    self-verifying, so the only thing they share is STREAM_SECRET. On SIGTERM
-    Hypercorn stops accepting and gives live calls DRAIN_TIMEOUT_S to end."""
-    if settings.stream_secret_generated:  # one random secret for all of this host's workers
-        os.environ["STREAM_SECRET"] = secrets.token_urlsafe(32)
+    """Several processes on one port, each with its own event loop and calls.
+
+    This parent binds the port and forks the workers, so they all accept on
+    one listening socket and inherit one Settings, STREAM_SECRET included
+    (a generated one too): any worker can take any call's WebSocket, because
+    the media URL verifies itself. On SIGTERM or SIGINT the parent passes
+    SIGTERM on, and each worker drains like a single process does. A worker
+    that dies is replaced, so a crash costs only that worker's calls.
+    """
+    listeners = hypercorn_config(settings).create_sockets().insecure_sockets
+    binds = [f"fd://{listener.fileno()}" for listener in listeners]
+    fork = multiprocessing.get_context("fork")  # fork, not spawn: the children inherit the sockets
+    born: dict[multiprocessing.Process, float] = {}
+    stopping = False
+
+    def start_worker() -> None:
+        worker = fork.Process(target=run_worker, args=(settings, binds), name="vobiz-agent worker")
+        worker.start()
+        born[worker] = time.monotonic()
+        log.info("worker %d started", worker.pid)
+
+    def stop(number: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("%s received: draining %d workers", signal.Signals(number).name, len(born))
+        stopping = True
+        for worker in born:
+            worker.terminate()  # SIGTERM: the worker drains
+
+    for _ in range(workers):
+        start_worker()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    failed = False
+    while born:
+        multiprocessing.connection.wait([worker.sentinel for worker in born])
+        for worker in [worker for worker in born if worker.exitcode is not None]:
+            lived = time.monotonic() - born.pop(worker)
+            if stopping:
+                failed |= worker.exitcode != 0
+                continue
+            log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
+            if lived < WORKER_MIN_LIFE_S:  # one that can't even start is retried once a second, not in a spin
+                time.sleep(WORKER_MIN_LIFE_S - lived)
+            if not stopping:
+                start_worker()
+    sys.exit(1 if failed else 0)
+
+
+WORKER_MIN_LIFE_S = 1.0
+
+
+def run_worker(settings: Settings, binds: list[str]) -> None:
+    """One worker process: the single-process server, on the parent's sockets."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a replacement worker is forked
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with the parent's handlers: not ours to run
     config = hypercorn_config(settings)
-    config.workers = workers
-    config.worker_class = "trio"
-    config.application_path = "vobiz_agent:app_from_environment()"
-    config.graceful_timeout = settings.drain_timeout_s
-    hypercorn.run.run(config)
-
-
-def app_from_environment() -> QuartTrio:
-    """The app as each worker process builds it, from the same environment."""
-    settings = Settings.from_env(os.environ)
-    configure_logging(settings)
-    return create_app(settings)
+    config.bind = binds
+    trio.run(serve_until_signalled, create_app(settings), config)
 
 
 # Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
@@ -2038,7 +2081,9 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
             async for number in signals:
                 log.info("%s received: shutting down", signal.Signals(number).name)
                 break
-        await app.switchboard.drain()
+            # Still receiving while we drain: a second signal (Ctrl-C reaches a worker
+            # from the terminal and from its parent) must not cut the goodbyes short.
+            await app.switchboard.drain()
 
     await serve(app, config, shutdown_trigger=signalled)
 
