@@ -35,6 +35,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import wsproto
+import wsproto.events
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypothesis import HealthCheck, given, settings
@@ -587,6 +589,44 @@ async def test_bad_frames_are_logged_and_ignored_without_disturbing_anyone(serve
     assert resemblance(echo_a, words_a) > 0.9  # call A went on
     assert resemblance(echo_b, words_b) > 0.9  # and call B never noticed
     assert warnings_about("call-b") == []
+
+
+async def test_a_message_over_the_hard_limit_closes_that_socket_alone(server, caplog):
+    """Over 1 MiB, Hypercorn stops reading the message and closes with 1009 (a bigger
+    message is never buffered); a raw wsproto client, because one that blocks sending
+    the giant message could not also read the close."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    giant = SimulatedVobiz(call_id="giant")
+    url = urlsplit(await giant.answer(server.url))
+    async with vobiz_call(server.url, call_id="bystander", stream_id="sb") as bystander:
+        await greeted(bystander)
+        stream = await trio.open_tcp_stream(url.hostname, url.port)
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        await stream.send_all(client.send(wsproto.events.Request(host=url.netloc, target=url.path)))
+        async def next_event():
+            while True:
+                for event in client.events():
+                    return event
+                client.receive_data(await stream.receive_some())
+
+        assert isinstance(await next_event(), wsproto.events.AcceptConnection)
+        await stream.send_all(client.send(wsproto.events.Message(json.dumps(giant.start_frame()))))
+        payload = "A" * (vobiz_agent.MAX_MESSAGE_BYTES + 1)
+        async with trio.open_nursery() as sending:
+            sending.start_soon(stream.send_all, client.send(wsproto.events.Message(media_frame(payload))))
+            closed = await next_event()
+            sending.cancel_scope.cancel()  # the server stopped reading: the rest can't go
+        assert isinstance(closed, wsproto.events.CloseConnection) and closed.code == 1009
+        await stream.aclose()
+        while len(server.app.switchboard) > 1:  # the giant call ends; the bystander's goes on
+            await bystander.until_tick(bystander.tick + 1)
+        said = bystander.say(speech(0.8, seed=31))
+        await bystander.until(lambda: len(bystander.played_names) >= 2)
+        assert resemblance(bystander.agent_audio(said, bystander.tick), speech(0.8, seed=31)) > 0.9
+    await server.app.switchboard.wait_until_empty()
+    ended = [r.getMessage() for r in caplog.records if "giant" in r.getMessage() and "ended" in r.getMessage()]
+    assert len(ended) == 1
+    assert all(record.levelno < logging.ERROR for record in caplog.records)
 
 
 # ── The audio chain ──
