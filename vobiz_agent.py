@@ -1959,6 +1959,9 @@ def main(argv: list[str] | None = None) -> None:
         trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
 
 
+WORKER_MIN_LIFE_S = 1.0  # a worker that dies sooner is replaced only after this long
+
+
 def serve_with_workers(settings: Settings, workers: int) -> None:
     """Several processes on one port, each with its own event loop and calls.
 
@@ -2002,14 +2005,11 @@ def serve_with_workers(settings: Settings, workers: int) -> None:
                 failed |= worker.exitcode != 0
                 continue
             log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
-            if lived < WORKER_MIN_LIFE_S:  # one that can't even start is retried once a second, not in a spin
+            if lived < WORKER_MIN_LIFE_S:  # one that can't even start: retried once a second, not in a spin
                 time.sleep(WORKER_MIN_LIFE_S - lived)
             if not stopping:
                 start_worker()
     sys.exit(1 if failed else 0)
-
-
-WORKER_MIN_LIFE_S = 1.0
 
 
 def run_worker(settings: Settings, binds: list[str]) -> None:
