@@ -993,19 +993,12 @@ class DeepgramEars:
         return problem
 
     async def _send_audio(self, socket: trio_websocket.WebSocketConnection) -> None:
-        """Two frames to a message: 40 ms of audio per WebSocket message halves the
-        per-message work on both ends, for at most one frame (20 ms) of delay."""
         with suppress(trio_websocket.ConnectionClosed):
             while True:
-                audio = b""
                 with trio.move_on_after(self.KEEPALIVE_S):
-                    audio = await self.audio_out.receive()
-                if not audio:
-                    await socket.send_message(json.dumps({"type": "KeepAlive"}))
+                    await socket.send_message(await self.audio_out.receive())
                     continue
-                with trio.move_on_after(2.5 * FRAME_SECONDS):  # the next one is due; never hold this for long
-                    audio += await self.audio_out.receive()
-                await socket.send_message(audio)
+                await socket.send_message(json.dumps({"type": "KeepAlive"}))
 
     async def _receive(self, socket: trio_websocket.WebSocketConnection) -> None:
         with suppress(trio_websocket.ConnectionClosed):
