@@ -1678,6 +1678,7 @@ async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
         assert health.status_code == 503 and health.json()["status"] == "draining"
         busy = ET.fromstring((await server.post("/answer", data={"CallUUID": "late"})).content)
         assert [child.tag for child in busy] == ["Speak", "Hangup"]
+        process.send_signal(signal.SIGINT)  # a second signal (Ctrl-C) must not cut the drain short
         said = vobiz.say(speech(0.8, seed=83))  # the live call goes on
         await vobiz.until(lambda: len(vobiz.played_names) >= 2)
         assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=83)) > 0.9
