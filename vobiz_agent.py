@@ -136,11 +136,6 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str], host: str | None = None, port: int | None = None) -> Settings:
         """Settings from the environment; command-line flags win over variables."""
-        deepgram_key, openai_key = env.get("DEEPGRAM_API_KEY", ""), env.get("OPENAI_API_KEY", "")
-        if bool(deepgram_key) != bool(openai_key):
-            missing = "OPENAI_API_KEY" if deepgram_key else "DEEPGRAM_API_KEY"
-            raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
-                                f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
         defaults = cls()
         return cls(
             host=host or env.get("HOST") or defaults.host,
@@ -149,35 +144,54 @@ class Settings:
             log_level=_choice("LOG_LEVEL", env.get("LOG_LEVEL", "INFO"), LOG_LEVELS),
             log_format=_choice("LOG_FORMAT", env.get("LOG_FORMAT", "text"), ("TEXT", "JSON")).lower(),
             barge_in_min_ms=_number("BARGE_IN_MIN_MS", env, defaults.barge_in_min_ms, 0, 2000),
-            deepgram_api_key=deepgram_key,
-            deepgram_url=_url("DEEPGRAM_URL", env.get("DEEPGRAM_URL", ""), ("ws", "wss"),
-                              defaults.deepgram_url) or defaults.deepgram_url,
-            deepgram_model=env.get("DEEPGRAM_MODEL") or defaults.deepgram_model,
-            deepgram_language=env.get("DEEPGRAM_LANGUAGE") or defaults.deepgram_language,
-            deepgram_endpointing_ms=_number("DEEPGRAM_ENDPOINTING_MS", env, defaults.deepgram_endpointing_ms,
-                                            10, 5000),
-            openai_api_key=openai_key,
-            openai_base_url=_url("OPENAI_BASE_URL", env.get("OPENAI_BASE_URL", ""), ("http", "https"),
-                                 defaults.openai_base_url) or defaults.openai_base_url,
-            openai_model=env.get("OPENAI_MODEL") or defaults.openai_model,
-            openai_timeout_s=_number("OPENAI_TIMEOUT_S", env, defaults.openai_timeout_s, 0.1, 120),
-            system_prompt=env.get("SYSTEM_PROMPT") or defaults.system_prompt,
-            tts_model=env.get("TTS_MODEL") or defaults.tts_model,
-            tts_voice=env.get("TTS_VOICE") or defaults.tts_voice,
-            greeting=env.get("GREETING") or defaults.greeting,
-            vobiz_auth_id=env.get("VOBIZ_AUTH_ID", ""),
-            vobiz_auth_token=env.get("VOBIZ_AUTH_TOKEN", ""),
-            vobiz_require_signature=_flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")),
-            vobiz_api_url=_url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
-                               defaults.vobiz_api_url) or defaults.vobiz_api_url,
-            stream_secret=env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
-            stream_secret_generated=not env.get("STREAM_SECRET"),
+            **_ai_settings(env, defaults),
+            **_trust_settings(env, defaults),
             max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
             offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
             offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
             drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
         )
+
+
+def _ai_settings(env: Mapping[str, str], defaults: Settings) -> dict:
+    """The AI agent's providers: both keys or neither (then the offline agent answers)."""
+    deepgram_key, openai_key = env.get("DEEPGRAM_API_KEY", ""), env.get("OPENAI_API_KEY", "")
+    if bool(deepgram_key) != bool(openai_key):
+        missing = "OPENAI_API_KEY" if deepgram_key else "DEEPGRAM_API_KEY"
+        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+    return {
+        "deepgram_api_key": deepgram_key,
+        "deepgram_url": _url("DEEPGRAM_URL", env.get("DEEPGRAM_URL", ""), ("ws", "wss"),
+                          defaults.deepgram_url) or defaults.deepgram_url,
+        "deepgram_model": env.get("DEEPGRAM_MODEL") or defaults.deepgram_model,
+        "deepgram_language": env.get("DEEPGRAM_LANGUAGE") or defaults.deepgram_language,
+        "deepgram_endpointing_ms": _number("DEEPGRAM_ENDPOINTING_MS", env, defaults.deepgram_endpointing_ms,
+                                           10, 5000),
+        "openai_api_key": openai_key,
+        "openai_base_url": _url("OPENAI_BASE_URL", env.get("OPENAI_BASE_URL", ""), ("http", "https"),
+                             defaults.openai_base_url) or defaults.openai_base_url,
+        "openai_model": env.get("OPENAI_MODEL") or defaults.openai_model,
+        "openai_timeout_s": _number("OPENAI_TIMEOUT_S", env, defaults.openai_timeout_s, 0.1, 120),
+        "system_prompt": env.get("SYSTEM_PROMPT") or defaults.system_prompt,
+        "tts_model": env.get("TTS_MODEL") or defaults.tts_model,
+        "tts_voice": env.get("TTS_VOICE") or defaults.tts_voice,
+        "greeting": env.get("GREETING") or defaults.greeting,
+    }
+
+
+def _trust_settings(env: Mapping[str, str], defaults: Settings) -> dict:
+    """Vobiz credentials (webhook signatures, outbound calls) and the media-URL secret."""
+    return {
+        "vobiz_auth_id": env.get("VOBIZ_AUTH_ID", ""),
+        "vobiz_auth_token": env.get("VOBIZ_AUTH_TOKEN", ""),
+        "vobiz_require_signature": _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")),
+        "vobiz_api_url": _url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
+                           defaults.vobiz_api_url) or defaults.vobiz_api_url,
+        "stream_secret": env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
+        "stream_secret_generated": not env.get("STREAM_SECRET"),
+    }
 
 
 def _port(name: str, value: str) -> int:
@@ -1916,7 +1930,7 @@ def banner(settings: Settings, agent: Agent) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
@@ -1926,22 +1940,21 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
     call.add_argument("--from", dest="caller", help="your Vobiz number (default $VOBIZ_FROM)")
     call.add_argument("--answer-url", help="default $PUBLIC_URL/answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = command_line()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be 1 or more, e.g. --workers 4")
     try:
         port = _port("--port", args.port) if args.port is not None else None
         settings = Settings.from_env(os.environ, host=args.host, port=port)
-        if args.command == "call":
-            request = outbound_call(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""),
-                                    args.answer_url)
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
     if args.command == "call":
-        try:
-            print(trio.run(place_call, settings, request))
-        except CallRefused as error:
-            sys.exit(f"vobiz-agent: {error}")
+        call_command(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""), args.answer_url)
         return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
@@ -1965,44 +1978,55 @@ def serve_with_workers(settings: Settings, workers: int) -> None:
     SIGTERM on, and each worker drains like a single process does. A worker
     that dies is replaced, so a crash costs only that worker's calls.
     """
-    listeners = hypercorn_config(settings).create_sockets().insecure_sockets
-    binds = [f"fd://{listener.fileno()}" for listener in listeners]
-    fork = multiprocessing.get_context("fork")  # fork, not spawn: the children inherit the sockets
-    born: dict[multiprocessing.Process, float] = {}
-    stopping = False
+    pool = WorkerPool(settings)
+    for _ in range(workers):
+        pool.start_worker()
+    signal.signal(signal.SIGINT, pool.stop)
+    signal.signal(signal.SIGTERM, pool.stop)
+    sys.exit(pool.supervise())
 
-    def start_worker() -> None:
-        worker = fork.Process(target=run_worker, args=(settings, binds), name="vobiz-agent worker")
+
+class WorkerPool:
+    """The parent's side of --workers: start them, replace the dead, pass a stop on."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.listeners = hypercorn_config(settings).create_sockets().insecure_sockets  # kept open here
+        self.binds = [f"fd://{listener.fileno()}" for listener in self.listeners]
+        self.fork = multiprocessing.get_context("fork")  # fork, not spawn: the children inherit the sockets
+        self.born: dict[multiprocessing.Process, float] = {}
+        self.stopping = False
+
+    def start_worker(self) -> None:
+        worker = self.fork.Process(target=run_worker, args=(self.settings, self.binds), name="vobiz-worker")
         worker.start()
-        born[worker] = time.monotonic()
+        self.born[worker] = time.monotonic()
         log.info("worker %d started", worker.pid)
 
-    def stop(number: int, _frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            log.info("%s received: draining %d workers", signal.Signals(number).name, len(born))
-        stopping = True
-        for worker in born:
-            worker.terminate()  # SIGTERM: the worker drains
+    def stop(self, number: int, _frame: object) -> None:
+        """The signal handler: every worker gets SIGTERM, and drains."""
+        if not self.stopping:
+            log.info("%s received: draining %d workers", signal.Signals(number).name, len(self.born))
+        self.stopping = True
+        for worker in self.born:
+            worker.terminate()
 
-    for _ in range(workers):
-        start_worker()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    failed = False
-    while born:
-        multiprocessing.connection.wait([worker.sentinel for worker in born])
-        for worker in [worker for worker in born if worker.exitcode is not None]:
-            lived = time.monotonic() - born.pop(worker)
-            if stopping:
-                failed |= worker.exitcode != 0
-                continue
-            log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
-            if lived < WORKER_MIN_LIFE_S:  # one that can't even start: retried once a second, not in a spin
-                time.sleep(WORKER_MIN_LIFE_S - lived)
-            if not stopping:
-                start_worker()
-    sys.exit(1 if failed else 0)
+    def supervise(self) -> int:
+        """Wait for workers to end, replacing them until a stop; the exit code."""
+        failed = False
+        while self.born:
+            multiprocessing.connection.wait([worker.sentinel for worker in self.born])
+            for worker in [worker for worker in self.born if worker.exitcode is not None]:
+                lived = time.monotonic() - self.born.pop(worker)
+                if self.stopping:
+                    failed |= worker.exitcode != 0
+                    continue
+                log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
+                if lived < WORKER_MIN_LIFE_S:  # one that can't start: retried once a second, not in a spin
+                    time.sleep(WORKER_MIN_LIFE_S - lived)
+                if not self.stopping:
+                    self.start_worker()
+        return 1 if failed else 0
 
 
 def run_worker(settings: Settings, binds: list[str]) -> None:
@@ -2067,6 +2091,14 @@ async def place_call(settings: Settings, call: OutboundCall) -> str:
             raise CallRefused(f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}") from None
     raise CallRefused(CALL_ERRORS.get(response.status_code)
                       or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+
+
+def call_command(settings: Settings, to: str, caller: str, answer_url: str | None) -> None:
+    """`vobiz-agent call`: print the request_uuid, or stop with one line saying why not."""
+    try:
+        print(trio.run(place_call, settings, outbound_call(settings, to, caller, answer_url)))
+    except (SettingsError, CallRefused) as error:
+        sys.exit(f"vobiz-agent: {error}")
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
