@@ -1513,7 +1513,8 @@ def vobiz_signs(token: str, url: str, nonce: str, version: int) -> dict[str, str
 
 
 async def test_webhook_signatures_are_checked_and_replays_refused(nursery, caplog):
-    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="secret-token")
+    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="secret-token",
+                                vobiz_verify_signatures="when-signed")
     url = "https://calls.example.com/hangup"  # what Vobiz signed: the public URL, without the query
     fields = {"CallUUID": CALL_UUID, "Event": "Hangup"}
     signed = vobiz_signs("secret-token", url, "11111111111111111111", 3)
@@ -1528,14 +1529,14 @@ async def test_webhook_signatures_are_checked_and_replays_refused(nursery, caplo
     # Vobiz sends no signature when the callback has no credentials: accepted unless required.
     assert (await server.post("/hangup", data=fields)).status_code == 200
     refusals = [r.getMessage() for r in caplog.records if "refused a POST" in r.getMessage()]
-    assert any("replayed nonce" in line for line in refusals) and any("wrong V3" in line for line in refusals)
+    assert any("replayed nonce" in line for line in refusals) and any("no V3 signature matches" in line for line in refusals)
     assert not any("secret-token" in r.getMessage() or signed["X-Vobiz-Signature-V3"] in r.getMessage()
                    for r in caplog.records)  # no secrets in the logs
 
 
 async def test_unsigned_webhooks_are_refused_when_signatures_are_required(nursery):
     server = await start_server(nursery, public_url="https://calls.example.com",
-                                vobiz_auth_token="secret-token", vobiz_require_signature=True)
+                                vobiz_auth_token="secret-token", vobiz_verify_signatures="required")
     assert (await server.post("/answer", data={"CallUUID": CALL_UUID})).status_code == 403
     signed = vobiz_signs("secret-token", "https://calls.example.com/answer", "55555555555555555555", 3)
     assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=signed)).status_code == 200
@@ -1850,3 +1851,84 @@ async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
     assert any("ended by agent" in r.getMessage() for r in caplog.records)
+
+
+# ── Signatures that work on every account, and the verification mode (issue 9) ──
+
+
+def signed_by(token: str, url: str, nonce: str, version: int, header: str = "V") -> dict[str, str]:
+    """One signature header as Vobiz sends it: header "V" (X-Vobiz-Signature-V3) or "MA"
+    (-MA-V3, keyed with the parent account's token; it shares the V3 nonce header)."""
+    signature = vobiz_signs(token, url, nonce, version)[f"X-Vobiz-Signature-V{version}"]
+    name = f"X-Vobiz-Signature-{'MA-' if header == 'MA' else ''}V{version}"
+    return {name: signature, f"X-Vobiz-Signature-V{version}-Nonce": nonce}
+
+
+async def test_sub_account_calls_pass_with_the_parent_token_and_rotated_signature_lists(nursery):
+    """Fails before issue 9: the MA headers and comma-separated lists were not read (403)."""
+    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="sub-token",
+                                vobiz_parent_auth_token="main-token", vobiz_verify_signatures="required")
+    url, fields = "https://calls.example.com/hangup", {"CallUUID": CALL_UUID, "Event": "Hangup"}
+
+    async def status(headers: dict[str, str]) -> int:
+        return (await server.post("/hangup", data=fields, headers=headers)).status_code
+
+    # A number on the sub-account: V3 with the sub-account's token, MA-V3 with the main one.
+    assert await status({**signed_by("sub-token", url, "10000000000000000001", 3),
+                         **signed_by("main-token", url, "10000000000000000001", 3, "MA")}) == 200
+    # Only the parent's signature is right (we hold another sub-account's token too): still ours.
+    assert await status({**signed_by("someone-else", url, "10000000000000000002", 3),
+                         **signed_by("main-token", url, "10000000000000000002", 3, "MA")}) == 200
+    assert await status(signed_by("main-token", url, "10000000000000000003", 2, "MA")) == 200  # MA-V2
+    assert await status(signed_by("sub-token", url, "10000000000000000004", 3, "MA")) == 403  # wrong key for MA
+    # Token rotation: a comma-separated list, one of them right.
+    old = signed_by("old-token", url, "10000000000000000005", 3)["X-Vobiz-Signature-V3"]
+    rotated = signed_by("sub-token", url, "10000000000000000005", 3)
+    rotated["X-Vobiz-Signature-V3"] = f"{old}, {rotated['X-Vobiz-Signature-V3']}"
+    assert await status(rotated) == 200
+    wrong = signed_by("old-token", url, "10000000000000000006", 3)
+    wrong["X-Vobiz-Signature-V3"] += "," + signed_by("other", url, "10000000000000000006", 3)["X-Vobiz-Signature-V3"]
+    assert await status(wrong) == 403
+    # A main account: no parent token set, the MA headers are checked with the account's own.
+    main = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="main-token",
+                              vobiz_verify_signatures="required")
+    response = await main.post("/hangup", data=fields, headers=signed_by("main-token", url, "1" * 20, 3, "MA"))
+    assert response.status_code == 200
+
+
+async def test_a_signature_mismatch_says_which_url_was_checked_and_no_secret(nursery, caplog):
+    """Fails before issue 9: the line said only "wrong V3 signature"."""
+    caplog.set_level(logging.WARNING, logger="vobiz_agent")
+    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="secret-token",
+                                vobiz_verify_signatures="when-signed")
+    # The console's Answer URL is another host than PUBLIC_URL: Vobiz signed that one.
+    signed = signed_by("secret-token", "https://old-tunnel.example.com/answer", "20000000000000000001", 3)
+    response = await server.post("/answer?x=1", data={"CallUUID": CALL_UUID}, headers=signed)
+    assert response.status_code == 403
+    [line] = [r.getMessage() for r in caplog.records if "refused a POST /answer" in r.getMessage()]
+    assert "https://calls.example.com/answer" in line and "V3" in line
+    assert "secret-token" not in line and signed["X-Vobiz-Signature-V3"] not in line
+
+
+async def test_verification_is_an_explicit_mode_and_the_banner_says_it(nursery):
+    """Fails before issue 9: VOBIZ_AUTH_TOKEN alone turned verification on; there was no mode."""
+    from_env = vobiz_agent.Settings.from_env
+    assert from_env({"VOBIZ_AUTH_TOKEN": "tok"}).vobiz_verify_signatures == "off"  # set for outbound calls
+    assert from_env({"VOBIZ_AUTH_TOKEN": "tok", "VOBIZ_REQUIRE_SIGNATURE": "true"}).vobiz_verify_signatures \
+        == "required"  # the old spelling
+    assert from_env({"VOBIZ_PARENT_AUTH_TOKEN": "t", "VOBIZ_VERIFY_SIGNATURES": "When-Signed"}) \
+        .vobiz_verify_signatures == "when-signed"
+    for env in ({"VOBIZ_VERIFY_SIGNATURES": "required"}, {"VOBIZ_VERIFY_SIGNATURES": "sometimes",
+                                                          "VOBIZ_AUTH_TOKEN": "t"}):
+        with pytest.raises(vobiz_agent.SettingsError, match="VOBIZ_VERIFY_SIGNATURES"):
+            from_env(env)
+    # Off: a token for outbound calls, and a webhook signed with another token still passes.
+    server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="tok")
+    forged = signed_by("guess", "https://calls.example.com/answer", "30000000000000000001", 3)
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=forged)).status_code == 200
+    agent = vobiz_agent.OfflineAgent(vobiz_agent.Settings())
+    off = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok"}), agent)
+    assert "signatures: off" in off and "answer anyone" in off
+    required = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok", "VOBIZ_VERIFY_SIGNATURES": "required"}),
+                                  agent)
+    assert "signatures: required" in required and "anyone" not in required

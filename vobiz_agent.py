@@ -118,8 +118,9 @@ class Settings:
     greeting: str = "Hello! How can I help you today?"
     # Trust and operations.
     vobiz_auth_id: str = ""
-    vobiz_auth_token: str = ""  # set: every webhook's signature is checked
-    vobiz_require_signature: bool = False  # refuse webhooks that carry no signature at all
+    vobiz_auth_token: str = ""  # the account's token: outbound calls, transfers, V2/V3 signatures
+    vobiz_parent_auth_token: str = ""  # a sub-account's parent: -MA-V2/-MA-V3 signatures
+    vobiz_verify_signatures: str = "off"  # "off", "when-signed" or "required"
     vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
@@ -186,12 +187,29 @@ def _trust_settings(env: Mapping[str, str], defaults: Settings) -> dict:
     return {
         "vobiz_auth_id": env.get("VOBIZ_AUTH_ID", ""),
         "vobiz_auth_token": env.get("VOBIZ_AUTH_TOKEN", ""),
-        "vobiz_require_signature": _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")),
+        "vobiz_parent_auth_token": env.get("VOBIZ_PARENT_AUTH_TOKEN", ""),
+        "vobiz_verify_signatures": _verification_mode(env),
         "vobiz_api_url": _url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
                            defaults.vobiz_api_url) or defaults.vobiz_api_url,
         "stream_secret": env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
         "stream_secret_generated": not env.get("STREAM_SECRET"),
     }
+
+
+VERIFICATION_MODES = ("OFF", "REQUIRED", "WHEN-SIGNED")
+
+
+def _verification_mode(env: Mapping[str, str]) -> str:
+    """VOBIZ_VERIFY_SIGNATURES, explicitly: a token set for outbound calls must not by itself
+    start refusing webhooks. VOBIZ_REQUIRE_SIGNATURE=true is the old spelling of "required"."""
+    if env.get("VOBIZ_VERIFY_SIGNATURES"):
+        mode = _choice("VOBIZ_VERIFY_SIGNATURES", env["VOBIZ_VERIFY_SIGNATURES"], VERIFICATION_MODES).lower()
+    else:
+        mode = "required" if _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")) else "off"
+    if mode != "off" and not (env.get("VOBIZ_AUTH_TOKEN") or env.get("VOBIZ_PARENT_AUTH_TOKEN")):
+        raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
+                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), e.g. VOBIZ_AUTH_TOKEN=...")
+    return mode
 
 
 def _port(name: str, value: str) -> int:
@@ -594,30 +612,49 @@ def webhook_signature(auth_token: str, url: str, nonce: str, version: int) -> st
     return base64.b64encode(digest).decode()
 
 
+# Which token signs which header: V2/V3 the account's own token (for a number on a
+# sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
+# main account both are the same token. The MA headers have no nonce of their own.
+SIGNATURE_HEADERS = (  # (header, its nonce's header, whose token, version)
+    ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
+    ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
+    ("X-Vobiz-Signature-V2", "X-Vobiz-Signature-V2-Nonce", "account", 2),
+    ("X-Vobiz-Signature-MA-V2", "X-Vobiz-Signature-V2-Nonce", "parent", 2),
+)
+
+
 class WebhookGuard:
     """Checks webhook signatures and remembers recent nonces, so a captured
-    request cannot be replayed (the signature covers no timestamp)."""
+    request cannot be replayed (the signature covers no timestamp).
 
-    def __init__(self, auth_token: str, require: bool):
-        self.auth_token = auth_token
-        self.require = require
+    `mode` is "off" (nothing checked), "when-signed" (a signed request must be
+    signed right; Vobiz signs only callbacks that have credentials) or "required"
+    (an unsigned request is refused too). A header may carry several signatures,
+    comma-separated, as during a token rotation: one match is enough."""
+
+    def __init__(self, mode: str, auth_token: str, parent_token: str = ""):
+        self.mode = mode
+        self.tokens = {"account": auth_token, "parent": parent_token or auth_token}
         self.seen: dict[str, float] = {}  # nonce → when; insertion order is time order
 
     def refusal(self, url: str, headers: Mapping[str, str]) -> str | None:
         """Why this request must be refused, or None if it may pass."""
-        if not self.auth_token:
+        if self.mode == "off":
             return None
-        for version in (3, 2):
-            signature = headers.get(f"X-Vobiz-Signature-V{version}")
-            nonce = headers.get(f"X-Vobiz-Signature-V{version}-Nonce")
-            if signature and nonce:
-                return self._verify(url, signature, nonce, version)
-        return "no signature" if self.require else None
+        checked = []
+        for header, nonce_header, signer, version in SIGNATURE_HEADERS:
+            token, signatures, nonce = self.tokens[signer], headers.get(header), headers.get(nonce_header)
+            if not (token and signatures and nonce):
+                continue  # not sent, or signed with a token we were not given
+            checked.append(header.removeprefix("X-Vobiz-Signature-"))
+            expected = webhook_signature(token, url, nonce, version).encode()
+            if any(hmac.compare_digest(expected, each.strip().encode()) for each in signatures.split(",")):
+                return self._replayed(nonce)
+        if checked:  # the URL is half of what is signed: a PUBLIC_URL unlike the console's fails here
+            return f"no {'/'.join(checked)} signature matches the URL checked, {_clean(url)}"
+        return "no signature" if self.mode == "required" else None
 
-    def _verify(self, url: str, signature: str, nonce: str, version: int) -> str | None:
-        expected = webhook_signature(self.auth_token, url, nonce, version)
-        if not hmac.compare_digest(expected.encode(), signature.encode()):
-            return f"wrong V{version} signature"
+    def _replayed(self, nonce: str) -> str | None:
         now = time.monotonic()
         while self.seen and next(iter(self.seen.values())) < now - NONCE_MEMORY_S:
             self.seen.pop(next(iter(self.seen)))
@@ -1749,7 +1786,8 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app = QuartTrio(__name__)
     agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
     app.switchboard = Switchboard(settings, agent)
-    app.webhook_guard = WebhookGuard(settings.vobiz_auth_token, settings.vobiz_require_signature)
+    app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
+                                     settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
     for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status)):
         app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
@@ -1909,6 +1947,14 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+VERIFICATION_BANNER = {
+    "off": "Webhook signatures: off (VOBIZ_VERIFY_SIGNATURES=off): the webhooks answer anyone who can reach "
+           "them. Set VOBIZ_VERIFY_SIGNATURES=when-signed or required, with VOBIZ_AUTH_TOKEN.",
+    "when-signed": "Webhook signatures: when-signed: a signed webhook must be signed right; unsigned ones pass.",
+    "required": "Webhook signatures: required: unsigned or wrongly signed webhooks get 403.",
+}
+
+
 def banner(settings: Settings, agent: Agent) -> str:
     lines = [f"vobiz-agent ({agent.name}) listening on http://{settings.host}:{settings.port}"]
     if settings.public_url:
@@ -1925,8 +1971,7 @@ def banner(settings: Settings, agent: Agent) -> str:
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
-    if not settings.vobiz_auth_token:
-        lines.append("VOBIZ_AUTH_TOKEN is not set: webhook signatures are not checked.")
+    lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
     return "\n".join(lines)
 
 
