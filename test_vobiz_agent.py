@@ -1751,7 +1751,8 @@ async def test_the_call_command_asks_vobiz_to_place_a_call(nursery, status, comp
     assert request["headers"]["X-Auth-Id"] == "MA_TEST" and request["headers"]["X-Auth-Token"] == "tok"
     assert request["body"] == {"from": "918071387423", "to": "+919876543210",
                                "answer_url": "https://abc.ngrok.app/answer", "answer_method": "POST",
-                               "hangup_url": "https://abc.ngrok.app/hangup", "hangup_method": "POST"}
+                               "hangup_url": "https://abc.ngrok.app/hangup", "hangup_method": "POST",
+                               "ring_url": "https://abc.ngrok.app/ring", "ring_method": "POST"}
 
 
 async def test_the_call_command_says_clearly_when_vobiz_cannot_be_reached():
@@ -1932,3 +1933,32 @@ async def test_verification_is_an_explicit_mode_and_the_banner_says_it(nursery):
     required = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok", "VOBIZ_VERIFY_SIGNATURES": "required"}),
                                   agent)
     assert "signatures: required" in required and "anyone" not in required
+
+
+# ── Outbound options: time limit, machine detection, ring and fallback URLs (issue 9) ──
+
+
+async def test_the_call_command_passes_the_make_call_options(nursery, caplog):
+    """Fails before issue 9: `call` had no --time-limit/--machine-detection/--ring-url/--fallback-url."""
+    api = VobizApiStandIn(201)
+    api_url = await nursery.start(api.serve)
+    code, out, err = await place_call(api_url, "--to", "+919876543210", "--from", "918071387423",
+                                      "--time-limit", "600", "--machine-detection", "hangup",
+                                      "--fallback-url", "https://backup.example.com/answer")
+    assert (code, out) == (0, "0e516b32-req"), err
+    body = api.requests[0]["body"]
+    assert body["time_limit"] == 600 and body["machine_detection"] == "hangup"
+    assert (body["ring_url"], body["ring_method"]) == ("https://abc.ngrok.app/ring", "POST")  # ours
+    assert (body["fallback_url"], body["fallback_method"]) == ("https://backup.example.com/answer", "POST")
+    code, _, err = await place_call(api_url, "--to", "+91", "--from", "1", "--machine-detection", "maybe")
+    assert code == 2 and "machine-detection" in err
+    code, _, err = await place_call(api_url, "--to", "+91", "--from", "1", "--time-limit", "0")
+    assert code == 2 and "--time-limit" in err
+    assert len(api.requests) == 1  # a bad option places no call
+    # Our ring URL is served (signed like the other webhooks) and logged.
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery)
+    ringing = await server.post("/ring", data={"CallUUID": "0e516b32-req", "To": "+919876543210",
+                                               "Event": "Ring", "CallStatus": "ringing"})
+    assert ringing.status_code == 200
+    assert any("0e516b32-req: ringing +919876543210" in r.getMessage() for r in caplog.records)

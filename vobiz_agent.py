@@ -1770,7 +1770,7 @@ class Switchboard:
 
 
 BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again in a few minutes."
-WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status")
+WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring")
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
@@ -1789,7 +1789,8 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
-    for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status)):
+    for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status),
+                       ("/ring", ring)):
         app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
@@ -1837,6 +1838,13 @@ async def answer() -> Response:
 
 async def hangup() -> Response:
     _log_hangup(await _webhook_params())
+    return Response("", 200)
+
+
+async def ring() -> Response:
+    """An outbound call's ring_url: the callee's phone is ringing."""
+    params = await _webhook_params()
+    log.info("call %s: ringing %s", _clean(params.get("CallUUID")), _clean(params.get("To")))
     return Response("", 200)
 
 
@@ -1985,6 +1993,11 @@ def command_line() -> argparse.ArgumentParser:
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
     call.add_argument("--from", dest="caller", help="your Vobiz number (default $VOBIZ_FROM)")
     call.add_argument("--answer-url", help="default $PUBLIC_URL/answer")
+    call.add_argument("--ring-url", help="told when the phone starts ringing (default: our /ring, which logs it)")
+    call.add_argument("--fallback-url", help="fetched for XML if the answer URL fails (default: none)")
+    call.add_argument("--time-limit", type=int, metavar="SECONDS", help="end the call after this long")
+    call.add_argument("--machine-detection", choices=("true", "hangup"),
+                      help="detect an answering machine: report it (true) or hang up on it (hangup)")
     return parser
 
 
@@ -1999,7 +2012,11 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
     if args.command == "call":
-        call_command(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""), args.answer_url)
+        if args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
+            parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
+        options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url, "time_limit": args.time_limit,
+                   "machine_detection": args.machine_detection}
+        call_command(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""), args.answer_url, options)
         return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
@@ -2095,10 +2112,13 @@ class CallRefused(Exception):
 class OutboundCall:
     url: str
     headers: dict[str, str]
-    body: dict[str, str]
+    body: dict[str, str | int]
 
 
-def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | None) -> OutboundCall:
+def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | None,
+                  options: Mapping[str, str | int | None] | None = None) -> OutboundCall:
+    """The Make Call request. `options`: ring_url, fallback_url, time_limit, machine_detection."""
+    options = options or {}
     for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id), ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token),
                         ("--from (or VOBIZ_FROM)", caller)):
         if not value:
@@ -2111,8 +2131,23 @@ def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | No
         url=f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/",
         headers={"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token},
         body={"from": caller, "to": to, "answer_url": answer_url, "answer_method": "POST",
-              "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST"},
+              "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
+              "ring_url": options.get("ring_url") or urljoin(answer_url, "ring"), "ring_method": "POST",
+              **_make_call_options(options)},
     )
+
+
+def _make_call_options(options: Mapping[str, str | int | None]) -> dict[str, str | int]:
+    """The optional Make Call parameters, as the API documents them; absent ones are left out.
+    No fallback URL by default: ours would fail exactly when the answer URL does."""
+    body: dict[str, str | int] = {}
+    if options.get("fallback_url"):
+        body |= {"fallback_url": options["fallback_url"], "fallback_method": "POST"}
+    if options.get("time_limit"):
+        body["time_limit"] = int(options["time_limit"])  # seconds
+    if options.get("machine_detection"):
+        body["machine_detection"] = options["machine_detection"]  # "true" or "hangup"
+    return body
 
 
 CALL_ERRORS = {
@@ -2138,10 +2173,11 @@ async def place_call(settings: Settings, call: OutboundCall) -> str:
                       or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
 
 
-def call_command(settings: Settings, to: str, caller: str, answer_url: str | None) -> None:
+def call_command(settings: Settings, to: str, caller: str, answer_url: str | None,
+                 options: Mapping[str, str | int | None] | None = None) -> None:
     """`vobiz-agent call`: print the request_uuid, or stop with one line saying why not."""
     try:
-        print(trio.run(place_call, settings, outbound_call(settings, to, caller, answer_url)))
+        print(trio.run(place_call, settings, outbound_call(settings, to, caller, answer_url, options)))
     except (SettingsError, CallRefused) as error:
         sys.exit(f"vobiz-agent: {error}")
 
