@@ -174,8 +174,22 @@ class SimulatedVobiz:
                 response = await client.post(base_url + "/answer", data=fields)
             else:
                 response = await client.get(base_url + "/answer", params=fields)
-        stream = ET.fromstring(response.content).find("Stream")
+        self.answer_xml = ET.fromstring(response.content)
+        stream = self.answer_xml.find("Stream")
         return stream.text.strip()
+
+    async def recording_finished(self) -> httpx.Response | None:
+        """After the call: a <Record recordSession> in the answer gets its callback, with the
+        fields Vobiz (like Plivo) posts for a finished recording."""
+        record = getattr(self, "answer_xml", ET.Element("Response")).find("Record")
+        if record is None or not record.get("callbackUrl"):
+            return None
+        fields = {"CallUUID": self.call_id, "RecordingID": "rec-5b1e", "RecordingDuration": "12",
+                  "RecordingDurationMs": "12040", "RecordUrl": f"https://media.vobiz.ai/v1/Account/MA_X/"
+                                                             f"Recording/rec-5b1e.{record.get('fileFormat', 'mp3')}"}
+        async with httpx.AsyncClient() as client:
+            return await client.request(record.get("callbackMethod", "POST"), record.get("callbackUrl"),
+                                        data=fields)
 
     def start_frame(self) -> dict:
         media_format = {"encoding": self.encoding, "sampleRate": self.rate}
@@ -292,6 +306,7 @@ async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | No
             await nursery.start(vobiz.run, ws)
             yield vobiz
             nursery.cancel_scope.cancel()
+        vobiz.recording_response = await vobiz.recording_finished()
     assert vobiz.protocol_errors == []
 
 
@@ -1962,3 +1977,25 @@ async def test_the_call_command_passes_the_make_call_options(nursery, caplog):
                                                "Event": "Ring", "CallStatus": "ringing"})
     assert ringing.status_code == 200
     assert any("0e516b32-req: ringing +919876543210" in r.getMessage() for r in caplog.records)
+
+
+# ── Recording (issue 9) ──
+
+
+async def test_record_calls_records_the_whole_call_and_logs_where_the_recording_is(nursery, caplog):
+    """Fails before issue 9: no <Record> in the answer, and no /recording to tell."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery, record_calls=True)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)  # the call itself is as before: greeted, answered
+    assert [child.tag for child in vobiz.answer_xml][:2] == ["Record", "Stream"]  # recording starts first
+    record = vobiz.answer_xml.find("Record")
+    assert (record.get("recordSession"), record.get("redirect")) == ("true", "false")
+    assert record.get("callbackUrl") == f"{server.url}/recording" and record.get("callbackMethod") == "POST"
+    assert vobiz.recording_response.status_code == 200
+    assert list(ET.fromstring(vobiz.recording_response.content)) == []  # nothing for the call to do
+    assert any(CALL_UUID in r.getMessage() and "Recording/rec-5b1e.mp3" in r.getMessage() and "12 s" in
+               r.getMessage() for r in caplog.records)
+    plain = await start_server(nursery)
+    assert parse_answer(await plain.post("/answer", data={"CallUUID": CALL_UUID})).find("Record") is None
+    assert vobiz_agent.Settings.from_env({"RECORD_CALLS": "true"}).record_calls

@@ -125,6 +125,7 @@ class Settings:
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     max_calls: int = 50
+    record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
@@ -148,6 +149,7 @@ class Settings:
             **_ai_settings(env, defaults),
             **_trust_settings(env, defaults),
             max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
+            record_calls=_flag("RECORD_CALLS", env.get("RECORD_CALLS", "")),
             offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
             offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
@@ -426,9 +428,16 @@ def chime(frequencies: tuple[float, float], rate: int = 24000) -> bytes:
 MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
 
 
-def stream_xml(media_url: str, status_url: str) -> bytes:
-    """The answer that connects the call's audio to our WebSocket, both ways."""
+def stream_xml(media_url: str, status_url: str, recording_url: str | None = None) -> bytes:
+    """The answer that connects the call's audio to our WebSocket, both ways
+    (with `recording_url`, recording the whole call first)."""
     response = ET.Element("Response")
+    if recording_url:
+        # recordSession: the whole call, in the background; redirect="false": go on to
+        # <Stream> at once. Vobiz posts the finished recording's URL to callbackUrl.
+        ET.SubElement(response, "Record", recordSession="true", redirect="false", fileFormat="mp3",
+                      maxLength="14400", playBeep="false", action=recording_url, method="POST",
+                      callbackUrl=recording_url, callbackMethod="POST")
     stream = ET.SubElement(
         response,
         "Stream",
@@ -1770,7 +1779,7 @@ class Switchboard:
 
 
 BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again in a few minutes."
-WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring")
+WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording")
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
@@ -1790,7 +1799,7 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
     for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status),
-                       ("/ring", ring)):
+                       ("/ring", ring), ("/recording", recording)):
         app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
@@ -1833,7 +1842,8 @@ async def answer() -> Response:
     media_url = base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
-    return _xml(stream_xml(media_url, base + "/stream-status"))
+    return _xml(stream_xml(media_url, base + "/stream-status",
+                           base + "/recording" if settings.record_calls else None))
 
 
 async def hangup() -> Response:
@@ -1846,6 +1856,25 @@ async def ring() -> Response:
     params = await _webhook_params()
     log.info("call %s: ringing %s", _clean(params.get("CallUUID")), _clean(params.get("To")))
     return Response("", 200)
+
+
+RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")  # spellings seen across versions
+
+
+async def recording() -> Response:
+    """<Record>'s action and callback: log where the call's recording is (fetching it needs
+    the account's X-Auth-ID/X-Auth-Token, so the URL alone gives nothing away)."""
+    params = await _webhook_params()
+    url = next((params[key] for key in RECORDING_URL_FIELDS if params.get(key)), "")
+    duration = params.get("RecordingDuration", "?")  # seconds
+    if url:
+        log.info("call %s: recording %s (%s s): %s", _clean(params.get("CallUUID")),
+                 _clean(params.get("RecordingID")), _clean(duration), _clean(url, 300),
+                 extra={"fields": {"call": _clean(params.get("CallUUID")), "recording_url": _clean(url, 300),
+                                   "recording_id": _clean(params.get("RecordingID"))}})
+    else:
+        log.info("call %s: recording started", _clean(params.get("CallUUID")))
+    return _xml(empty_xml())  # redirect="false": nothing for the call to do
 
 
 async def stream_status() -> Response:
