@@ -144,6 +144,19 @@ class SimulatedVobiz:
             self.to_say.append(pcm[i : i + size].ljust(size, b"\0"))
         return first
 
+    async def press(self, key: str, shape: str = "vendor") -> None:
+        """The caller presses a key: a `dtmf` frame, in one of the shapes seen (protocol §3.6):
+        "vendor" {"dtmf": {"digit"}} as Vobiz's own code reads it, "plivo" with track and
+        timestamp, "flat" {"dtmf": "5"}."""
+        if shape == "vendor":
+            frame = {"event": "dtmf", "dtmf": {"digit": key}}
+        elif shape == "plivo":
+            frame = {"event": "dtmf", "sequenceNumber": self.tick, "streamId": self.stream_id,
+                     "dtmf": {"track": "inbound", "digit": key, "timestamp": str(int(trio.current_time() * 1000))}}
+        else:
+            frame = {"event": "dtmf", "streamId": self.stream_id, "dtmf": key}
+        await self.ws.send_message(json.dumps(frame))
+
     async def until(self, condition) -> None:
         """Wait (on the simulated clock, not a timer) until condition() holds."""
         while not condition():
@@ -1999,3 +2012,65 @@ async def test_record_calls_records_the_whole_call_and_logs_where_the_recording_
     plain = await start_server(nursery)
     assert parse_answer(await plain.post("/answer", data={"CallUUID": CALL_UUID})).find("Record") is None
     assert vobiz_agent.Settings.from_env({"RECORD_CALLS": "true"}).record_calls
+
+
+# ── Keypad: digits to the model, tones from the echo agent (issue 9) ──
+
+
+def goertzel(pcm: bytes, frequency: float, rate: int = 8000) -> float:
+    """The power of one frequency in 16-bit PCM (the Goertzel filter, as DTMF decoders use)."""
+    samples = array.array("h", pcm)
+    coefficient = 2 * math.cos(2 * math.pi * frequency / rate)
+    previous = before = 0.0
+    for sample in samples:
+        previous, before = sample + coefficient * previous - before, previous
+    return previous * previous + before * before - coefficient * previous * before
+
+
+DTMF_LOW, DTMF_HIGH = (697, 770, 852, 941), (1209, 1336, 1477, 1633)
+
+
+def keys_heard(pcm: bytes) -> tuple[int, int]:
+    """The strongest row and column frequency: the key a DTMF decoder would read."""
+    return (max(DTMF_LOW, key=lambda f: goertzel(pcm, f)), max(DTMF_HIGH, key=lambda f: goertzel(pcm, f)))
+
+
+async def test_the_echo_agent_answers_each_key_with_its_tone_pair(server, caplog):
+    """Fails before issue 9: a key press was only logged; the caller heard nothing."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    expected = {"5": (770, 1336), "9": (852, 1477), "#": (941, 1477), "1": (697, 1209)}
+    shapes = {"5": "vendor", "9": "plivo", "#": "flat", "1": "vendor"}
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        for number, key in enumerate(expected, start=1):
+            pressed_at = vobiz.tick
+            await vobiz.press(key, shapes[key])
+            await vobiz.until(lambda n=number: sum(name.startswith("keypad") for name in vobiz.played_names) >= n)
+            tone_heard = vobiz.agent_audio(pressed_at, vobiz.tick)
+            assert audioop.rms(tone_heard, 2) > 500, key
+            row, column = keys_heard(tone_heard)
+            assert (row, column) == expected[key], key
+            others = [f for f in DTMF_LOW + DTMF_HIGH if f not in expected[key]]
+            assert min(goertzel(tone_heard, row), goertzel(tone_heard, column)) > \
+                30 * max(goertzel(tone_heard, f) for f in others), key  # a clean pair, ~15 dB over the rest
+        await vobiz.ws.send_message(json.dumps({"event": "dtmf", "dtmf": {"digit": "X"}}))
+        await vobiz.until(lambda: any("not a key" in r.getMessage() for r in caplog.records))
+    assert sum(name.startswith("keypad") for name in vobiz.played_names) == 4
+
+
+async def test_the_ai_agent_gets_the_keys_pressed_as_one_user_turn(nursery):
+    """Fails before issue 9: digits never reached the model."""
+    ai = await start_providers(nursery, [])
+    ai.openai.replies = [["You chose one two three."], ["Four two it is."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        for key in "123":  # then a pause: the keys go to the model as one turn
+            await vobiz.press(key)
+        await ai.openai.wait_until(lambda: len(ai.openai.chat_requests) >= 1)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        for key, shape in (("4", "plivo"), ("2", "flat"), ("#", "vendor")):  # '#' ends them at once
+            await vobiz.press(key, shape)
+        await ai.openai.wait_until(lambda: len(ai.openai.chat_requests) >= 2)
+    assert ai.user_messages(0) == ["[the caller pressed 1 2 3]"]
+    assert ai.user_messages(1) == ["[the caller pressed 1 2 3]", "[the caller pressed 4 2]"]
+    assert ai.assistant_messages(1)[-1] == "You chose one two three."

@@ -420,6 +420,32 @@ def chime(frequencies: tuple[float, float], rate: int = 24000) -> bytes:
     return samples.tobytes()
 
 
+# A keypad's tones: each key is one low (row) and one high (column) frequency at once.
+DTMF_ROWS = {"123A": 697.0, "456B": 770.0, "789C": 852.0, "*0#D": 941.0}
+DTMF_COLUMNS = {"147*": 1209.0, "2580": 1336.0, "369#": 1477.0, "ABCD": 1633.0}
+
+
+def dtmf_frequencies(key: str) -> tuple[float, float]:
+    row = next(frequency for keys, frequency in DTMF_ROWS.items() if key in keys)
+    column = next(frequency for keys, frequency in DTMF_COLUMNS.items() if key in keys)
+    return row, column
+
+
+@cache
+def dtmf_tone(key: str, rate: int = 24000) -> bytes:
+    """The tone pair of one key, 200 ms with soft edges, then 60 ms of quiet; made at
+    24 kHz like the chimes, so it travels the same chain as speech."""
+    low, high = dtmf_frequencies(key)
+    samples = array.array("h")
+    count = int(rate * 0.20)
+    for i in range(count):
+        fade = min(1.0, i / (0.005 * rate), (count - i) / (0.005 * rate))
+        samples.append(int(5000 * fade * (math.sin(2 * math.pi * low * i / rate)
+                                          + math.sin(2 * math.pi * high * i / rate))))
+    samples.extend([0] * int(rate * 0.06))
+    return samples.tobytes()
+
+
 # ─────────────────────────────────────────────────────────────────────────────
 # The Vobiz protocol (see shared/vobiz-protocol.md): the <Stream> answer, the
 # frames Vobiz sends us, and the ones we send back. Pure functions.
@@ -575,12 +601,21 @@ def _text(data: dict, key: str, event: str) -> str:
     return value
 
 
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+
+
 def _dtmf_digit(data: dict) -> str:
+    """The key of a `dtmf` frame, in any shape seen: {"dtmf": {"digit": "5"}} (vendor code,
+    and Plivo's, which adds track and timestamp), {"dtmf": "5"}, or a top-level "digit"."""
     dtmf = data.get("dtmf")
-    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
+    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf if dtmf is not None else data.get("digit")
+    if isinstance(digit, int) and not isinstance(digit, bool) and 0 <= digit <= 9:
+        digit = str(digit)
     if not isinstance(digit, str):
         raise BadFrame("fields", "dtmf frame has no digit")
-    return digit
+    if digit.upper() not in DTMF_KEYS:
+        raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
+    return digit.upper()
 
 
 class Outbound:
@@ -712,7 +747,9 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # "ears-down": speech-to-text is unreachable; "silence": nobody has spoken for long
+    kind: str = "speech"  # "ears-down": speech-to-text is unreachable; "silence": nobody has spoken for long;
+    # "digits": keys pressed, e.g. text "[the caller pressed 1 2 3]" and digits "123"
+    digits: str = ""
     speech_ended: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
 
@@ -766,6 +803,7 @@ class Agent(Protocol):
     """Makes the ears and the responder for each call."""
 
     name: str
+    digit_pause_s: float  # keys pressed within this of each other are one "digits" turn
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears: ...
 
@@ -888,6 +926,10 @@ class EchoResponder:
     async def reply(self, turn: Turn, play: Play) -> bool:
         if turn.kind == "silence":
             return True  # nobody there: say goodbye
+        if turn.kind == "digits":  # a keypad echo: each key's own tone pair
+            for key in turn.digits:
+                await play(Utterance("keypad", 24000, _once(dtmf_tone(key)), text=f"(the tone of {key})"))
+            return False
         self.turns += 1
         await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
         return self.turns >= self.max_turns
@@ -904,6 +946,7 @@ class OfflineAgent:
     """The default agent when no provider keys are set: an echo test."""
 
     name = "offline echo agent"
+    digit_pause_s = 0.0  # every key is echoed at once
 
     def __init__(self, settings: Settings):
         self.speech_min_s = settings.barge_in_min_ms / 1000
@@ -1320,6 +1363,8 @@ def _heard_text(utterances: list[Utterance]) -> str:
 class AIAgent:
     """Deepgram ears, an OpenAI-compatible brain, OpenAI TTS for a mouth."""
 
+    digit_pause_s = 1.0  # a menu choice, or a number typed in: sent to the model after a short pause or #
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
@@ -1380,6 +1425,7 @@ class Call:
         self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
         self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
+        self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.ended_by = "hang-up"
@@ -1429,7 +1475,7 @@ class Call:
         elif isinstance(frame, ClearedAudio):
             self.cleared.set()
         elif isinstance(frame, Dtmf):
-            self.log(logging.INFO, "caller pressed %s", _clean(frame.digit))
+            self._key_pressed(frame.digit)
         elif isinstance(frame, Stop):
             self.ended_by = "stop frame"
             return True
@@ -1470,6 +1516,30 @@ class Call:
             raise BadFrame("length", f"media payload of {len(payload)} bytes is not whole samples")
         self.ears.hear(payload)
         self.media_flowing.set()
+
+    def _key_pressed(self, key: str) -> None:
+        self.log(logging.INFO, "caller pressed %s", key)
+        if self.keys_in is None:
+            self.keys_in, keys_out = trio.open_memory_channel[str](32)
+            self.nursery.start_soon(self.collect_keys, keys_out, name=f"call {self.label} keypad")
+        try:
+            self.keys_in.send_nowait(key)
+        except trio.WouldBlock:
+            self._complain("keypad", "key press dropped: too many are waiting")
+
+    async def collect_keys(self, keys: trio.MemoryReceiveChannel[str]) -> None:
+        """Key presses → "digits" turns: the keys pressed until '#' or a pause of the agent's
+        `digit_pause_s` (the '#' that ends them is not one of them)."""
+        pause = self.agent.digit_pause_s
+        async for key in keys:
+            pressed = [key]
+            while pressed[-1] != "#" and pause > 0:
+                with trio.move_on_after(pause) as waited:
+                    pressed.append(await keys.receive())
+                if waited.cancelled_caught:
+                    break
+            digits = "".join(pressed[:-1] if len(pressed) > 1 and pressed[-1] == "#" else pressed)
+            self.turn_ended(Turn(kind="digits", digits=digits, text=f"[the caller pressed {' '.join(digits)}]"))
 
     # What the ears report (the Listener side of the seam).
 
