@@ -1246,10 +1246,10 @@ class OpenAIStandIn(_Watched):
         finish = "stop"
         for number, token in enumerate(tokens):
             await trio.sleep(self.token_interval if number else self.first_token_delay)
-            if token == HANG_UP:  # the model calls the hang_up tool, streamed as OpenAI does
+            if token in (HANG_UP, TRANSFER):  # the model calls a tool, streamed as OpenAI does
                 finish = "tool_calls"
                 call = {"index": 0, "id": "call_standin", "type": "function",
-                        "function": {"name": "hang_up", "arguments": ""}}
+                        "function": {"name": "hang_up" if token is HANG_UP else "transfer_call", "arguments": ""}}
                 await exchange.write(chunk({"tool_calls": [call]}))
                 await exchange.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
             else:
@@ -1289,6 +1289,7 @@ class OpenAIStandIn(_Watched):
 
 
 HANG_UP = object()  # in a scripted reply: the model calls the hang_up tool here
+TRANSFER = object()  # ... or the transfer_call tool
 
 
 class Providers:
@@ -1729,11 +1730,18 @@ async def test_at_the_drain_deadline_calls_get_a_goodbye_and_a_stop(nursery):
 
 
 class VobizApiStandIn:
-    """Vobiz's call-create endpoint, POST /api/v1/Account/{auth_id}/Call/, on loopback."""
+    """Vobiz's call-create endpoint, POST /api/v1/Account/{auth_id}/Call/, on loopback,
+    and the transfer of a live call, POST /api/v1/Account/{auth_id}/Call/{uuid}/ (202): as
+    Vobiz does, it then fetches the aleg_url's XML and ends the call's <Stream>
+    (`streams` maps a CallUUID to its SimulatedVobiz)."""
 
-    def __init__(self, status: int = 201):
+    def __init__(self, status: int = 201, transfer_status: int = 202):
         self.status = status
+        self.transfer_status = transfer_status
         self.requests: list[dict] = []
+        self.transfers: list[dict] = []
+        self.streams: dict[str, SimulatedVobiz] = {}
+        self.transferred = trio.Event()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
         from quart import request as incoming
@@ -1749,11 +1757,34 @@ class VobizApiStandIn:
                 return {"api_id": "a1", "message": "call fired", "request_uuid": "0e516b32-req"}, self.status
             return {"api_id": "a1", "error": "nope"}, self.status
 
+        @app.post("/api/v1/Account/<auth_id>/Call/<call_uuid>/")
+        async def transfer_call(auth_id: str, call_uuid: str):
+            vobiz = self.streams.get(call_uuid)
+            self.transfers.append({"path": incoming.path, "headers": dict(incoming.headers),
+                                   "body": await incoming.get_json(),
+                                   "played_before": list(vobiz.played_names) if vobiz else []})
+            if self.transfer_status != 202:
+                return {"api_id": "a2", "error": "call not found"}, self.transfer_status
+            nursery.start_soon(self._move, vobiz, self.transfers[-1])
+            return {"api_id": "a2", "message": "call transferred"}, 202
+
         config = HypercornConfig()
         config.bind = ["127.0.0.1:0"]
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(partial(serve, app, config))
             task_status.started(urls[0] + "/api/v1")
+
+    async def _move(self, vobiz: SimulatedVobiz | None, transfer: dict) -> None:
+        """The leg leaves its XML: fetch aleg_url's, and tear the live stream down."""
+        body = transfer["body"]
+        fields = {"CallUUID": vobiz.call_id if vobiz else "", "From": "917983165036", "To": "07971442086",
+                  "Direction": "inbound", "Event": "Transfer", "CallStatus": "in-progress"}
+        async with httpx.AsyncClient() as client:
+            response = await client.request(body["aleg_method"], body["aleg_url"], data=fields)
+        transfer["xml"] = ET.fromstring(response.content)
+        if vobiz is not None:
+            await vobiz.ws.aclose()
+        self.transferred.set()
 
 
 async def place_call(api_url: str, *args: str) -> tuple[int, str, str]:
@@ -2074,3 +2105,82 @@ async def test_the_ai_agent_gets_the_keys_pressed_as_one_user_turn(nursery):
     assert ai.user_messages(0) == ["[the caller pressed 1 2 3]"]
     assert ai.user_messages(1) == ["[the caller pressed 1 2 3]", "[the caller pressed 4 2]"]
     assert ai.assistant_messages(1)[-1] == "You chose one two three."
+
+
+# ── Transfer to a person, through the Vobiz REST API (issue 9) ──
+
+
+async def transfer_server(nursery, transfer_status: int = 202, **settings):
+    api = VobizApiStandIn(transfer_status=transfer_status)
+    api_url = await nursery.start(api.serve)
+    server = await start_server(nursery, vobiz_api_url=api_url, vobiz_auth_id="MA_TEST", vobiz_auth_token="tok",
+                                transfer_number="+919000000001", **settings)
+    return api, server
+
+
+async def test_pressing_0_hands_the_caller_to_a_person(nursery, caplog):
+    """Fails before issue 9: 0 was only logged; there was no transfer and no /transfer."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    api, server = await transfer_server(nursery)
+    async with vobiz_call(server.url) as vobiz:
+        api.streams[CALL_UUID] = vobiz
+        await greeted(vobiz)
+        await vobiz.press("0")
+        await vobiz.closed.wait()  # Vobiz moved the call to the <Dial>: our stream is over
+    [transfer] = api.transfers
+    assert transfer["path"] == f"/api/v1/Account/MA_TEST/Call/{CALL_UUID}/"
+    assert transfer["headers"]["X-Auth-Id"] == "MA_TEST" and transfer["headers"]["X-Auth-Token"] == "tok"
+    assert transfer["body"] == {"legs": "aleg", "aleg_url": f"{server.url}/transfer", "aleg_method": "POST"}
+    assert transfer["played_before"][-1].startswith("transfer")  # the caller heard it coming first
+    assert [child.tag for child in transfer["xml"]] == ["Dial"]
+    dial = transfer["xml"].find("Dial")
+    assert dial.get("callerId") == "07971442086"  # our number on the call
+    assert [number.text for number in dial.findall("Number")] == ["+919000000001"]
+    await server.app.switchboard.wait_until_empty()
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_transfers_total{outcome="ok"} 1' in metrics
+    assert 'vobiz_agent_calls_total{ended="transfer"} 1' in metrics
+    assert any("Vobiz is moving the call to a person" in r.getMessage() for r in caplog.records)
+    with pytest.raises(vobiz_agent.SettingsError, match="TRANSFER_NUMBER.*VOBIZ_AUTH_ID"):
+        vobiz_agent.Settings.from_env({"TRANSFER_NUMBER": "+919000000001"})  # a transfer needs the API
+
+
+async def test_when_vobiz_refuses_the_transfer_the_caller_hears_an_apology_and_talks_on(nursery, caplog):
+    """Fails before issue 9: no transfer was ever attempted."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    api, server = await transfer_server(nursery, transfer_status=404)
+    words = speech(0.8, seed=95)
+    async with vobiz_call(server.url) as vobiz:
+        api.streams[CALL_UUID] = vobiz
+        await greeted(vobiz)
+        await vobiz.press("0")
+        await vobiz.until(lambda: any(name.startswith("apology") for name in vobiz.played_names))
+        said = vobiz.say(words)  # and the call goes on
+        await vobiz.until(lambda: any(name.startswith("echo") for name in vobiz.played_names))
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
+    assert len(api.transfers) == 1 and not vobiz.event_ticks("stop")
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "transfer", "apology", "echo"]
+    assert 'vobiz_agent_transfers_total{outcome="failed"} 1' in (await server.get("/metrics")).text
+    assert any("transfer failed (Vobiz answered HTTP 404" in r.getMessage() for r in caplog.records)
+    # /transfer is a webhook like the others: signed when signatures are required.
+    _, strict = await transfer_server(nursery, vobiz_verify_signatures="required")
+    assert (await strict.post("/transfer", data={"CallUUID": CALL_UUID})).status_code == 403
+
+
+async def test_the_model_can_transfer_the_call_when_a_transfer_number_is_set(nursery):
+    """Fails before issue 9: the model was offered no transfer_call tool."""
+    api = VobizApiStandIn()
+    api_url = await nursery.start(api.serve)
+    ai = await start_providers(nursery, ["Can I talk to a person?"], vobiz_api_url=api_url, vobiz_auth_id="MA_TEST",
+                               vobiz_auth_token="tok", transfer_number="+919000000001")
+    ai.openai.replies = [[TRANSFER]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        api.streams[CALL_UUID] = vobiz
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=96))
+        await vobiz.closed.wait()
+    tools = [tool["function"]["name"] for tool in ai.openai.chat_requests[0]["body"]["tools"]]
+    assert tools == ["hang_up", "transfer_call"]
+    assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.TRANSFER_LINE]  # no "empty reply" apology
+    assert api.transfers[0]["body"]["aleg_url"] == f"{ai.server.url}/transfer"
+    assert api.transfers[0]["xml"].find("Dial/Number").text == "+919000000001"

@@ -124,6 +124,8 @@ class Settings:
     vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
+    transfer_number: str = ""  # set: the agent can hand the caller to this number (a person)
+    transfer_caller_id: str = ""  # the caller ID that person sees; default our own number on the call
     max_calls: int = 50
     record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
@@ -193,9 +195,19 @@ def _trust_settings(env: Mapping[str, str], defaults: Settings) -> dict:
         "vobiz_verify_signatures": _verification_mode(env),
         "vobiz_api_url": _url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
                            defaults.vobiz_api_url) or defaults.vobiz_api_url,
+        **_transfer_settings(env),
         "stream_secret": env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
         "stream_secret_generated": not env.get("STREAM_SECRET"),
     }
+
+
+def _transfer_settings(env: Mapping[str, str]) -> dict:
+    """TRANSFER_NUMBER: a transfer is a Vobiz REST request, so it needs the account's credentials."""
+    number = env.get("TRANSFER_NUMBER", "").strip()
+    if number and not (env.get("VOBIZ_AUTH_ID") and env.get("VOBIZ_AUTH_TOKEN")):
+        raise SettingsError(f"TRANSFER_NUMBER={number!r} needs VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN (a transfer is "
+                            "a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+    return {"transfer_number": number, "transfer_caller_id": env.get("TRANSFER_CALLER_ID", "").strip()}
 
 
 VERIFICATION_MODES = ("OFF", "REQUIRED", "WHEN-SIGNED")
@@ -788,13 +800,21 @@ class Ears(Protocol):
         """The ears' own task, for ears that need one (a speech-to-text socket)."""
 
 
+HANG_UP = "hang_up"  # the tools a reply can end with
+TRANSFER_CALL = "transfer_call"
+
+
 class Responder(Protocol):
     """The brain and mouth of one call: they speak by awaiting `play(utterance)`."""
 
     async def greet(self, play: Play) -> None: ...
 
-    async def reply(self, turn: Turn, play: Play) -> bool:
-        """Answer a turn; True when the conversation is over (the agent hangs up)."""
+    async def reply(self, turn: Turn, play: Play) -> str | None:
+        """Answer a turn; the tool the reply ended with: None (the conversation goes on),
+        HANG_UP (end the call after a goodbye) or TRANSFER_CALL (hand the call to a person)."""
+
+    async def announce(self, label: str, text: str, play: Play) -> None:
+        """Say a fixed line for the call ("connecting you now")."""
 
     async def farewell(self, reason: str, play: Play) -> None: ...
 
@@ -916,23 +936,31 @@ class EchoResponder:
     """The offline brain and mouth: a chime to greet, each turn played back, and
     after `max_turns` turns (or a long silence) a falling chime and the end of the call."""
 
-    def __init__(self, max_turns: int):
+    def __init__(self, max_turns: int, transfers: bool = False):
         self.max_turns = max_turns
         self.turns = 0
+        self.transfers = transfers  # pressing 0 hands the call to TRANSFER_NUMBER
 
     async def greet(self, play: Play) -> None:
         await play(Utterance("greeting", 24000, _once(chime((660.0, 880.0))), text="(chime)"))
 
-    async def reply(self, turn: Turn, play: Play) -> bool:
+    async def reply(self, turn: Turn, play: Play) -> str | None:
         if turn.kind == "silence":
-            return True  # nobody there: say goodbye
+            return HANG_UP  # nobody there: say goodbye
         if turn.kind == "digits":  # a keypad echo: each key's own tone pair
             for key in turn.digits:
+                if key == "0" and self.transfers:
+                    return TRANSFER_CALL
                 await play(Utterance("keypad", 24000, _once(dtmf_tone(key)), text=f"(the tone of {key})"))
-            return False
+            return None
         self.turns += 1
         await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
-        return self.turns >= self.max_turns
+        return HANG_UP if self.turns >= self.max_turns else None
+
+    async def announce(self, label: str, text: str, play: Play) -> None:
+        """No voice to say `text` with: a rising chime before a transfer, falling tones for an apology."""
+        pcm = chime((660.0, 990.0)) if label == "transfer" else trouble_tone()
+        await play(Utterance(label, 24000, _once(pcm), text=f"({text})"))
 
     async def farewell(self, reason: str, play: Play) -> None:
         await play(Utterance("goodbye", 24000, _once(chime((880.0, 660.0))), text="(goodbye chime)"))
@@ -952,12 +980,13 @@ class OfflineAgent:
         self.speech_min_s = settings.barge_in_min_ms / 1000
         self.max_turns = settings.offline_max_turns
         self.silence_s = settings.offline_silence_s
+        self.transfers = bool(settings.transfer_number)
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
         return EnergyEars(media_format, listener, self.speech_min_s, self.silence_s)
 
     def responder(self, log: CallLog) -> Responder:
-        return EchoResponder(self.max_turns)
+        return EchoResponder(self.max_turns, transfers=self.transfers)
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -1137,11 +1166,22 @@ HANG_UP_TOOL = {"type": "function", "function": {
 }}
 
 
+# With TRANSFER_NUMBER set, the model may hand the caller to a person. The call says
+# "connecting you now" itself, so the model needs to say nothing before calling it.
+TRANSFER_TOOL = {"type": "function", "function": {
+    "name": "transfer_call",
+    "description": "Transfer the phone call to a person. Use it when the caller asks for a human, or when you "
+                   "cannot help them. The caller is told that they are being connected.",
+    "parameters": {"type": "object", "properties": {}},
+}}
+
+
 async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict],
                       tools_called: set[str]) -> AsyncIterator[str]:
     """Stream a chat completion: server-sent events, one `data: {...}` line each.
     Text comes out as it arrives; the names of tools the model calls go into `tools_called`."""
-    body = {"model": settings.openai_model, "messages": messages, "stream": True, "tools": [HANG_UP_TOOL]}
+    tools = [HANG_UP_TOOL, TRANSFER_TOOL] if settings.transfer_number else [HANG_UP_TOOL]
+    body = {"model": settings.openai_model, "messages": messages, "stream": True, "tools": tools}
     try:
         async with client.stream("POST", f"{settings.openai_base_url}/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
@@ -1241,6 +1281,8 @@ def trouble_tone(rate: int = TTS_RATE) -> bytes:
 
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
+TRANSFER_LINE = "Connecting you now, please hold."
+TRANSFER_APOLOGY = "Sorry, I couldn't connect you to a person just now. Let's carry on."
 EARS_APOLOGY = "Sorry, I'm having trouble hearing you. Please hold on a moment."
 FAREWELL = "Sorry, I have to end our call now. Goodbye!"
 INTERRUPTED = "[the caller interrupted]"
@@ -1271,17 +1313,21 @@ class AIResponder:
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
 
-    async def reply(self, turn: Turn, play: Play) -> bool:
+    async def reply(self, turn: Turn, play: Play) -> str | None:
         if turn.kind == "ears-down":
             await self._speak("apology", EARS_APOLOGY, play, turn)
-            return False
+            return None
+        self.tools_called.clear()  # this reply's tools, not an earlier one's
         messages = self._conversation(turn.text)
         async with trio.open_nursery() as nursery:
             ready_in, ready_out = trio.open_memory_channel[Utterance](self.PREFETCH)
             nursery.start_soon(self._think, messages, turn, ready_in, nursery)
             async for utterance in ready_out:
                 await play(utterance)
-        return "hang_up" in self.tools_called
+        return next((tool for tool in (TRANSFER_CALL, HANG_UP) if tool in self.tools_called), None)
+
+    async def announce(self, label: str, text: str, play: Play) -> None:
+        await self._speak(label, text, play, Turn())
 
     async def farewell(self, reason: str, play: Play) -> None:
         if reason != "agent":  # the model said its own goodbye before hanging up
@@ -1319,7 +1365,7 @@ class AIResponder:
                     async for piece in pieces:
                         turn.mark("first_sentence")
                         await ready.send(self._utterance(piece, turn, nursery, spoken))
-                if not spoken and "hang_up" not in self.tools_called:
+                if not spoken and not self.tools_called:
                     raise ProviderError("LLM: the reply was empty")
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error, error="llm")
@@ -1404,12 +1450,14 @@ class Call:
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
+    TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
 
     def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str):
         self.socket = socket
         self.switchboard = switchboard
         self.agent = switchboard.agent
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
+        self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
         self.label = call_id
         self.responder: Responder | None = None  # the conversation, chosen at `start`
         self.resumed = False  # a reconnect of a call whose conversation goes on
@@ -1555,6 +1603,8 @@ class Call:
 
     def turn_ended(self, turn: Turn) -> None:
         self.log(logging.DEBUG, "turn ended (%s)", turn.kind)
+        if self.ended_by == "transfer":
+            return  # a person answers now
         try:
             self.turns_in.send_nowait(turn)
         except trio.WouldBlock:
@@ -1599,12 +1649,31 @@ class Call:
             if turn.kind == "speech":
                 self.counts["turns"] += 1
                 self.switchboard.metrics.count("turns_total")
-            finished = await self.respond(partial(self.responder.reply, turn))
+            outcome = await self.respond(partial(self.responder.reply, turn))
             self._log_latency(turn)
             self.turn = None
-            if finished:
+            if outcome == HANG_UP:
                 self.log(logging.INFO, "the agent ends the call")
                 self.end("agent")
+            elif outcome == TRANSFER_CALL and await self.transfer():
+                return  # Vobiz moves the call and closes this stream
+
+    async def transfer(self) -> bool:
+        """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
+        to move the call to our /transfer XML. True if Vobiz took the request."""
+        await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
+        with trio.move_on_after(self.TRANSFER_ACK_TIMEOUT_S):
+            while self.unheard:
+                await self.acked.wait()
+        problem = await request_transfer(self.switchboard.settings, self.call_id, self.public_base + "/transfer")
+        self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
+        if problem is None:
+            self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
+            self.ended_by = "transfer"
+            return True
+        self.log(logging.WARNING, "transfer failed (%s): the conversation goes on", problem, error="transfer")
+        await self.respond(partial(self.responder.announce, "apology", TRANSFER_APOLOGY))
+        return False
 
     def end(self, reason: str) -> None:
         """End the call from our side: stop talking, say goodbye, then `stop` the stream."""
@@ -1849,7 +1918,7 @@ class Switchboard:
 
 
 BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again in a few minutes."
-WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording")
+WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording", "/transfer")
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
@@ -1869,7 +1938,7 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
     for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status),
-                       ("/ring", ring), ("/recording", recording)):
+                       ("/ring", ring), ("/recording", recording), ("/transfer", transfer)):
         app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
@@ -1919,6 +1988,25 @@ async def answer() -> Response:
 async def hangup() -> Response:
     _log_hangup(await _webhook_params())
     return Response("", 200)
+
+
+def transfer_xml(number: str, caller_id: str) -> bytes:
+    response = ET.Element("Response")
+    dial = ET.SubElement(response, "Dial", callerId=caller_id) if caller_id else ET.SubElement(response, "Dial")
+    ET.SubElement(dial, "Number").text = number
+    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
+
+
+async def transfer() -> Response:
+    """Where a transfer sends the call (the aleg_url): dial the person. The caller ID is ours on
+    this call unless TRANSFER_CALLER_ID says otherwise: carriers refuse caller IDs we don't own."""
+    settings, params = current_app.switchboard.settings, await _webhook_params()
+    if not settings.transfer_number:
+        log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
+        return _xml(empty_xml())
+    ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
+    log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
+    return _xml(transfer_xml(settings.transfer_number, settings.transfer_caller_id or ours or ""))
 
 
 async def ring() -> Response:
@@ -1983,6 +2071,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
         switchboard.metrics.count("calls_refused_total", reason="token")
         return Response("forbidden\n", 403)
     call = Call(websocket._get_current_object(), switchboard, call_id)
+    call.public_base = call.public_base or _request_base(websocket)
     switchboard.add(call)
     try:
         await call.run()
@@ -1999,11 +2088,12 @@ async def _webhook_params() -> dict[str, str]:
     return params
 
 
-def _request_base() -> str:
-    """The public base URL as the client sees it, through a tunnel or proxy."""
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
-    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
-    return f"{proto}://{host}"
+def _request_base(incoming=request) -> str:
+    """The public base URL as the client sees it, through a tunnel or proxy
+    (of a webhook request, or of the media WebSocket: then ws → http, wss → https)."""
+    proto = incoming.headers.get("X-Forwarded-Proto", incoming.scheme).split(",")[0].strip()
+    host = incoming.headers.get("X-Forwarded-Host", incoming.host).split(",")[0].strip()
+    return f"{proto.replace('ws', 'http', 1) if proto.startswith('ws') else proto}://{host}"
 
 
 def _xml(document: bytes) -> Response:
@@ -2270,6 +2360,22 @@ async def place_call(settings: Settings, call: OutboundCall) -> str:
             raise CallRefused(f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}") from None
     raise CallRefused(CALL_ERRORS.get(response.status_code)
                       or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+
+
+async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> str | None:
+    """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
+    accepted (202), else why not, in a few words."""
+    url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/{call_id}/"
+    body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+    headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(url, json=body, headers=headers)
+    except httpx.HTTPError as error:
+        return f"could not reach Vobiz: {type(error).__name__}"
+    if response.status_code in (200, 202):
+        return None
+    return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
 
 
 def call_command(settings: Settings, to: str, caller: str, answer_url: str | None,
