@@ -2184,3 +2184,74 @@ async def test_the_model_can_transfer_the_call_when_a_transfer_number_is_set(nur
     assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.TRANSFER_LINE]  # no "empty reply" apology
     assert api.transfers[0]["body"]["aleg_url"] == f"{ai.server.url}/transfer"
     assert api.transfers[0]["xml"].find("Dial/Number").text == "+919000000001"
+
+
+# ── A transcript per call (issue 9) ──
+
+
+def transcript_of(caplog, call_id: str = CALL_UUID) -> logging.LogRecord:
+    [record] = [r for r in caplog.records if getattr(r, "fields", {}).get("transcript") is not None
+                and r.fields["call"] == call_id]
+    return record
+
+
+def shape(entry: dict) -> tuple:
+    """A transcript entry, short: (label, heard) for the agent, (kind, digits or text) for the caller."""
+    if entry.get("event"):
+        return (entry["event"], entry["outcome"].split(":")[0])
+    if entry["who"] == "agent":
+        return (entry["label"], entry["heard"])
+    return ("caller", entry["kind"], entry.get("digits") or entry.get("text") or "speech")
+
+
+async def test_the_call_ends_with_one_transcript_record_of_everything_said(nursery, caplog):
+    """Fails before issue 9: no transcript was logged."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    api, server = await transfer_server(nursery, transfer_status=404)
+    long_words, interruption = speech(3.0, seed=97), speech(0.5, seed=98)
+    async with vobiz_call(server.url) as vobiz:
+        api.streams[CALL_UUID] = vobiz
+        await greeted(vobiz)
+        said = vobiz.say(long_words)
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + len(long_words) // 320)) >= 25)
+        vobiz.say(interruption)  # cuts the first echo off
+        await vobiz.until(lambda: "echo-3" in vobiz.played_names)
+        await vobiz.press("5")
+        await vobiz.until(lambda: any(name.startswith("keypad") for name in vobiz.played_names))
+        await vobiz.press("0")  # a transfer Vobiz refuses
+        await vobiz.until(lambda: any(name.startswith("apology") for name in vobiz.played_names))
+    await server.app.switchboard.wait_until_empty()
+    record = transcript_of(caplog)
+    entries = record.fields["transcript"]
+    assert [shape(entry) for entry in entries] == [
+        ("greeting", "heard"), ("caller", "speech", "speech"), ("echo", "cut off"), ("caller", "speech", "speech"),
+        ("echo", "heard"), ("caller", "digits", "5"), ("keypad", "heard"), ("caller", "digits", "0"),
+        ("transfer", "heard"), ("transfer", "failed"), ("apology", "heard")]
+    assert abs(entries[1]["seconds"] - 3.0) < 0.5 and abs(entries[3]["seconds"] - 0.5) < 0.5
+    assert record.fields["ended_by"] == "hang-up" and record.fields["seconds"] > 3
+    line = json.loads(vobiz_agent.JsonLogFormatter().format(record))  # LOG_FORMAT=json: one object
+    assert line["transcript"] == entries and line["call"] == CALL_UUID
+    assert "caller pressed 5" in line["message"] and "transfer failed" in line["message"]
+
+
+async def test_the_ai_agents_transcript_has_the_words_and_no_secrets(nursery, caplog):
+    """Fails before issue 9: no transcript was logged."""
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    ai = await start_providers(nursery, ["What's the weather like?", "Thanks, goodbye."])
+    ai.openai.replies = [["It is sunny today."], ["Bye now.", HANG_UP]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=99))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        vobiz.say(speech(0.8, seed=100))
+        await vobiz.closed.wait()  # the agent hung up
+    await ai.server.app.switchboard.wait_until_empty()
+    record = transcript_of(caplog)
+    said = [(entry["who"], entry["text"], entry.get("heard")) for entry in record.fields["transcript"]]
+    assert said == [("agent", "Hello, how can I help?", "heard"), ("caller", "What's the weather like?", None),
+                    ("agent", "It is sunny today.", "heard"), ("caller", "Thanks, goodbye.", None),
+                    ("agent", "Bye now.", "heard")]
+    assert record.fields["ended_by"] == "agent"
+    text = vobiz_agent.JsonLogFormatter().format(record)
+    assert "sk-secret" not in text and "dg-secret" not in text and "payload" not in text
+    assert '"It is sunny today." (heard)' in record.getMessage()

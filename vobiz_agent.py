@@ -1476,6 +1476,7 @@ class Call:
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
+        self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
         self.ended_by = "hang-up"
         self.began = self.last_frame = trio.current_time()
 
@@ -1487,6 +1488,7 @@ class Call:
                 self.nursery.start_soon(self.watch_for_silence, name=f"call {self.label} idle watch")
         finally:
             self._log_end()
+            self._log_transcript()
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
 
     # Inbound: everything Vobiz sends. Nothing in here waits for anything but
@@ -1619,6 +1621,9 @@ class Call:
         """
         self.counts["barge-ins"] += 1
         self.switchboard.metrics.count("barge_ins_total")
+        for entry in self.transcript:  # whatever had not played yet is lost
+            if "utterance" in entry and not entry["utterance"].heard:
+                entry.setdefault("cut_off", True)
         if self.reply_scope is not None:
             self.reply_scope.cancel()
         self.unheard.clear()
@@ -1646,6 +1651,7 @@ class Call:
                 await self._say_goodbye(turn.text)
                 return
             self.turn = turn
+            self._note_turn(turn)
             if turn.kind == "speech":
                 self.counts["turns"] += 1
                 self.switchboard.metrics.count("turns_total")
@@ -1667,6 +1673,7 @@ class Call:
                 await self.acked.wait()
         problem = await request_transfer(self.switchboard.settings, self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
+        self.transcript.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
             self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
             self.ended_by = "transfer"
@@ -1709,6 +1716,7 @@ class Call:
         self.counts["utterances"] += 1
         name = f"{utterance.label}-{self.counts['utterances']}"  # unique within the call
         turn, frames = self.turn, 0
+        self.transcript.append({"utterance": utterance})
         encoder = FrameEncoder(utterance.rate)
         async with aclosing(utterance.pcm) as chunks:
             async for pcm in chunks:
@@ -1787,6 +1795,49 @@ class Call:
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
                  self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
+
+
+    def _note_turn(self, turn: Turn) -> None:
+        """The caller's side of the transcript: words (or, with no speech-to-text, how long
+        they spoke), keys, or why a turn came without either."""
+        entry: dict[str, object] = {"who": "caller", "kind": turn.kind}
+        if turn.kind == "digits":
+            entry["digits"] = turn.digits
+        elif turn.text:
+            entry["text"] = turn.text
+        elif turn.audio:
+            entry["seconds"] = round(len(turn.audio) / 2 / turn.rate, 1)
+        self.transcript.append(entry)
+
+    def _log_transcript(self) -> None:
+        """One record with the whole conversation, for the operator: every turn, every line
+        of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
+        No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
+        if self.start is None:
+            return  # no conversation: the socket was refused or never started
+        entries = []
+        for entry in self.transcript:
+            if "utterance" in entry:
+                utterance = entry["utterance"]
+                heard = "heard" if utterance.heard else "cut off" if entry.get("cut_off") else "not heard"
+                entry = {"who": "agent", "label": utterance.label, "text": utterance.text, "heard": heard}
+            entries.append(entry)
+        ended = {"ended_by": self.ended_by, "seconds": round(trio.current_time() - self.began, 1)}
+        summary = " | ".join(_transcript_line(entry) for entry in entries)
+        log.info("call %s: transcript: %s | ended by %s", self.label, summary, self.ended_by,
+                 extra={"fields": {"call": self.label, "transcript": entries, **ended}})
+
+
+def _transcript_line(entry: dict) -> str:
+    if entry.get("event") == "transfer":
+        return f"transfer {entry['outcome']}"
+    if entry["who"] == "agent":
+        return f"agent: {json.dumps(entry['text'], ensure_ascii=False)} ({entry['heard']})"
+    if entry["kind"] == "digits":
+        return f"caller pressed {' '.join(entry['digits'])}"
+    if "text" in entry:
+        return f"caller: {json.dumps(entry['text'], ensure_ascii=False)}"
+    return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
 def _clean(value: object, limit: int = 120) -> str:
