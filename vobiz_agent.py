@@ -10,12 +10,14 @@ One file, one process, one Trio event loop. A call travels like this:
         │◀──────────── WebSocket /ws ─────▶ one Call (one Trio nursery):
         │   start, media (20 ms of caller     inbound task:  frames → ears
         │   audio each), playedStream,        ears:          "speech started", "turn ended"
-        │   clearedAudio                      conversation:  turn → responder → player
+        │   clearedAudio, dtmf                conversation:  turn → responder → player
         │                                     player:        PCM → 8 kHz μ-law → playAudio
         │   playAudio, checkpoint,   ◀─────── barge-in:      caller talks over the agent →
         │   clearAudio                                       cancel the reply, clearAudio
         ▼
-    POST /hangup, /stream-status ───────▶ logged for the operator
+    POST /hangup, /stream-status, ──────▶ logged for the operator
+         /ring, /recording
+    POST /transfer ─────────────────────▶ <Dial> a person (after we asked Vobiz to move the call)
 
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
