@@ -151,8 +151,9 @@ class SimulatedVobiz:
         if shape == "vendor":
             frame = {"event": "dtmf", "dtmf": {"digit": key}}
         elif shape == "plivo":
+            now_ms = str(int(trio.current_time() * 1000))
             frame = {"event": "dtmf", "sequenceNumber": self.tick, "streamId": self.stream_id,
-                     "dtmf": {"track": "inbound", "digit": key, "timestamp": str(int(trio.current_time() * 1000))}}
+                     "dtmf": {"track": "inbound", "digit": key, "timestamp": now_ms}}
         else:
             frame = {"event": "dtmf", "streamId": self.stream_id, "dtmf": key}
         await self.ws.send_message(json.dumps(frame))
@@ -197,9 +198,10 @@ class SimulatedVobiz:
         record = getattr(self, "answer_xml", ET.Element("Response")).find("Record")
         if record is None or not record.get("callbackUrl"):
             return None
+        file_name = f"rec-5b1e.{record.get('fileFormat', 'mp3')}"
         fields = {"CallUUID": self.call_id, "RecordingID": "rec-5b1e", "RecordingDuration": "12",
-                  "RecordingDurationMs": "12040", "RecordUrl": f"https://media.vobiz.ai/v1/Account/MA_X/"
-                                                             f"Recording/rec-5b1e.{record.get('fileFormat', 'mp3')}"}
+                  "RecordingDurationMs": "12040",
+                  "RecordUrl": f"https://media.vobiz.ai/v1/Account/MA_X/Recording/{file_name}"}
         async with httpx.AsyncClient() as client:
             return await client.request(record.get("callbackMethod", "POST"), record.get("callbackUrl"),
                                         data=fields)
@@ -1248,8 +1250,9 @@ class OpenAIStandIn(_Watched):
             await trio.sleep(self.token_interval if number else self.first_token_delay)
             if token in (HANG_UP, TRANSFER):  # the model calls a tool, streamed as OpenAI does
                 finish = "tool_calls"
+                name = "hang_up" if token is HANG_UP else "transfer_call"
                 call = {"index": 0, "id": "call_standin", "type": "function",
-                        "function": {"name": "hang_up" if token is HANG_UP else "transfer_call", "arguments": ""}}
+                        "function": {"name": name, "arguments": ""}}
                 await exchange.write(chunk({"tool_calls": [call]}))
                 await exchange.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
             else:

@@ -207,8 +207,8 @@ def _transfer_settings(env: Mapping[str, str]) -> dict:
     """TRANSFER_NUMBER: a transfer is a Vobiz REST request, so it needs the account's credentials."""
     number = env.get("TRANSFER_NUMBER", "").strip()
     if number and not (env.get("VOBIZ_AUTH_ID") and env.get("VOBIZ_AUTH_TOKEN")):
-        raise SettingsError(f"TRANSFER_NUMBER={number!r} needs VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN (a transfer is "
-                            "a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+        raise SettingsError(f"TRANSFER_NUMBER={number!r} needs VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN "
+                            "(a transfer is a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
     return {"transfer_number": number, "transfer_caller_id": env.get("TRANSFER_CALLER_ID", "").strip()}
 
 
@@ -221,10 +221,12 @@ def _verification_mode(env: Mapping[str, str]) -> str:
     if env.get("VOBIZ_VERIFY_SIGNATURES"):
         mode = _choice("VOBIZ_VERIFY_SIGNATURES", env["VOBIZ_VERIFY_SIGNATURES"], VERIFICATION_MODES).lower()
     else:
-        mode = "required" if _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")) else "off"
+        required = _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", ""))
+        mode = "required" if required else "off"
     if mode != "off" and not (env.get("VOBIZ_AUTH_TOKEN") or env.get("VOBIZ_PARENT_AUTH_TOKEN")):
         raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
-                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), e.g. VOBIZ_AUTH_TOKEN=...")
+                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
+                            "e.g. VOBIZ_AUTH_TOKEN=...")
     return mode
 
 
@@ -1172,8 +1174,8 @@ HANG_UP_TOOL = {"type": "function", "function": {
 # "connecting you now" itself, so the model needs to say nothing before calling it.
 TRANSFER_TOOL = {"type": "function", "function": {
     "name": "transfer_call",
-    "description": "Transfer the phone call to a person. Use it when the caller asks for a human, or when you "
-                   "cannot help them. The caller is told that they are being connected.",
+    "description": "Transfer the phone call to a person. Use it when the caller asks for a human, "
+                   "or when you cannot help them. The caller is told that they are being connected.",
     "parameters": {"type": "object", "properties": {}},
 }}
 
@@ -1591,7 +1593,8 @@ class Call:
                 if waited.cancelled_caught:
                     break
             digits = "".join(pressed[:-1] if len(pressed) > 1 and pressed[-1] == "#" else pressed)
-            self.turn_ended(Turn(kind="digits", digits=digits, text=f"[the caller pressed {' '.join(digits)}]"))
+            text = f"[the caller pressed {' '.join(digits)}]"
+            self.turn_ended(Turn(kind="digits", digits=digits, text=text))
 
     # What the ears report (the Listener side of the seam).
 
@@ -1673,7 +1676,8 @@ class Call:
         with trio.move_on_after(self.TRANSFER_ACK_TIMEOUT_S):
             while self.unheard:
                 await self.acked.wait()
-        problem = await request_transfer(self.switchboard.settings, self.call_id, self.public_base + "/transfer")
+        settings = self.switchboard.settings
+        problem = await request_transfer(settings, self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
         self.transcript.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
@@ -2045,7 +2049,9 @@ async def hangup() -> Response:
 
 def transfer_xml(number: str, caller_id: str) -> bytes:
     response = ET.Element("Response")
-    dial = ET.SubElement(response, "Dial", callerId=caller_id) if caller_id else ET.SubElement(response, "Dial")
+    dial = ET.SubElement(response, "Dial")
+    if caller_id:
+        dial.set("callerId", caller_id)
     ET.SubElement(dial, "Number").text = number
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
@@ -2069,7 +2075,8 @@ async def ring() -> Response:
     return Response("", 200)
 
 
-RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")  # spellings seen across versions
+# The recording's URL, under the names Plivo-derived platforms have used for it.
+RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")
 
 
 async def recording() -> Response:
@@ -2200,7 +2207,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 VERIFICATION_BANNER = {
     "off": "Webhook signatures: off (VOBIZ_VERIFY_SIGNATURES=off): the webhooks answer anyone who can reach "
            "them. Set VOBIZ_VERIFY_SIGNATURES=when-signed or required, with VOBIZ_AUTH_TOKEN.",
-    "when-signed": "Webhook signatures: when-signed: a signed webhook must be signed right; unsigned ones pass.",
+    "when-signed": "Webhook signatures: when-signed: a signed webhook must be signed right; "
+                   "unsigned ones pass.",
     "required": "Webhook signatures: required: unsigned or wrongly signed webhooks get 403.",
 }
 
@@ -2235,7 +2243,7 @@ def command_line() -> argparse.ArgumentParser:
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
     call.add_argument("--from", dest="caller", help="your Vobiz number (default $VOBIZ_FROM)")
     call.add_argument("--answer-url", help="default $PUBLIC_URL/answer")
-    call.add_argument("--ring-url", help="told when the phone starts ringing (default: our /ring, which logs it)")
+    call.add_argument("--ring-url", help="told when the phone rings (default: our /ring, which logs it)")
     call.add_argument("--fallback-url", help="fetched for XML if the answer URL fails (default: none)")
     call.add_argument("--time-limit", type=int, metavar="SECONDS", help="end the call after this long")
     call.add_argument("--machine-detection", choices=("true", "hangup"),
@@ -2256,9 +2264,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "call":
         if args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
             parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
-        options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url, "time_limit": args.time_limit,
-                   "machine_detection": args.machine_detection}
-        call_command(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""), args.answer_url, options)
+        options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url,
+                   "time_limit": args.time_limit, "machine_detection": args.machine_detection}
+        caller = args.caller or os.environ.get("VOBIZ_FROM", "")
+        call_command(settings, args.to, caller, args.answer_url, options)
         return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
