@@ -1829,9 +1829,9 @@ class Call:
                 entry = {"who": "agent", "label": utterance.label, "text": utterance.text, "heard": heard}
             entries.append(entry)
         ended = {"ended_by": self.ended_by, "seconds": round(trio.current_time() - self.began, 1)}
-        summary = " | ".join(_transcript_line(entry) for entry in entries)
-        log.info("call %s: transcript: %s | ended by %s", self.label, summary, self.ended_by,
-                 extra={"fields": {"call": self.label, "transcript": entries, **ended}})
+        summary = " | ".join(_transcript_line(entry) for entry in entries) or "(nothing said)"
+        log.info("call %s: transcript (%s after %.1f s): %s", self.label, self.ended_by, ended["seconds"],
+                 summary, extra={"fields": {"call": self.label, "transcript": entries, **ended}})
 
 
 def _transcript_line(entry: dict) -> str:
@@ -2430,8 +2430,8 @@ async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> s
     url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/{call_id}/"
     body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
     headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
+    try:  # the caller is waiting in silence meanwhile: not long
+        async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(url, json=body, headers=headers)
     except httpx.HTTPError as error:
         return f"could not reach Vobiz: {type(error).__name__}"
