@@ -623,10 +623,8 @@ DTMF_KEYS = frozenset("0123456789*#ABCD")
 def _dtmf_digit(data: dict) -> str:
     """The key of a `dtmf` frame, in any shape seen: {"dtmf": {"digit": "5"}} (vendor code,
     and Plivo's, which adds track and timestamp), {"dtmf": "5"}, or a top-level "digit"."""
-    dtmf = data.get("dtmf")
-    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf if dtmf is not None else data.get("digit")
-    if isinstance(digit, int) and not isinstance(digit, bool) and 0 <= digit <= 9:
-        digit = str(digit)
+    dtmf = data.get("dtmf", data.get("digit"))
+    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
     if not isinstance(digit, str):
         raise BadFrame("fields", "dtmf frame has no digit")
     if digit.upper() not in DTMF_KEYS:
@@ -1802,7 +1800,6 @@ class Call:
                  self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
-
     def _note_turn(self, turn: Turn) -> None:
         """The caller's side of the transcript: words (or, with no speech-to-text, how long
         they spoke), keys, or why a turn came without either."""
@@ -2153,7 +2150,8 @@ def _request_base(incoming=request) -> str:
     (of a webhook request, or of the media WebSocket: then ws → http, wss → https)."""
     proto = incoming.headers.get("X-Forwarded-Proto", incoming.scheme).split(",")[0].strip()
     host = incoming.headers.get("X-Forwarded-Host", incoming.host).split(",")[0].strip()
-    return f"{proto.replace('ws', 'http', 1) if proto.startswith('ws') else proto}://{host}"
+    proto = {"ws": "http", "wss": "https"}.get(proto, proto)
+    return f"{proto}://{host}"
 
 
 def _xml(document: bytes) -> Response:
