@@ -2258,3 +2258,31 @@ async def test_the_ai_agents_transcript_has_the_words_and_no_secrets(nursery, ca
     text = vobiz_agent.JsonLogFormatter().format(record)
     assert "sk-secret" not in text and "dg-secret" not in text and "payload" not in text
     assert '"It is sunny today." (heard)' in record.getMessage()
+
+
+async def test_keys_typed_in_a_quick_run_are_all_echoed_in_order(server, caplog):
+    """Fails before issue 9: no key was echoed."""
+    caplog.set_level(logging.WARNING, logger="vobiz_agent")
+    keys = "147*2580"
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        pressed_at = vobiz.tick + 1  # the greeting's last frame played at vobiz.tick
+        for key in keys:  # faster than the tones play: none may be lost
+            await vobiz.press(key)
+        await vobiz.until(lambda: sum(name.startswith("keypad") for name in vobiz.played_names) >= len(keys))
+        heard = vobiz.agent_audio(pressed_at, vobiz.tick)
+    tone_ticks = [t for t in range(pressed_at, vobiz.tick) if audioop.rms(vobiz.agent_audio(t, t + 1), 2) > 500]
+    runs, current = [], [tone_ticks[0]]
+    for tick in tone_ticks[1:]:  # each tone is a run of loud ticks; the 60 ms gaps split them
+        if tick == current[-1] + 1:
+            current.append(tick)
+        else:
+            runs.append(current)
+            current = [tick]
+    runs.append(current)
+    decoded = [keys_heard(vobiz.agent_audio(run[1], run[-1])) for run in runs]
+    columns = {1209: "147*", 1336: "2580", 1477: "369#", 1633: "ABCD"}
+    rows = {697: "123A", 770: "456B", 852: "789C", 941: "*0#D"}
+    assert "".join((set(rows[row]) & set(columns[column])).pop() for row, column in decoded) == keys
+    assert not any("dropped" in r.getMessage() for r in caplog.records)
+    assert audioop.rms(heard, 2) > 1000

@@ -976,7 +976,7 @@ class OfflineAgent:
     """The default agent when no provider keys are set: an echo test."""
 
     name = "offline echo agent"
-    digit_pause_s = 0.0  # every key is echoed at once
+    digit_pause_s = 0.3  # keys typed in a quick run are echoed together, just after it
 
     def __init__(self, settings: Settings):
         self.speech_min_s = settings.barge_in_min_ms / 1000
@@ -1585,7 +1585,7 @@ class Call:
         pause = self.agent.digit_pause_s
         async for key in keys:
             pressed = [key]
-            while pressed[-1] != "#" and pause > 0:
+            while pressed[-1] != "#":
                 with trio.move_on_after(pause) as waited:
                     pressed.append(await keys.receive())
                 if waited.cancelled_caught:
