@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
@@ -1850,3 +1851,197 @@ async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
     assert any("ended by agent" in r.getMessage() for r in caplog.records)
+
+
+# ── The browser softphone (issue 13) ──
+#
+# /phone is a page that plays the part of Vobiz. The test drives Debian's Chromium headless
+# through the DevTools protocol (over trio-websocket, so no selenium), with a fake microphone
+# fed from a WAV of espeak-ng speech, against the real server with the offline echo agent.
+# The page writes every protocol event to its console; the test waits on those lines.
+
+CHROMIUM, ESPEAK, SOX = shutil.which("chromium"), shutil.which("espeak-ng"), shutil.which("sox")
+SCREENSHOT = os.environ.get("PHONE_SCREENSHOT")  # e.g. PHONE_SCREENSHOT=phone.png: refresh README's picture
+
+
+async def test_the_phone_page_is_served_and_its_calls_are_counted_against_the_limits(nursery):
+    server = await start_server(nursery, max_calls=1)
+    page = await server.get("/phone")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert b"getUserMedia" in page.content and b"audioWorklet" in page.content
+    answer = (await server.post("/phone/call")).json()
+    assert answer["mediaUrl"].startswith(server.url.replace("http", "ws") + f"/ws/{answer['callId']}/")
+    async with vobiz_call(server.url, url=answer["mediaUrl"], call_id=answer["callId"]) as vobiz:
+        await greeted(vobiz)  # the page's URL is an ordinary media URL: the same Call answers it
+        busy = await server.post("/phone/call")
+        assert busy.status_code == 503 and busy.json() == {"error": "busy"}
+    assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
+
+
+async def test_the_phone_is_off_for_the_ai_agent_on_a_public_address_unless_asked_for():
+    keys = {"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk"}
+    public_ai = vobiz_agent.Settings.from_env(keys, host="0.0.0.0")
+    assert not public_ai.serves_phone
+    assert "PHONE=true turns it on" in vobiz_agent.banner(public_ai, vobiz_agent.AIAgent(public_ai))
+    assert vobiz_agent.Settings.from_env(keys, host="127.0.0.1").serves_phone
+    assert vobiz_agent.Settings.from_env({}, host="0.0.0.0").serves_phone  # the offline agent
+    assert not vobiz_agent.Settings.from_env({"PHONE": "false"}).serves_phone
+    asked = vobiz_agent.Settings.from_env({**keys, "PHONE": "true"}, host="0.0.0.0", port=5001)
+    text = vobiz_agent.banner(asked, vobiz_agent.AIAgent(asked))
+    assert "http://localhost:5001/phone" in text and "spend your provider budget" in text
+    app = vobiz_agent.create_app(public_ai)
+    assert "/phone" not in {rule.rule for rule in app.url_map.iter_rules()}
+    with pytest.raises(vobiz_agent.SettingsError, match="PHONE"):
+        vobiz_agent.Settings.from_env({"PHONE": "maybe"})
+
+
+def caller_wav(folder, first: str, pause_s: float, second: str) -> tuple[str, float, float]:
+    """The fake microphone: quiet, `first`, a pause, `second`, quiet; as 16-bit PCM
+    (Chromium plays silence, without an error, from any other WAV). Returns the path
+    and the two phrases' lengths in seconds."""
+    lengths = []
+    for name, text in (("first", first), ("second", second)):
+        subprocess.run([ESPEAK, "-v", "en", "-s", "160", "-w", str(folder / f"{name}.wav"), text], check=True)
+        lengths.append(float(subprocess.run([SOX, "--i", "-D", str(folder / f"{name}.wav")], check=True,
+                                            capture_output=True, text=True).stdout))
+    path = str(folder / "caller.wav")
+    subprocess.run([SOX, str(folder / "first.wav"), str(folder / "first-padded.wav"), "pad", "1.5", str(pause_s)],
+                   check=True)
+    subprocess.run([SOX, str(folder / "first-padded.wav"), str(folder / "second.wav"),
+                    "-b", "16", "-e", "signed-integer", "-c", "1", "-r", "48000", path, "pad", "0", "4"], check=True)
+    return path, lengths[0], lengths[1]
+
+
+class DevTools:
+    """Chromium's DevTools protocol on one WebSocket: commands and their replies, and the
+    page's console lines (in order) for the test to wait on."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id = ws, 0
+        self.replies: dict[int, dict] = {}
+        self.console: list[str] = []
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        with suppress(trio_websocket.ConnectionClosed):
+            while True:
+                message = json.loads(await self.ws.get_message())
+                if "id" in message:
+                    self.replies[message["id"]] = message
+                elif message.get("method") == "Runtime.consoleAPICalled":
+                    self.console.append(" ".join(str(arg.get("value", "")) for arg in message["params"]["args"]))
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def until(self, condition):
+        while not (found := condition()):
+            await self._changed.wait()
+        return found
+
+    async def send(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        number = self.next_id
+        await self.ws.send_message(json.dumps({"id": number, "method": method, "params": params,
+                                               **({"sessionId": session} if session else {})}))
+        reply = await self.until(lambda: self.replies.pop(number, None))
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    async def logged(self, pattern: str) -> re.Match:
+        """Wait for a console line matching `pattern`."""
+        return await self.until(lambda: next(filter(None, (re.search(pattern, line) for line in self.console)), None))
+
+
+@asynccontextmanager
+async def chromium(folder, fake_microphone: str):
+    """Headless Chromium with a fake microphone; yields (DevTools, session of one page)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={folder / 'profile'}", "--use-fake-ui-for-media-stream",
+               "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={fake_microphone}%noloop",
+               "--autoplay-policy=no-user-gesture-required", "--window-size=860,880",
+               "--remote-debugging-port=0", "about:blank"]
+    async with trio.open_nursery() as nursery:
+        browser = await nursery.start(partial(trio.run_process, command, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, check=False))
+        output = b""
+        async for chunk in browser.stderr:  # Chromium says where its DevTools socket listens
+            output += chunk
+            if found := re.search(rb"DevTools listening on (ws://\S+)", output):
+                break
+        nursery.start_soon(drain, browser.stderr)  # a full pipe would stall the browser
+        async with trio_websocket.open_websocket_url(found[1].decode(), max_message_size=2**24) as ws:
+            devtools = DevTools(ws)
+            nursery.start_soon(devtools.run)
+            target = await devtools.send("Target.createTarget", url="about:blank")
+            session = (await devtools.send("Target.attachToTarget", targetId=target["targetId"],
+                                           flatten=True))["sessionId"]
+            await devtools.send("Runtime.enable", session)
+            yield devtools, session
+            await ws.send_message(json.dumps({"id": 0, "method": "Browser.close"}))  # no reply: it closes
+        with trio.fail_after(10):
+            await browser.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+@pytest.mark.skipif(not (CHROMIUM and ESPEAK and SOX), reason="the browser softphone test needs Debian's chromium, "
+                    "espeak-ng and sox (apt-get install chromium espeak-ng sox)")
+async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery)
+    # The second phrase starts while the echo of the first is playing: a barge-in.
+    wav, first_s, second_s = caller_wav(tmp_path, "Hello agent, this is a call from the browser.", 1.3,
+                                        "Stop, I have something else to say.")
+    with trio.fail_after(25):
+        async with chromium(tmp_path, wav) as (devtools, page):
+          try:
+            await devtools.send("Page.navigate", page, url=server.url + "/phone")
+            await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
+                "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+            await devtools.send("Runtime.evaluate", page, expression="document.getElementById('call').click()",
+                                userGesture=True)
+            rate = await devtools.logged(r"microphone at (\d+) Hz")
+            greeting = await devtools.logged(r"→ playedStream greeting-1 \(played ([\d.]+) s at (-\d+) dBFS")
+            await devtools.logged(r"← clearAudio")
+            cleared = await devtools.logged(r"→ clearedAudio")
+            echo = await devtools.logged(r"→ playedStream (echo-\d+) \(played ([\d.]+) s at (-\d+) dBFS")
+            await devtools.send("Runtime.evaluate", page, expression=(
+                "[...document.querySelectorAll('#keypad button')].find(b => b.textContent === '5').click()"))
+            await devtools.logged(r"→ dtmf 5")
+            screenshot = await devtools.send("Page.captureScreenshot", page, format="png")
+            await devtools.send("Runtime.evaluate", page, expression="document.getElementById('hangup').click()")
+            await devtools.logged(r"hung up")
+            console = list(devtools.console)
+          finally:
+            print("\n".join(devtools.console))
+    picture = base64.b64decode(screenshot["data"])
+    assert picture.startswith(b"\x89PNG")
+    (tmp_path / "phone.png").write_bytes(picture)
+    if SCREENSHOT:
+        with open(SCREENSHOT, "wb") as file:
+            file.write(picture)
+    # The page played the greeting: the whole chime (0.48 s), loud enough to hear.
+    assert float(greeting[1]) == pytest.approx(0.48, abs=0.03) and int(greeting[2]) > -30
+    # The caller's words reached the server as turns; the second interrupted the echo of the first.
+    metrics = (await server.get("/metrics")).text
+    assert "vobiz_agent_turns_total 2" in metrics and "vobiz_agent_barge_ins_total 1" in metrics
+    assert "voided" not in cleared.string  # the cut echo's checkpoint had not been sent yet
+    # The page played the echo of the second phrase, as long as it was said.
+    assert echo[1] == "echo-3" and float(echo[2]) == pytest.approx(second_s + 0.2, abs=0.4)
+    assert int(echo[3]) > -35
+    # Every checkpoint the server sent was acknowledged once its audio had played.
+    checkpoints = [line.split()[-1] for line in console if line.startswith("← checkpoint")]
+    acked = [line.split()[2] for line in console if line.startswith("→ playedStream")]
+    assert checkpoints == acked == ["greeting-1", "echo-3"]
+    server_log = [r.getMessage() for r in caplog.records]
+    assert any("barge-in: the caller spoke over the agent" in line for line in server_log)
+    assert any("caller pressed 5" in line for line in server_log)
+    assert not [line for line in server_log if "bad frame" in line]  # every frame the page sent was Vobiz's shape
+    latencies = [int(line.split()[2]) for line in console if re.match(r"turn \d+: \d+ ms", line)]
+    assert len(latencies) == 2 and all(500 < ms < 2000 for ms in latencies)  # 600 ms of quiet ends a turn
+    print(f"softphone: audio at {rate[1]} Hz, phrases {first_s:.2f} s and {second_s:.2f} s, latencies {latencies} ms")
