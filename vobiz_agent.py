@@ -1849,7 +1849,7 @@ def phone_page() -> bytes | None:
     with suppress(importlib.metadata.PackageNotFoundError):
         for file in importlib.metadata.files("vobiz-agent") or ():
             if file.name == "phone.html":
-                return file.read_bytes()
+                return file.locate().read_bytes()
     return None
 
 
