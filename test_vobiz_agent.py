@@ -1913,13 +1913,14 @@ def caller_wav(folder, first: str, pause_s: float, second: str) -> tuple[str, fl
 
 
 class DevTools:
-    """Chromium's DevTools protocol on one WebSocket: commands and their replies, and the
-    page's console lines (in order) for the test to wait on."""
+    """Chromium's DevTools protocol on one WebSocket: commands and their replies, the page's
+    console lines (in order) for the test to wait on, and every WebSocket message it sent."""
 
     def __init__(self, ws):
         self.ws, self.next_id = ws, 0
         self.replies: dict[int, dict] = {}
         self.console: list[str] = []
+        self.sent: list[tuple[float, dict]] = []  # (when, message) for each frame the page sent the agent
         self._changed = trio.Event()
 
     async def run(self) -> None:
@@ -1930,6 +1931,9 @@ class DevTools:
                     self.replies[message["id"]] = message
                 elif message.get("method") == "Runtime.consoleAPICalled":
                     self.console.append(" ".join(str(arg.get("value", "")) for arg in message["params"]["args"]))
+                elif message.get("method") == "Network.webSocketFrameSent":
+                    params = message["params"]
+                    self.sent.append((params["timestamp"], json.loads(params["response"]["payloadData"])))
                 self._changed.set()
                 self._changed = trio.Event()
 
@@ -1977,6 +1981,7 @@ async def chromium(folder, fake_microphone: str):
             session = (await devtools.send("Target.attachToTarget", targetId=target["targetId"],
                                            flatten=True))["sessionId"]
             await devtools.send("Runtime.enable", session)
+            await devtools.send("Network.enable", session)
             yield devtools, session
             await ws.send_message(json.dumps({"id": 0, "method": "Browser.close"}))  # no reply: it closes
         with trio.fail_after(10):
@@ -2055,4 +2060,27 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
     latencies = [int(line.split()[2]) for line in console if re.match(r"turn \d+: \d+ ms", line)]
     assert len(latencies) == 2 and all(550 < ms < 1500 for ms in latencies)
     assert any("caller pressed 5" in line for line in server_log)
-    assert not [line for line in server_log if "bad frame" in line]  # every frame was Vobiz's shape
+    assert not [line for line in server_log if "bad frame" in line]
+    assert_sent_like_vobiz(devtools.sent)
+
+
+def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
+    """What the page sent, read off the wire: Vobiz's shapes, and exact 160-byte frames every 20 ms."""
+    (_, start), *rest = sent
+    assert start["event"] == "start" and start["sequenceNumber"] == 0
+    stream_id = start["start"]["streamId"]
+    assert start["start"]["callId"] and start["start"]["mediaFormat"] == {"encoding": "audio/x-mulaw",
+                                                                          "sampleRate": 8000}
+    media = [(when, message) for when, message in rest if message["event"] == "media"]
+    assert [m["sequenceNumber"] for _, m in media] == [m["media"]["chunk"] for _, m in media] == list(
+        range(1, len(media) + 1))
+    assert {len(base64.b64decode(m["media"]["payload"])) for _, m in media} == {160}
+    assert {(m["streamId"], m["media"]["track"]) for _, m in media} == {(stream_id, "inbound")}
+    # Paced by the audio clock: over the whole call, one frame per 20 ms (the frames of each
+    # 128-sample audio block leave together, so single gaps vary by a few milliseconds).
+    assert (media[-1][0] - media[0][0]) / (len(media) - 1) == pytest.approx(0.020, abs=0.0005)
+    others = [message for _, message in rest if message["event"] != "media"]
+    assert [m["event"] for m in others] == ["playedStream", "clearedAudio", "playedStream", "dtmf"]
+    assert others[0] == {"event": "playedStream", "name": "greeting-1"}
+    assert others[1] == {"sequenceNumber": 0, "event": "clearedAudio", "streamId": stream_id}
+    assert others[3] == {"event": "dtmf", "dtmf": {"digit": "5"}}
