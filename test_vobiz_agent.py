@@ -1957,14 +1957,15 @@ class DevTools:
 
 
 @asynccontextmanager
-async def chromium(folder, fake_microphone: str):
-    """Headless Chromium with a fake microphone; yields (DevTools, session of one page)."""
+async def chromium(folder, fake_microphone: str | None = None):
+    """Headless Chromium, with a fake microphone playing that WAV; yields (DevTools, session of one page)."""
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={folder / 'profile'}", "--use-fake-ui-for-media-stream",
-               "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={fake_microphone}%noloop",
-               "--autoplay-policy=no-user-gesture-required", "--window-size=860,760",
-               "--remote-debugging-port=0", "about:blank"]
+               "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required",
+               "--window-size=860,760", "--remote-debugging-port=0", "about:blank"]
+    if fake_microphone:
+        command.insert(-1, f"--use-file-for-fake-audio-capture={fake_microphone}%noloop")
     async with trio.open_nursery() as nursery:
         browser = await nursery.start(partial(trio.run_process, command, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE, check=False))
@@ -2084,3 +2085,53 @@ def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
     assert others[0] == {"event": "playedStream", "name": "greeting-1"}
     assert others[1] == {"sequenceNumber": 0, "event": "clearedAudio", "streamId": stream_id}
     assert others[3] == {"event": "dtmf", "dtmf": {"digit": "5"}}
+
+
+# The microphone worklet, fed tones in an OfflineAudioContext at each rate: what it sends,
+# decoded from μ-law in the page. One second of tone must be 50 frames of 160 bytes, at the
+# tone's level and frequency (zero crossings), and a tone above 4 kHz must not fold into the band.
+RESAMPLE_IN_THE_PAGE = """
+async function resampled(rate, frequency) {
+  const context = new OfflineAudioContext(1, rate, rate);
+  const code = new Blob([document.getElementById("worklets").textContent], {type: "text/javascript"});
+  await context.audioWorklet.addModule(URL.createObjectURL(code));
+  const microphone = new AudioWorkletNode(context, "microphone", {numberOfOutputs: 0});
+  const tone = new OscillatorNode(context, {frequency});
+  tone.connect(new GainNode(context, {gain: 0.5})).connect(microphone);
+  tone.start();
+  const frames = [];
+  microphone.port.onmessage = ({data}) => frames.push(data.frame);
+  await context.startRendering();
+  while (frames.length < 50) await new Promise(soon => setTimeout(soon, 10));  // messages still on their way
+  const samples = frames.slice(5).flatMap(frame => Array.from(frame, byte => ULAW[byte]));  // after the filter's start
+  let crossings = 0;
+  for (let i = 1; i < samples.length; i++) crossings += (samples[i - 1] < 0) !== (samples[i] < 0);
+  const rms = Math.sqrt(samples.reduce((sum, x) => sum + x * x, 0) / samples.length);
+  return {frames: frames.length, sizes: [...new Set(frames.map(frame => frame.length))],
+          db: 20 * Math.log10(rms), hz: crossings / 2 / (samples.length / 8000)};
+}
+"""
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="the softphone's resampler test needs Debian's chromium")
+async def test_the_page_sends_8khz_from_any_rate_without_aliasing(nursery, tmp_path):
+    server = await start_server(nursery)
+    with trio.fail_after(20):
+        async with chromium(tmp_path) as (devtools, page):
+            await devtools.send("Page.navigate", page, url=server.url + "/phone")
+            await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
+                "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+            await devtools.send("Runtime.evaluate", page, expression=RESAMPLE_IN_THE_PAGE)
+            results = {}
+            for rate in (16000, 22050, 44100, 48000, 96000):
+                for frequency in (1000, 5500):
+                    reply = await devtools.send("Runtime.evaluate", page, awaitPromise=True, returnByValue=True,
+                                                expression=f"resampled({rate}, {frequency})")
+                    assert "exceptionDetails" not in reply, reply
+                    results[rate, frequency] = reply["result"]["value"]
+    for (rate, frequency), found in results.items():
+        assert found["frames"] == 50 and found["sizes"] == [160], (rate, found)  # 1 s = 50 × 20 ms
+        if frequency == 1000:  # passed at its level (a sine at half scale: -9 dBFS) and pitch
+            assert found["db"] == pytest.approx(-9.0, abs=1.0) and found["hz"] == pytest.approx(1000, abs=10), rate
+        else:  # 5.5 kHz would fold to 2.5 kHz at full strength without the low-pass
+            assert found["db"] < -45, (rate, found)
