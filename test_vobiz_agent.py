@@ -1974,6 +1974,7 @@ async def chromium(folder, fake_microphone: str | None = None):
             output += chunk
             if found := re.search(rb"DevTools listening on (ws://\S+)", output):
                 break
+        assert found, f"chromium did not start: {output[-800:].decode(errors='replace')}"
         nursery.start_soon(drain, browser.stderr)  # a full pipe would stall the browser
         async with trio_websocket.open_websocket_url(found[1].decode(), max_message_size=2**24) as ws:
             devtools = DevTools(ws)
