@@ -2034,6 +2034,7 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
                 seen = await call_from_the_page(devtools, page, server.url + "/phone")
             finally:
                 print("the page's console:", *devtools.console, sep="\n")  # pytest shows it if the test fails
+            await server.app.switchboard.wait_until_empty()  # Hang up closed the socket: the call ended
     picture = base64.b64decode(seen["screenshot"]["data"])
     assert picture.startswith(b"\x89PNG")
     (tmp_path / "phone.png").write_bytes(picture)
@@ -2046,6 +2047,7 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
     # The caller's words reached the server as turns; the second interrupted the echo of the first.
     metrics = (await server.get("/metrics")).text
     assert "vobiz_agent_turns_total 2" in metrics and "vobiz_agent_barge_ins_total 1" in metrics
+    assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
     server_log = [r.getMessage() for r in caplog.records]
     assert any("barge-in: the caller spoke over the agent" in line for line in server_log)
     # The page played the echo of the second phrase, as long as it was said: the server heard it all.
@@ -2087,6 +2089,26 @@ def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
     assert others[1] == {"sequenceNumber": 0, "event": "clearedAudio", "streamId": stream_id}
     assert others[3] == {"event": "dtmf", "dtmf": {"digit": "5"}}
 
+
+
+@pytest.mark.skipif(not (CHROMIUM and SOX), reason="the browser softphone test needs Debian's chromium and sox "
+                    "(apt-get install chromium sox)")
+async def test_when_the_agent_ends_the_call_the_page_plays_the_goodbye_then_closes(nursery, tmp_path):
+    server = await start_server(nursery, offline_silence_s=1.0)  # a silent caller gets a goodbye
+    quiet = str(tmp_path / "quiet.wav")
+    subprocess.run([SOX, "-n", "-r", "48000", "-b", "16", "-c", "1", quiet, "trim", "0", "4"], check=True)
+    with trio.fail_after(20):
+        async with chromium(tmp_path, quiet) as (devtools, page):
+            await devtools.send("Page.navigate", page, url=server.url + "/phone")
+            await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
+                "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+            await click(devtools, page, "#call")
+            await devtools.logged(r"hung up")
+    await server.app.switchboard.wait_until_empty()
+    console = [line for line in devtools.console if not line.startswith("← playAudio")]
+    assert console[-5:] == ["← checkpoint goodbye-2", console[-4], "← stop", "socket closed (1000)", "hung up"]
+    assert console[-4].startswith("→ playedStream goodbye-2")  # played to the end before the stop
+    assert 'vobiz_agent_calls_total{ended="agent"} 1' in (await server.get("/metrics")).text
 
 # The microphone worklet, fed tones in an OfflineAudioContext at each rate: what it sends,
 # decoded from μ-law in the page. One second of tone must be 50 frames of 160 bytes, at the
