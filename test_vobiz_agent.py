@@ -1969,7 +1969,7 @@ async def chromium(folder, fake_microphone: str | None = None):
     async with trio.open_nursery() as nursery:
         browser = await nursery.start(partial(trio.run_process, command, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE, check=False))
-        output = b""
+        output, found = b"", None
         async for chunk in browser.stderr:  # Chromium says where its DevTools socket listens
             output += chunk
             if found := re.search(rb"DevTools listening on (ws://\S+)", output):
@@ -1996,6 +1996,12 @@ async def drain(stream) -> None:
         pass
 
 
+async def open_page(devtools: DevTools, page: str, url: str) -> None:
+    await devtools.send("Page.navigate", page, url=url)
+    await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
+        "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+
+
 async def click(devtools: DevTools, page: str, selector: str) -> None:
     await devtools.send("Runtime.evaluate", page, userGesture=True,
                         expression=f"document.querySelector({json.dumps(selector)}).click()")
@@ -2003,9 +2009,7 @@ async def click(devtools: DevTools, page: str, selector: str) -> None:
 
 async def call_from_the_page(devtools: DevTools, page: str, url: str) -> dict[str, re.Match]:
     """Open the page, click Call, wait for the conversation to happen, press 5, hang up."""
-    await devtools.send("Page.navigate", page, url=url)
-    await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
-        "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+    await open_page(devtools, page, url)
     await click(devtools, page, "#call")
     seen = {"rate": await devtools.logged(r"microphone at (\d+) Hz"),
             "greeting": await devtools.logged(r"→ playedStream greeting-1 \(played ([\d.]+) s at (-\d+) dBFS"),
@@ -2099,9 +2103,7 @@ async def test_when_the_agent_ends_the_call_the_page_plays_the_goodbye_then_clos
     subprocess.run([SOX, "-n", "-r", "48000", "-b", "16", "-c", "1", quiet, "trim", "0", "4"], check=True)
     with trio.fail_after(20):
         async with chromium(tmp_path, quiet) as (devtools, page):
-            await devtools.send("Page.navigate", page, url=server.url + "/phone")
-            await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
-                "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+            await open_page(devtools, page, server.url + "/phone")
             await click(devtools, page, "#call")
             await devtools.logged(r"hung up")
     await server.app.switchboard.wait_until_empty()
@@ -2141,9 +2143,7 @@ async def test_the_page_sends_8khz_from_any_rate_without_aliasing(nursery, tmp_p
     server = await start_server(nursery)
     with trio.fail_after(20):
         async with chromium(tmp_path) as (devtools, page):
-            await devtools.send("Page.navigate", page, url=server.url + "/phone")
-            await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
-                "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+            await open_page(devtools, page, server.url + "/phone")
             await devtools.send("Runtime.evaluate", page, expression=RESAMPLE_IN_THE_PAGE)
             results = {}
             for rate in (16000, 22050, 44100, 48000, 96000):
