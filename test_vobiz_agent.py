@@ -1895,21 +1895,26 @@ async def test_the_phone_is_off_for_the_ai_agent_on_a_public_address_unless_aske
         vobiz_agent.Settings.from_env({"PHONE": "maybe"})
 
 
-def caller_wav(folder, first: str, pause_s: float, second: str) -> tuple[str, float, float]:
-    """The fake microphone: quiet, `first`, a pause, `second`, quiet; as 16-bit PCM
-    (Chromium plays silence, without an error, from any other WAV). Returns the path
-    and the two phrases' lengths in seconds."""
-    lengths = []
-    for name, text in (("first", first), ("second", second)):
-        subprocess.run([ESPEAK, "-v", "en", "-s", "160", "-w", str(folder / f"{name}.wav"), text], check=True)
-        lengths.append(float(subprocess.run([SOX, "--i", "-D", str(folder / f"{name}.wav")], check=True,
-                                            capture_output=True, text=True).stdout))
+def caller_wav(folder, *phrases: tuple[float, str]) -> tuple[str, list[float]]:
+    """The fake microphone: each phrase (quiet for that many seconds, then espeak-ng saying
+    it), then 4 s of quiet, as 16-bit PCM (Chromium plays silence, without an error, from
+    any other WAV). Returns the path and each phrase's length in seconds."""
+    parts, lengths = [], []
+    for number, (quiet_s, text) in enumerate(phrases):
+        said, padded = str(folder / f"said-{number}.wav"), str(folder / f"padded-{number}.wav")
+        subprocess.run([ESPEAK, "-v", "en", "-s", "160", "-w", str(folder / "espeak.wav"), text], check=True)
+        # espeak-ng ends with a quarter second of silence: cut it (and any before), so the
+        # phrase's length is the speech's.
+        subprocess.run([SOX, str(folder / "espeak.wav"), said, "silence", "1", "0.01", "0.1%", "reverse",
+                        "silence", "1", "0.01", "0.1%", "reverse"], check=True)
+        lengths.append(float(subprocess.run([SOX, "--i", "-D", said], check=True, capture_output=True,
+                                            text=True).stdout))
+        subprocess.run([SOX, said, padded, "pad", str(quiet_s), "0"], check=True)
+        parts.append(padded)
     path = str(folder / "caller.wav")
-    subprocess.run([SOX, str(folder / "first.wav"), str(folder / "first-padded.wav"), "pad", "1.5", str(pause_s)],
+    subprocess.run([SOX, *parts, "-b", "16", "-e", "signed-integer", "-c", "1", "-r", "48000", path, "pad", "0", "4"],
                    check=True)
-    subprocess.run([SOX, str(folder / "first-padded.wav"), str(folder / "second.wav"),
-                    "-b", "16", "-e", "signed-integer", "-c", "1", "-r", "48000", path, "pad", "0", "4"], check=True)
-    return path, lengths[0], lengths[1]
+    return path, lengths
 
 
 class DevTools:
@@ -2030,8 +2035,8 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="vobiz_agent")
     server = await start_server(nursery)
     # The second phrase starts while the echo of the first is playing: a barge-in.
-    wav, _, second_s = caller_wav(tmp_path, "Hello agent, this is a call from the browser.", 1.3,
-                                  "Stop, I have something else to say.")
+    wav, (_, second_s) = caller_wav(tmp_path, (1.5, "Hello agent, this is a call from the browser."),
+                                    (1.3, "Stop, I have something else to say."))
     with trio.fail_after(25):
         async with chromium(tmp_path, wav) as (devtools, page):
             try:
@@ -2054,9 +2059,10 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
     assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
     server_log = [r.getMessage() for r in caplog.records]
     assert any("barge-in: the caller spoke over the agent" in line for line in server_log)
-    # The page played the echo of the second phrase, as long as it was said: the server heard it all.
+    # The page played the echo of the second phrase. Not all of it, always: while the agent
+    # talks, the browser's echo canceller may mute the start of what the caller says over it.
     _, name, seconds, level = seen["echo"].group(0, 1, 2, 3)
-    assert name == "echo-3" and float(seconds) == pytest.approx(second_s + 0.2, abs=0.4) and int(level) > -35
+    assert name == "echo-3" and 1.0 < float(seconds) < second_s + 0.35 and int(level) > -35
     # Every checkpoint the server sent was acknowledged once its audio had played; the cut echo
     # (echo-2) never got its checkpoint, and the page answered clearAudio.
     console = devtools.console
@@ -2095,21 +2101,24 @@ def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
 
 
 
-@pytest.mark.skipif(not (CHROMIUM and SOX), reason="the browser softphone test needs Debian's chromium and sox "
-                    "(apt-get install chromium sox)")
-async def test_when_the_agent_ends_the_call_the_page_plays_the_goodbye_then_closes(nursery, tmp_path):
-    server = await start_server(nursery, offline_silence_s=1.0)  # a silent caller gets a goodbye
-    quiet = str(tmp_path / "quiet.wav")
-    subprocess.run([SOX, "-n", "-r", "48000", "-b", "16", "-c", "1", quiet, "trim", "0", "4"], check=True)
+@pytest.mark.skipif(not (CHROMIUM and ESPEAK and SOX), reason="the browser softphone test needs Debian's "
+                    "chromium, espeak-ng and sox (apt-get install chromium espeak-ng sox)")
+async def test_the_page_plays_the_whole_echo_then_the_goodbye_and_closes_on_stop(nursery, tmp_path):
+    server = await start_server(nursery, offline_silence_s=2.0)  # then quiet: the agent says goodbye
+    wav, (said_s,) = caller_wav(tmp_path, (0.8, "One phrase, said in a quiet room."))
     with trio.fail_after(20):
-        async with chromium(tmp_path, quiet) as (devtools, page):
+        async with chromium(tmp_path, wav) as (devtools, page):
             await open_page(devtools, page, server.url + "/phone")
             await click(devtools, page, "#call")
+            echo = await devtools.logged(r"→ playedStream echo-2 \(played ([\d.]+) s at (-\d+) dBFS")
             await devtools.logged(r"hung up")
     await server.app.switchboard.wait_until_empty()
+    # The server heard the whole phrase, and the page played all of it back (with the ears'
+    # 0.1 s before the speech and 0.1 s after).
+    assert float(echo[1]) == pytest.approx(said_s + 0.2, abs=0.15) and int(echo[2]) > -35
     console = [line for line in devtools.console if not line.startswith("← playAudio")]
-    assert console[-5:] == ["← checkpoint goodbye-2", console[-4], "← stop", "socket closed (1000)", "hung up"]
-    assert console[-4].startswith("→ playedStream goodbye-2")  # played to the end before the stop
+    assert console[-5:] == ["← checkpoint goodbye-3", console[-4], "← stop", "socket closed (1000)", "hung up"]
+    assert console[-4].startswith("→ playedStream goodbye-3")  # played to the end before the stop
     assert 'vobiz_agent_calls_total{ended="agent"} 1' in (await server.get("/metrics")).text
 
 # The microphone worklet, fed tones in an OfflineAudioContext at each rate: what it sends,
