@@ -17,8 +17,9 @@ WORKDIR /src
 
 # Only what `pip install .` reads: the tests, CI scripts and .git never enter
 # the image (see also .dockerignore). README.md is the package's long
-# description and LICENSE goes into its metadata, so both are needed.
-COPY pyproject.toml README.md LICENSE vobiz_agent.py ./
+# description and LICENSE goes into its metadata, so both are needed; phone.html is
+# the browser softphone's page, installed with the package.
+COPY pyproject.toml README.md LICENSE vobiz_agent.py phone.html ./
 
 # --without-pip: the final venv holds the app and its dependencies only; the
 # base image's pip installs into it from outside with --python. setuptools is

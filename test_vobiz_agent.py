@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
@@ -2286,3 +2287,320 @@ async def test_keys_typed_in_a_quick_run_are_all_echoed_in_order(server, caplog)
     assert "".join((set(rows[row]) & set(columns[column])).pop() for row, column in decoded) == keys
     assert not any("dropped" in r.getMessage() for r in caplog.records)
     assert audioop.rms(heard, 2) > 1000
+
+
+# ── The browser softphone (issue 13) ──
+#
+# /phone is a page that plays the part of Vobiz. The test drives Debian's Chromium headless
+# through the DevTools protocol (over trio-websocket, so no selenium), with a fake microphone
+# fed from a WAV of espeak-ng speech, against the real server with the offline echo agent.
+# The page writes every protocol event to its console; the test waits on those lines.
+
+CHROMIUM, ESPEAK, SOX = shutil.which("chromium"), shutil.which("espeak-ng"), shutil.which("sox")
+SCREENSHOT = os.environ.get("PHONE_SCREENSHOT")  # e.g. PHONE_SCREENSHOT=phone.png: refresh README's picture
+
+
+async def test_the_phone_page_is_served_and_its_calls_are_counted_against_the_limits(nursery):
+    server = await start_server(nursery, max_calls=1)
+    page = await server.get("/phone")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert b"getUserMedia" in page.content and b"audioWorklet" in page.content
+    answer = (await server.post("/phone/call")).json()
+    assert answer["mediaUrl"].startswith(server.url.replace("http", "ws") + f"/ws/{answer['callId']}/")
+    async with vobiz_call(server.url, url=answer["mediaUrl"], call_id=answer["callId"]) as vobiz:
+        await greeted(vobiz)  # the page's URL is an ordinary media URL: the same Call answers it
+        busy = await server.post("/phone/call")
+        assert busy.status_code == 503 and busy.json() == {"error": "busy"}
+    assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
+
+
+async def test_the_phone_is_off_for_the_ai_agent_on_a_public_address_unless_asked_for():
+    keys = {"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk"}
+    public_ai = vobiz_agent.Settings.from_env(keys, host="0.0.0.0")
+    assert not public_ai.serves_phone
+    assert "PHONE=true turns it on" in vobiz_agent.banner(public_ai, vobiz_agent.AIAgent(public_ai))
+    assert vobiz_agent.Settings.from_env(keys, host="127.0.0.1").serves_phone
+    assert vobiz_agent.Settings.from_env({}, host="0.0.0.0").serves_phone  # the offline agent
+    assert not vobiz_agent.Settings.from_env({"PHONE": "false"}).serves_phone
+    asked = vobiz_agent.Settings.from_env({**keys, "PHONE": "true"}, host="0.0.0.0", port=5001)
+    text = vobiz_agent.banner(asked, vobiz_agent.AIAgent(asked))
+    assert "http://localhost:5001/phone" in text and "spend your provider budget" in text
+    app = vobiz_agent.create_app(public_ai)
+    assert "/phone" not in {rule.rule for rule in app.url_map.iter_rules()}
+    with pytest.raises(vobiz_agent.SettingsError, match="PHONE"):
+        vobiz_agent.Settings.from_env({"PHONE": "maybe"})
+
+
+def caller_wav(folder, *phrases: tuple[float, str]) -> tuple[str, list[float]]:
+    """The fake microphone: each phrase (quiet for that many seconds, then espeak-ng saying
+    it), then 4 s of quiet, as 16-bit PCM (Chromium plays silence, without an error, from
+    any other WAV). Returns the path and each phrase's length in seconds."""
+    parts, lengths = [], []
+    for number, (quiet_s, text) in enumerate(phrases):
+        said, padded = str(folder / f"said-{number}.wav"), str(folder / f"padded-{number}.wav")
+        subprocess.run([ESPEAK, "-v", "en", "-s", "160", "-w", str(folder / "espeak.wav"), text], check=True)
+        # espeak-ng ends with a quarter second of silence: cut it (and any before), so the
+        # phrase's length is the speech's.
+        subprocess.run([SOX, str(folder / "espeak.wav"), said, "silence", "1", "0.01", "0.1%", "reverse",
+                        "silence", "1", "0.01", "0.1%", "reverse"], check=True)
+        lengths.append(float(subprocess.run([SOX, "--i", "-D", said], check=True, capture_output=True,
+                                            text=True).stdout))
+        subprocess.run([SOX, said, padded, "pad", str(quiet_s), "0"], check=True)
+        parts.append(padded)
+    path = str(folder / "caller.wav")
+    subprocess.run([SOX, *parts, "-b", "16", "-e", "signed-integer", "-c", "1", "-r", "48000", path, "pad", "0", "4"],
+                   check=True)
+    return path, lengths
+
+
+class DevTools:
+    """Chromium's DevTools protocol on one WebSocket: commands and their replies, the page's
+    console lines (in order) for the test to wait on, and every WebSocket message it sent."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id = ws, 0
+        self.replies: dict[int, dict] = {}
+        self.console: list[str] = []
+        self.sent: list[tuple[float, dict]] = []  # (when, message) for each frame the page sent the agent
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        with suppress(trio_websocket.ConnectionClosed):
+            while True:
+                message = json.loads(await self.ws.get_message())
+                if "id" in message:
+                    self.replies[message["id"]] = message
+                elif message.get("method") == "Runtime.consoleAPICalled":
+                    self.console.append(" ".join(str(arg.get("value", "")) for arg in message["params"]["args"]))
+                elif message.get("method") == "Network.webSocketFrameSent":
+                    params = message["params"]
+                    self.sent.append((params["timestamp"], json.loads(params["response"]["payloadData"])))
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def until(self, condition):
+        while not (found := condition()):
+            await self._changed.wait()
+        return found
+
+    async def send(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        number = self.next_id
+        await self.ws.send_message(json.dumps({"id": number, "method": method, "params": params,
+                                               **({"sessionId": session} if session else {})}))
+        reply = await self.until(lambda: self.replies.pop(number, None))
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    async def logged(self, pattern: str) -> re.Match:
+        """Wait for a console line matching `pattern`."""
+        return await self.until(lambda: next(filter(None, (re.search(pattern, line) for line in self.console)), None))
+
+
+@asynccontextmanager
+async def chromium(folder, fake_microphone: str | None = None):
+    """Headless Chromium, with a fake microphone playing that WAV; yields (DevTools, session of one page)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={folder / 'profile'}", "--use-fake-ui-for-media-stream",
+               "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required",
+               "--window-size=860,760", "--remote-debugging-port=0", "about:blank"]
+    if fake_microphone:
+        command.insert(-1, f"--use-file-for-fake-audio-capture={fake_microphone}%noloop")
+    async with trio.open_nursery() as nursery:
+        browser = await nursery.start(partial(trio.run_process, command, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, check=False))
+        output, found = b"", None
+        async for chunk in browser.stderr:  # Chromium says where its DevTools socket listens
+            output += chunk
+            if found := re.search(rb"DevTools listening on (ws://\S+)", output):
+                break
+        assert found, f"chromium did not start: {output[-800:].decode(errors='replace')}"
+        nursery.start_soon(drain, browser.stderr)  # a full pipe would stall the browser
+        async with trio_websocket.open_websocket_url(found[1].decode(), max_message_size=2**24) as ws:
+            devtools = DevTools(ws)
+            nursery.start_soon(devtools.run)
+            target = await devtools.send("Target.createTarget", url="about:blank")
+            session = (await devtools.send("Target.attachToTarget", targetId=target["targetId"],
+                                           flatten=True))["sessionId"]
+            await devtools.send("Runtime.enable", session)
+            await devtools.send("Network.enable", session)
+            yield devtools, session
+            await ws.send_message(json.dumps({"id": 0, "method": "Browser.close"}))  # no reply: it closes
+        with trio.fail_after(10):
+            await browser.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+async def open_page(devtools: DevTools, page: str, url: str) -> None:
+    await devtools.send("Page.navigate", page, url=url)
+    await devtools.send("Runtime.evaluate", page, awaitPromise=True, expression=(
+        "new Promise(ready => document.readyState === 'complete' ? ready() : onload = ready)"))
+
+
+async def click(devtools: DevTools, page: str, selector: str) -> None:
+    await devtools.send("Runtime.evaluate", page, userGesture=True,
+                        expression=f"document.querySelector({json.dumps(selector)}).click()")
+
+
+async def call_from_the_page(devtools: DevTools, page: str, url: str) -> dict[str, re.Match]:
+    """Open the page, click Call, wait for the conversation to happen, press 5, hang up."""
+    await open_page(devtools, page, url)
+    await click(devtools, page, "#call")
+    seen = {"rate": await devtools.logged(r"microphone at (\d+) Hz"),
+            "greeting": await devtools.logged(r"→ playedStream greeting-1 \(played ([\d.]+) s at (-\d+) dBFS"),
+            "clear": await devtools.logged(r"← clearAudio"),
+            "cleared": await devtools.logged(r"→ clearedAudio"),
+            "echo": await devtools.logged(r"→ playedStream (echo-\d+) \(played ([\d.]+) s at (-\d+) dBFS")}
+    await click(devtools, page, "#keypad button:nth-child(5)")  # the keypad's 5
+    await devtools.logged(r"→ dtmf 5")
+    seen["screenshot"] = await devtools.send("Page.captureScreenshot", page, format="png")
+    await click(devtools, page, "#hangup")
+    await devtools.logged(r"hung up")
+    return seen
+
+
+@pytest.mark.skipif(not (CHROMIUM and ESPEAK and SOX), reason="the browser softphone test needs Debian's "
+                    "chromium, espeak-ng and sox (apt-get install chromium espeak-ng sox)")
+async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery)
+    # The second phrase starts while the echo of the first is playing: a barge-in. (It starts
+    # with words, not "Stop,": a word under 0.2 s before a pause is not speech to the ears.)
+    wav, (_, second_s) = caller_wav(tmp_path, (1.5, "Hello agent, this is a call from the browser."),
+                                    (1.3, "Sorry to interrupt you, I have something else to say."))
+    with trio.fail_after(25):
+        async with chromium(tmp_path, wav) as (devtools, page):
+            try:
+                seen = await call_from_the_page(devtools, page, server.url + "/phone")
+            finally:
+                print("the page's console:", *devtools.console, sep="\n")  # pytest shows it if the test fails
+            await server.app.switchboard.wait_until_empty()  # Hang up closed the socket: the call ended
+    picture = base64.b64decode(seen["screenshot"]["data"])
+    assert picture.startswith(b"\x89PNG")
+    (tmp_path / "phone.png").write_bytes(picture)
+    if SCREENSHOT:
+        with open(SCREENSHOT, "wb") as file:
+            file.write(picture)
+    # The page played the greeting: the whole chime (0.48 s), loud enough to hear.
+    greeting = seen["greeting"]
+    assert float(greeting[1]) == pytest.approx(0.48, abs=0.03) and int(greeting[2]) > -30
+    # The caller's words reached the server as turns; the second interrupted the echo of the first.
+    metrics = (await server.get("/metrics")).text
+    assert "vobiz_agent_turns_total 2" in metrics and "vobiz_agent_barge_ins_total 1" in metrics
+    assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
+    server_log = [r.getMessage() for r in caplog.records]
+    assert any("barge-in: the caller spoke over the agent" in line for line in server_log)
+    # The page played the echo of the second phrase, all of it (with the ears' 0.1 s before the
+    # speech and 0.1 s after): the server heard every word said over the agent.
+    _, name, seconds, level = seen["echo"].group(0, 1, 2, 3)
+    assert name == "echo-3" and float(seconds) == pytest.approx(second_s + 0.2, abs=0.15) and int(level) > -35
+    # Every checkpoint the server sent was acknowledged once its audio had played; the cut echo
+    # (echo-2) never got its checkpoint, and the page answered clearAudio.
+    console = devtools.console
+    checkpoints = [line.split()[-1] for line in console if line.startswith("← checkpoint")]
+    acked = [line.split()[2] for line in console if line.startswith("→ playedStream")]
+    assert checkpoints == acked == ["greeting-1", "echo-3"]
+    assert console.index(seen["cleared"].string) == console.index(seen["clear"].string) + 1
+    # Each turn's latency: the echo agent waits for 600 ms of quiet, then answers at once.
+    latencies = [int(line.split()[2]) for line in console if re.match(r"turn \d+: \d+ ms", line)]
+    assert len(latencies) == 2 and all(550 < ms < 1500 for ms in latencies)
+    assert any("caller pressed 5" in line for line in server_log)
+    assert not [line for line in server_log if "bad frame" in line]
+    assert_sent_like_vobiz(devtools.sent)
+
+
+def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
+    """What the page sent, read off the wire: Vobiz's shapes, and exact 160-byte frames every 20 ms."""
+    (_, start), *rest = sent
+    assert start["event"] == "start" and start["sequenceNumber"] == 0
+    stream_id = start["start"]["streamId"]
+    assert start["start"]["callId"] and start["start"]["mediaFormat"] == {"encoding": "audio/x-mulaw",
+                                                                          "sampleRate": 8000}
+    media = [(when, message) for when, message in rest if message["event"] == "media"]
+    assert [m["sequenceNumber"] for _, m in media] == [m["media"]["chunk"] for _, m in media] == list(
+        range(1, len(media) + 1))
+    assert {len(base64.b64decode(m["media"]["payload"])) for _, m in media} == {160}
+    assert {(m["streamId"], m["media"]["track"]) for _, m in media} == {(stream_id, "inbound")}
+    # Paced by the audio clock: over the whole call, one frame per 20 ms (the frames of each
+    # 128-sample audio block leave together, so single gaps vary by a few milliseconds).
+    assert (media[-1][0] - media[0][0]) / (len(media) - 1) == pytest.approx(0.020, abs=0.0005)
+    others = [message for _, message in rest if message["event"] != "media"]
+    assert [m["event"] for m in others] == ["playedStream", "clearedAudio", "playedStream", "dtmf"]
+    assert others[0] == {"event": "playedStream", "name": "greeting-1"}
+    assert others[1] == {"sequenceNumber": 0, "event": "clearedAudio", "streamId": stream_id}
+    assert others[3] == {"event": "dtmf", "dtmf": {"digit": "5"}}
+
+
+
+@pytest.mark.skipif(not (CHROMIUM and ESPEAK and SOX), reason="the browser softphone test needs Debian's "
+                    "chromium, espeak-ng and sox (apt-get install chromium espeak-ng sox)")
+async def test_the_page_plays_the_whole_echo_then_the_goodbye_and_closes_on_stop(nursery, tmp_path):
+    server = await start_server(nursery, offline_silence_s=2.0)  # then quiet: the agent says goodbye
+    wav, (said_s,) = caller_wav(tmp_path, (0.8, "One phrase, said in a quiet room."))
+    with trio.fail_after(20):
+        async with chromium(tmp_path, wav) as (devtools, page):
+            await open_page(devtools, page, server.url + "/phone")
+            await click(devtools, page, "#call")
+            echo = await devtools.logged(r"→ playedStream echo-2 \(played ([\d.]+) s at (-\d+) dBFS")
+            await devtools.logged(r"hung up")
+    await server.app.switchboard.wait_until_empty()
+    # The server heard the whole phrase, and the page played all of it back (with the ears'
+    # 0.1 s before the speech and 0.1 s after).
+    assert float(echo[1]) == pytest.approx(said_s + 0.2, abs=0.15) and int(echo[2]) > -35
+    console = [line for line in devtools.console if not line.startswith("← playAudio")]
+    assert console[-5:] == ["← checkpoint goodbye-3", console[-4], "← stop", "socket closed (1000)", "hung up"]
+    assert console[-4].startswith("→ playedStream goodbye-3")  # played to the end before the stop
+    assert 'vobiz_agent_calls_total{ended="agent"} 1' in (await server.get("/metrics")).text
+
+# The microphone worklet, fed tones in an OfflineAudioContext at each rate: what it sends,
+# decoded from μ-law in the page. One second of tone must be 50 frames of 160 bytes, at the
+# tone's level and frequency (zero crossings), and a tone above 4 kHz must not fold into the band.
+RESAMPLE_IN_THE_PAGE = """
+async function resampled(rate, frequency) {
+  const context = new OfflineAudioContext(1, rate, rate);
+  const code = new Blob([document.getElementById("worklets").textContent], {type: "text/javascript"});
+  await context.audioWorklet.addModule(URL.createObjectURL(code));
+  const microphone = new AudioWorkletNode(context, "microphone", {numberOfOutputs: 0});
+  const tone = new OscillatorNode(context, {frequency});
+  tone.connect(new GainNode(context, {gain: 0.5})).connect(microphone);
+  tone.start();
+  const frames = [];
+  microphone.port.onmessage = ({data}) => frames.push(data.frame);
+  await context.startRendering();
+  while (frames.length < 50) await new Promise(soon => setTimeout(soon, 10));  // messages still on their way
+  const samples = frames.slice(5).flatMap(frame => Array.from(frame, byte => ULAW[byte]));  // after the filter's start
+  let crossings = 0;
+  for (let i = 1; i < samples.length; i++) crossings += (samples[i - 1] < 0) !== (samples[i] < 0);
+  const rms = Math.sqrt(samples.reduce((sum, x) => sum + x * x, 0) / samples.length);
+  return {frames: frames.length, sizes: [...new Set(frames.map(frame => frame.length))],
+          db: 20 * Math.log10(rms), hz: crossings / 2 / (samples.length / 8000)};
+}
+"""
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="the softphone's resampler test needs Debian's chromium")
+async def test_the_page_sends_8khz_from_any_rate_without_aliasing(nursery, tmp_path):
+    server = await start_server(nursery)
+    with trio.fail_after(20):
+        async with chromium(tmp_path) as (devtools, page):
+            await open_page(devtools, page, server.url + "/phone")
+            await devtools.send("Runtime.evaluate", page, expression=RESAMPLE_IN_THE_PAGE)
+            results = {}
+            for rate in (16000, 22050, 44100, 48000, 96000):
+                for frequency in (1000, 5500):
+                    reply = await devtools.send("Runtime.evaluate", page, awaitPromise=True, returnByValue=True,
+                                                expression=f"resampled({rate}, {frequency})")
+                    assert "exceptionDetails" not in reply, reply
+                    results[rate, frequency] = reply["result"]["value"]
+    for (rate, frequency), found in results.items():
+        assert found["frames"] == 50 and found["sizes"] == [160], (rate, found)  # 1 s = 50 × 20 ms
+        if frequency == 1000:  # passed at its level (a sine at half scale: -9 dBFS) and pitch
+            assert found["db"] == pytest.approx(-9.0, abs=1.0) and found["hz"] == pytest.approx(1000, abs=10), rate
+        else:  # 5.5 kHz would fold to 2.5 kHz at full strength without the low-pass
+            assert found["db"] < -45, (rate, found)

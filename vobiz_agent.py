@@ -23,6 +23,7 @@ With no provider keys the agent is an offline "echo test": it greets the caller 
 a chime, listens, and plays each of the caller's turns back to them.
 
 Run it:      pip install . && python vobiz_agent.py      (serves on 0.0.0.0:5000)
+Try it:      open http://localhost:5000/phone and click Call (phone.html plays Vobiz)
 Expose it:   a tunnel (ngrok http 5000), then PUBLIC_URL=https://<tunnel-host>
 Test it:     pip install '.[test]' && pytest
 """
@@ -35,6 +36,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import importlib.metadata
+import ipaddress
 import json
 import logging
 import math
@@ -45,6 +48,7 @@ import secrets
 import signal
 import sys
 import time
+import uuid
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter, deque
@@ -52,6 +56,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from functools import cache, partial
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -134,10 +139,19 @@ class Settings:
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
+    phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
 
     @property
     def uses_ai(self) -> bool:
         return bool(self.deepgram_api_key and self.openai_api_key)
+
+    @property
+    def serves_phone(self) -> bool:
+        """Whether /phone is served. Anyone who can open it can make a call, so with the
+        AI agent on a public address (calls that spend your provider budget) only with PHONE=true."""
+        if self.phone is not None:
+            return self.phone
+        return not self.uses_ai or is_loopback(self.host)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], host: str | None = None, port: int | None = None) -> Settings:
@@ -158,6 +172,7 @@ class Settings:
             offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
             drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
+            phone=_flag("PHONE", env["PHONE"]) if env.get("PHONE") else None,
         )
 
 
@@ -228,6 +243,16 @@ def _verification_mode(env: Mapping[str, str]) -> str:
                             "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
                             "e.g. VOBIZ_AUTH_TOKEN=...")
     return mode
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address: only programs on this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _port(name: str, value: str) -> int:
@@ -1984,7 +2009,8 @@ def busy_xml() -> bytes:
 
 
 def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
-    """The web app: Vobiz's three webhooks, health and metrics, and the media WebSocket."""
+    """The web app: Vobiz's three webhooks, health and metrics, the media WebSocket,
+    and the browser softphone (when settings.serves_phone)."""
     app = QuartTrio(__name__)
     agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
     app.switchboard = Switchboard(settings, agent)
@@ -1997,6 +2023,9 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
     app.add_websocket("/ws/<call_id>/<token>", view_func=media_stream)
+    if settings.serves_phone:
+        app.add_url_rule("/phone", view_func=phone)
+        app.add_url_rule("/phone/call", view_func=phone_call, methods=["POST"])
     app.after_serving(release_agent)
     return app
 
@@ -2029,14 +2058,61 @@ async def answer() -> Response:
         log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
         return _xml(busy_xml())
-    settings = switchboard.settings
-    base = settings.public_url or _request_base()
-    token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
-    media_url = base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
+    base = switchboard.settings.public_url or _request_base()
+    media_url = issue_media_url(switchboard, call_id, base)
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
     return _xml(stream_xml(media_url, base + "/stream-status",
                            base + "/recording" if settings.record_calls else None))
+
+
+def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
+    """The media WebSocket URL for one call, under `base` (http → ws, https → wss).
+    The URL is the call's credential: see stream_token."""
+    settings = switchboard.settings
+    token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
+    return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"
+
+
+# The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
+# frames, playAudio → speaker), so anyone can call the agent without a phone number.
+# The page asks /phone/call instead of /answer, so it works when webhooks must be signed,
+# and gets a media URL issued exactly as /answer issues them: the same token check,
+# the same Call, the same logs, metrics and limits.
+
+
+@cache
+def phone_page() -> bytes | None:
+    """phone.html: beside this file in a checkout; where `pip install` put it otherwise
+    (pyproject.toml's data-files, found through the package's list of installed files)."""
+    beside = Path(__file__).with_name("phone.html")
+    if beside.is_file():
+        return beside.read_bytes()
+    with suppress(importlib.metadata.PackageNotFoundError):
+        for file in importlib.metadata.files("vobiz-agent") or ():
+            if file.name == "phone.html":
+                return file.locate().read_bytes()
+    return None
+
+
+async def phone() -> Response:
+    page = phone_page()
+    if page is None:
+        log.warning("GET /phone: phone.html is not installed beside vobiz_agent.py or with the package")
+        return Response("phone.html is not installed\n", 404)
+    return Response(page, content_type="text/html; charset=utf-8")
+
+
+async def phone_call() -> tuple[dict, int]:
+    """The softphone's incoming call: a new CallUUID and its media URL, on the page's own origin."""
+    switchboard = current_app.switchboard
+    if reason := switchboard.busy():
+        log.warning("softphone call refused (%s)", reason)
+        switchboard.metrics.count("calls_refused_total", reason=reason)
+        return {"error": reason}, 503
+    call_id = str(uuid.uuid4())
+    log.info("call %s: answering the browser softphone at %s", call_id, _clean(request.remote_addr))
+    return {"callId": call_id, "mediaUrl": issue_media_url(switchboard, call_id, _request_base())}, 200
 
 
 async def hangup() -> Response:
@@ -2228,7 +2304,23 @@ def banner(settings: Settings, agent: Agent) -> str:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
     lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
-    return "\n".join(lines)
+    return "\n".join(lines + _phone_banner(settings))
+
+
+def _phone_banner(settings: Settings) -> list[str]:
+    # Browsers give the microphone only to https pages and to localhost.
+    local = settings.host in ("0.0.0.0", "::", "") or is_loopback(settings.host)
+    url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
+    if not settings.serves_phone:
+        if settings.phone is None:
+            return ["The browser softphone (/phone) is off: the AI agent listens on a public address. "
+                    "PHONE=true turns it on."]
+        return []
+    lines = [f"Try it in your browser: {url}" + ("" if local else " (the microphone needs https or localhost)")]
+    if settings.uses_ai and not is_loopback(settings.host):
+        lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
+                     "and spend your provider budget.")
+    return lines
 
 
 def command_line() -> argparse.ArgumentParser:
