@@ -2063,7 +2063,7 @@ async def answer() -> Response:
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
     return _xml(stream_xml(media_url, base + "/stream-status",
-                           base + "/recording" if settings.record_calls else None))
+                           base + "/recording" if switchboard.settings.record_calls else None))
 
 
 def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
