@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
@@ -105,7 +105,19 @@ def resemblance(heard: bytes, said: bytes) -> float:
 
 
 class SimulatedVobiz:
-    """One call as Vobiz makes it: answer webhook, WebSocket, 20 ms media, real-time playback."""
+    """One call as Vobiz makes it: answer webhook, WebSocket, 20 ms media, real-time playback.
+
+    It runs the answer XML as the docs say (shared/vobiz-protocol.md "Read first", §2.2, §4.4):
+    `<Hangup reason="busy"/>` first rejects the call unanswered (unbilled), anything else
+    answers it; `<Stream>` opens the socket, and when the socket drops (or is refused) it
+    reconnects to the same URL, with a new streamId and the same callId, at most
+    `maxRetries` times (default 0: a dropped socket is terminal). When the stream is over
+    it runs the XML after `<Stream>`: `<Hangup/>` ends the call; with nothing after it a
+    `stop` from the app hangs up (4010, "End Of XML Instructions"), while a stream that
+    just ended leaves the caller in billed dead air (the docs' warning: the worst case).
+    """
+
+    RECONNECT_DELAY_S = 0.3  # undocumented; "after a short delay"
 
     def __init__(self, *, start_shape="nested", media_format=("audio/x-mulaw", 8000),
                  cleared_delay=0.0, answers_clear=True, call_id=CALL_UUID, stream_id="stream-1",
@@ -116,6 +128,15 @@ class SimulatedVobiz:
         self.cleared_delay = cleared_delay
         self.answers_clear = answers_clear
         self.call_id, self.stream_id = call_id, stream_id
+        self.first_stream_id = stream_id
+        self.url: str | None = None
+        self.max_retries = 0
+        self.after_stream: list[ET.Element] = []  # the XML that runs once the stream is over
+        self.state = "ringing"  # → "answered", then "hung up" or "dead air"; or "rejected"
+        self.billed = False  # answered: the caller's line costs money from here on
+        self.hangup_reason = ""  # "busy", "Hangup after Stream", "End Of XML Instructions", "caller"
+        self.streams: list[str] = []  # streamId of every socket that was opened
+        self.refused: list[int] = []  # HTTP status of every socket the server refused
         self.tick = 0
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
@@ -129,12 +150,19 @@ class SimulatedVobiz:
         self.clearing = False
         self.audio_while_clearing = 0
         self.protocol_errors: list[str] = []
-        self.closed = trio.Event()
+        self.closed = trio.Event()  # no more audio on this call: the last stream is over
+        self.stream_closed = trio.Event()  # the current socket is gone (renewed per stream)
+        self._stopped = self._hung_up = self._dropping = False
         self._changed = trio.Event()
         noise = random.Random(7)
         self.noise = array.array("h", (noise.randint(-40, 40) for _ in range(8000 * 2))).tobytes()
 
     # What a test does with it.
+
+    @property
+    def call_open(self) -> bool:
+        """Is the phone call still up (and billed)? Dead air counts: the caller still pays."""
+        return self.state in ("answered", "dead air")
 
     def say(self, pcm: bytes) -> int:
         """Queue caller speech (16-bit PCM at the call's rate); returns its first tick."""
@@ -143,6 +171,24 @@ class SimulatedVobiz:
         for i in range(0, len(pcm), size):
             self.to_say.append(pcm[i : i + size].ljust(size, b"\0"))
         return first
+
+    async def drop(self) -> None:
+        """A network blip: the socket is gone (no close handshake); Vobiz may reconnect."""
+        self._dropping = True
+        await self.ws._stream.aclose()
+
+    async def stop_stream(self) -> None:
+        """Vobiz ends the stream itself with a `stop` frame (older docs): no reconnect follows."""
+        self._stopped = True
+        await self.ws.send_message(json.dumps({"event": "stop", "streamId": self.stream_id}))
+
+    async def hang_up(self) -> None:
+        """The caller hangs up: Vobiz closes the socket and never reconnects."""
+        self._hung_up = True
+        if not self.stream_closed.is_set():
+            with trio.move_on_after(2):
+                await self.ws.aclose()
+        self._end_call("hung up", "caller")
 
     async def until(self, condition) -> None:
         """Wait (on the simulated clock, not a timer) until condition() holds."""
@@ -164,9 +210,10 @@ class SimulatedVobiz:
     def event_ticks(self, name: str) -> list[int]:
         return [tick for tick, message in self.events if message.get("event") == name]
 
-    # The wire.
+    # The answer XML.
 
-    async def answer(self, base_url: str, method: str = "POST") -> str:
+    async def answer(self, base_url: str, method: str = "POST") -> str | None:
+        """Fetch the answer URL and run its XML up to <Stream>; returns the media URL (None: no stream)."""
         fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
                   "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
         async with httpx.AsyncClient() as client:
@@ -174,8 +221,95 @@ class SimulatedVobiz:
                 response = await client.post(base_url + "/answer", data=fields)
             else:
                 response = await client.get(base_url + "/answer", params=fields)
-        stream = ET.fromstring(response.content).find("Stream")
-        return stream.text.strip()
+        return self.run_xml(ET.fromstring(response.content))
+
+    def run_xml(self, root: ET.Element) -> str | None:
+        elements = list(root)
+        if elements and elements[0].tag == "Hangup" and elements[0].get("reason") in ("busy", "rejected"):
+            self.state, self.hangup_reason = "rejected", elements[0].get("reason")  # never answered
+            self.closed.set()
+            return None
+        self.state, self.billed = "answered", True  # any other verb answers the call
+        for i, element in enumerate(elements):
+            if element.tag == "Stream":
+                self.url = element.text.strip()
+                self.max_retries = self._retries(element.get("maxRetries"))
+                self.after_stream = elements[i + 1:]
+                return self.url
+            if element.tag == "Hangup":
+                break
+        self._end_call("hung up", "Hangup")
+        return None
+
+    @staticmethod
+    def _retries(value: str | None) -> int:
+        """maxRetries: 0-10, default 0; below 0 → 0, above 10 → 10, not an integer → 0 (§2.2)."""
+        try:
+            return min(max(int(value), 0), 10)
+        except (TypeError, ValueError):
+            return 0
+
+    def _end_call(self, state: str, reason: str) -> None:
+        if self.state in ("answered", "dead air"):
+            self.state, self.hangup_reason = state, reason
+        self.closed.set()
+        self._notify()
+
+    # The wire: one socket per attempt, as many attempts as maxRetries allows.
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Stream the call; started() once the first socket has sent `start` (or the call is over)."""
+        attempts = 0
+        while self.url is not None and not self._hung_up:
+            if attempts:
+                self.stream_id = f"{self.first_stream_id}-retry{attempts}"
+            outcome = await self._stream(task_status)
+            if outcome == "stop" or self._hung_up or attempts >= self.max_retries:
+                break
+            attempts += 1
+            await trio.sleep(self.RECONNECT_DELAY_S)
+        if not self._hung_up:
+            self._after_stream(outcome if self.url is not None else "stop")
+        if not self.streams:
+            task_status.started()
+
+    def _after_stream(self, outcome: str) -> None:
+        if self.after_stream and self.after_stream[0].tag == "Hangup":
+            self._end_call("hung up", "Hangup after Stream")
+        elif outcome == "stop":
+            self._end_call("hung up", "End Of XML Instructions")
+        else:
+            self.state = "dead air"
+            self.closed.set()
+            self._notify()
+
+    async def _stream(self, task_status) -> str:
+        """One socket: "stop" (the app sent stop), "closed" (it closed without one), "refused"."""
+        self._stopped = self._dropping = False
+        self.stream_closed = trio.Event()
+        try:
+            async with trio_websocket.open_websocket_url(self.url) as ws:
+                self.ws = ws
+                self.streams.append(self.stream_id)
+                for frame in self.before_start:
+                    await ws.send_message(frame)
+                await ws.send_message(json.dumps(self.start_frame()))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive, nursery)
+                    if len(self.streams) == 1:
+                        task_status.started()
+                    await self._clock()
+                    nursery.cancel_scope.cancel()
+        except trio_websocket.ConnectionRejected as rejected:
+            self.refused.append(rejected.status_code)
+            self._notify()
+            return "refused"
+        except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a vanished socket is closed, however it went
+        finally:
+            self.stream_closed.set()
+            self._notify()
+        return "stop" if self._stopped else "closed"
 
     def start_frame(self) -> dict:
         media_format = {"encoding": self.encoding, "sampleRate": self.rate}
@@ -186,27 +320,18 @@ class SimulatedVobiz:
                 "start": {"callId": self.call_id, "streamId": self.stream_id, "accountId": "500025",
                           "tracks": ["inbound"], "mediaFormat": media_format}}
 
-    async def run(self, ws, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.ws = ws
-        for frame in self.before_start:
-            await ws.send_message(frame)
-        await ws.send_message(json.dumps(self.start_frame()))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive, nursery)
-            task_status.started()
-            await self._clock()
-
     async def _clock(self) -> None:
-        began = self.began = trio.current_time()
-        while not self.closed.is_set():
+        began = self.began = trio.current_time() - self.tick * TICK  # one timeline across reconnects
+        while not self.stream_closed.is_set():
             await trio.sleep_until(began + (self.tick + 1) * TICK)
             self.tick += 1
             try:
                 await self._send_media()
                 await self._play_one()
-            except trio_websocket.ConnectionClosed:
-                self.closed.set()
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.stream_closed.set()
             self._notify()
+        self.queue.clear()  # what was queued for a closed stream never plays
 
     async def _send_media(self) -> None:
         if self.to_say:
@@ -238,8 +363,8 @@ class SimulatedVobiz:
                 message = json.loads(await self.ws.get_message())
                 self._on_message(message, nursery)
                 self._notify()
-        except trio_websocket.ConnectionClosed:
-            self.closed.set()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stream_closed.set()
             self._notify()
 
     def _on_message(self, message: dict, nursery) -> None:
@@ -265,6 +390,7 @@ class SimulatedVobiz:
                 self.clearing = True
                 nursery.start_soon(self._cleared)
         elif event == "stop":
+            self._stopped = True
             nursery.start_soon(self.ws.aclose)
         else:
             self.protocol_errors.append(f"unexpected event {event!r}")
@@ -272,8 +398,9 @@ class SimulatedVobiz:
     async def _cleared(self) -> None:
         await trio.sleep(self.cleared_delay)  # Vobiz takes its time to flush
         self.clearing = False
-        await self.ws.send_message(json.dumps({"sequenceNumber": 0, "event": "clearedAudio",
-                                               "streamId": self.stream_id}))
+        with suppress(trio_websocket.ConnectionClosed):
+            await self.ws.send_message(json.dumps({"sequenceNumber": 0, "event": "clearedAudio",
+                                                   "streamId": self.stream_id}))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -282,15 +409,19 @@ class SimulatedVobiz:
 
 @asynccontextmanager
 async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
-    """A call from answer to hang-up; leaving the block hangs up (closes the socket).
-    With `url`, a reconnect: no answer webhook, straight to that media URL."""
+    """A call from answer to hang-up; leaving the block hangs up (if the call is still up).
+    With `url`, Vobiz dials that media URL straight away (no answer webhook, no retries)."""
     vobiz = SimulatedVobiz(**options)
-    url = url or await vobiz.answer(base_url)
-    vobiz.url = url
+    if url is None:
+        await vobiz.answer(base_url)
+    else:
+        vobiz.url, vobiz.state, vobiz.billed = url, "answered", True
     with trio.fail_after(limit_s):  # a hung test fails instead of hanging CI
-        async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
-            await nursery.start(vobiz.run, ws)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vobiz.run)
             yield vobiz
+            if not vobiz.closed.is_set():
+                await vobiz.hang_up()
             nursery.cancel_scope.cancel()
     assert vobiz.protocol_errors == []
 
@@ -364,8 +495,9 @@ async def test_answer_streams_the_call_to_our_websocket(server, method):
     assert stream.attrib == {
         "bidirectional": "true", "audioTrack": "inbound", "keepCallAlive": "true",
         "contentType": "audio/x-mulaw;rate=8000", "statusCallbackUrl": f"{server.url}/stream-status",
-        "statusCallbackMethod": "POST",
+        "statusCallbackMethod": "POST", "maxRetries": "3",
     }
+    assert [child.tag for child in parse_answer(response)] == ["Stream", "Hangup"]
 
 
 async def test_answer_honours_forwarded_headers_from_a_tunnel(server):
@@ -384,7 +516,7 @@ async def test_answer_uses_public_url_and_escapes_it(nursery):
     assert stream.text.startswith(f"wss://calls.example.com/agent/ws/{CALL_UUID}/")
     assert len(stream.text) < 120  # long stream URLs get truncated
     assert stream.get("statusCallbackUrl") == "https://calls.example.com/agent/stream-status"
-    xml = vobiz_agent.stream_xml("wss://h/ws?a=1&b=2", "https://h/s")
+    xml = vobiz_agent.stream_xml("wss://h/ws?a=1&b=2", "https://h/s", 3)
     assert b"a=1&amp;b=2" in xml and ET.fromstring(xml).find("Stream").text == "wss://h/ws?a=1&b=2"
 
 
@@ -535,7 +667,7 @@ async def test_a_stop_frame_ends_the_call_and_dtmf_is_logged(server, caplog):
     async with vobiz_call(server.url) as vobiz:
         await vobiz.until_tick(3)
         await vobiz.ws.send_message(json.dumps({"event": "dtmf", "dtmf": {"digit": "5"}}))
-        await vobiz.ws.send_message(json.dumps({"event": "stop", "streamId": vobiz.stream_id}))
+        await vobiz.stop_stream()  # the stop frame of older docs: Vobiz ends the stream itself
         await vobiz.closed.wait()  # the server closed the socket
     await server.app.switchboard.wait_until_empty()
     lines = [r.getMessage() for r in caplog.records if CALL_UUID in r.getMessage()]
@@ -1564,8 +1696,9 @@ async def test_media_urls_are_capabilities_for_one_call(nursery):
     assert await refused_status(f"{base}/{call_id}/{token[:-2]}xx") == 403  # tampered
     other = (await media_url(server, "another-call")).rsplit("/", 1)[1]
     assert await refused_status(f"{base}/{CALL_UUID}/{other}") == 403  # issued for another call
-    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, int(time.time()) - 1)
-    assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403
+    long_ago = int(time.time()) - vobiz_agent.Settings().max_call_s - vobiz_agent.STREAM_URL_MARGIN_S - 1
+    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, long_ago, "AAAAAAAA")
+    assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403  # older than any call can be
     assert await refused_status(good) is None
     metrics = (await server.get("/metrics")).text
     assert 'vobiz_agent_calls_refused_total{reason="token"} 3' in metrics
@@ -1588,8 +1721,9 @@ async def test_over_max_calls_the_caller_hears_that_we_are_busy(nursery):
     async with vobiz_call(server.url, call_id="first") as first:
         await first.until_tick(2)
         response = await server.post("/answer", data={"CallUUID": "second"})
-    root = ET.fromstring(response.content)
-    assert [child.tag for child in root] == ["Speak", "Hangup"] and "busy" in root.find("Speak").text
+    second = SimulatedVobiz(call_id="second")
+    assert second.run_xml(ET.fromstring(response.content)) is None
+    assert second.state == "rejected" and second.hangup_reason == "busy" and not second.billed
     assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
 
 
@@ -1601,25 +1735,25 @@ async def test_a_silent_socket_is_ended_after_the_idle_timeout(nursery, caplog):
             while True:
                 await ws.get_message()
     await server.app.switchboard.wait_until_empty()
-    assert any("no frame from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
+    assert any("no media from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
     assert 'vobiz_agent_calls_total{ended="idle timeout"} 1' in (await server.get("/metrics")).text
 
 
 async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nursery):
     server = await start_server(nursery, offline_max_turns=2)
-    async with vobiz_call(server.url) as first:
-        await greeted(first)
-        first.say(speech(0.8, seed=81))
-        await first.until(lambda: len(first.played_names) >= 2)  # turn 1 answered
-        url = first.url
-    await server.app.switchboard.wait_until_empty()
-    async with vobiz_call(server.url, url=url, stream_id="stream-2") as second:  # Vobiz maxRetries
-        said = second.say(speech(0.8, seed=82))
-        await second.closed.wait()  # turn 2 was the last: echo, goodbye, stop
-    assert not any(name.startswith("greeting") for name in second.played_names)  # not greeted again
-    assert [name.split("-")[0] for name in second.played_names] == ["echo", "goodbye"]
-    assert resemblance(second.agent_audio(said, second.tick), speech(0.8, seed=82)) > 0.9
-    assert second.event_ticks("stop")
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=81))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # turn 1 answered
+        before = len(vobiz.played_names)
+        await vobiz.drop()  # a network blip: Vobiz reconnects, as maxRetries allows
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        said = vobiz.say(speech(0.8, seed=82))
+        await vobiz.closed.wait()  # turn 2 was the last: echo, goodbye, stop
+    assert vobiz.streams == ["stream-1", "stream-1-retry1"] and vobiz.refused == []
+    assert [name.split("-")[0] for name in vobiz.played_names[before:]] == ["echo", "goodbye"]  # not greeted again
+    assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=82)) > 0.9
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open
     metrics = (await server.get("/metrics")).text
     assert 'vobiz_agent_calls_total{ended="agent"} 1' in metrics
     assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
@@ -1677,7 +1811,7 @@ async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
             health = await server.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "draining"
         busy = ET.fromstring((await server.post("/answer", data={"CallUUID": "late"})).content)
-        assert [child.tag for child in busy] == ["Speak", "Hangup"]
+        assert [(child.tag, child.get("reason")) for child in busy] == [("Hangup", "busy")]
         process.send_signal(signal.SIGINT)  # a second signal (Ctrl-C) must not cut the drain short
         said = vobiz.say(speech(0.8, seed=83))  # the live call goes on
         await vobiz.until(lambda: len(vobiz.played_names) >= 2)
@@ -1844,9 +1978,9 @@ async def test_junk_frames_never_crash_a_call_or_disturb_another(caplog, junk):
 
 async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     caplog.set_level(logging.INFO, logger="vobiz_agent")
-    server = await start_server(nursery, offline_silence_s=1.0)
+    server = await start_server(nursery, silence_timeout_s=1.0)
     async with vobiz_call(server.url) as vobiz:  # the caller never says a word
         await vobiz.closed.wait()
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
-    assert any("ended by agent" in r.getMessage() for r in caplog.records)
+    assert any("ended by silence" in r.getMessage() for r in caplog.records)
