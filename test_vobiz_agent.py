@@ -1984,3 +1984,95 @@ async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
     assert any("ended by silence" in r.getMessage() for r in caplog.records)
+
+
+# ── Reconnects, the end of every call, busy without billing (issue 9) ──
+
+
+async def test_a_drop_beyond_max_retries_ends_the_call(nursery):
+    server = await start_server(nursery, stream_max_retries=1)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        await vobiz.drop()  # the first drop is retried ...
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        await vobiz.until_tick(vobiz.tick + 5)
+        await vobiz.drop()  # ... the second is one too many
+        await vobiz.closed.wait()
+    assert vobiz.streams == ["stream-1", "stream-1-retry1"]
+    assert vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open  # no dead air
+
+
+async def test_a_refused_socket_is_retried_and_then_the_call_hangs_up(nursery):
+    server = await start_server(nursery)
+    vobiz = SimulatedVobiz()
+    url = await vobiz.answer(server.url)
+    vobiz.url = url[:-2] + ("AA" if not url.endswith("AA") else "BB")  # a URL this server will refuse
+    with trio.fail_after(CALL_LIMIT_S):
+        await nursery.start(vobiz.run)
+        await vobiz.closed.wait()
+    assert vobiz.refused == [403] * 4  # the first attempt and three retries (STREAM_MAX_RETRIES)
+    assert vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open
+
+
+async def test_a_reconnect_to_another_process_after_a_minute_apologises_and_goes_on(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    shared = {"stream_secret": b"shared-secret", "stream_secret_generated": False}
+    first = await start_server(nursery, **shared)
+    other = await start_server(nursery, **shared)  # no memory of the call: only STREAM_SECRET in common
+    url = await media_url(first)
+    issued = int(time.time()) - 120  # the same URL, as /answer made it two minutes ago
+    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    late = url.replace(first.url.removeprefix("http://"), other.url.removeprefix("http://")).rsplit("/", 1)[0]
+    words = speech(0.8, seed=85)
+    async with vobiz_call(other.url, url=f"{late}/{token}", stream_id="stream-1-retry1") as vobiz:
+        await vobiz.until(lambda: vobiz.played_names)
+        said = vobiz.say(words)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["sorry", "echo"]  # not the greeting
+    sorry = audioop.ratecv(vobiz_agent.chime((660.0, 660.0)), 2, 1, 24000, 8000, None)[0]
+    assert resemblance(vobiz.agent_audio(0, said), sorry) > 0.9
+    assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
+    assert any("the caller hears we were cut off" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_ai_agent_says_sorry_we_were_cut_off_through_its_voice(nursery):
+    ai = await start_providers(nursery, stream_secret=b"shared-secret", stream_secret_generated=False)
+    issued = int(time.time()) - 120
+    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    url = f"{ai.server.url.replace('http', 'ws', 1)}/ws/{CALL_UUID}/{token}"
+    async with vobiz_call(ai.server.url, url=url) as vobiz:
+        await vobiz.until(lambda: vobiz.played_names)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.CUT_OFF) > 0.9
+    assert ai.spoken_texts() == [vobiz_agent.CUT_OFF]
+
+
+async def test_every_call_ends_at_max_call_s_with_a_goodbye(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery, max_call_s=3.0)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.4, seed=86))  # a caller who talks does not stop the clock
+        await vobiz.closed.wait()
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "echo", "goodbye"]
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream"
+    # The limit counts from the answer (in whole seconds), then the goodbye plays.
+    assert 2.0 <= vobiz.event_ticks("stop")[0] * TICK <= 4.5
+    assert any("MAX_CALL_S" in r.getMessage() for r in caplog.records)
+    assert 'vobiz_agent_calls_total{ended="time limit"} 1' in (await server.get("/metrics")).text
+
+
+async def test_the_ai_agent_too_says_goodbye_to_a_silent_line(nursery):
+    ai = await start_providers(nursery, silence_timeout_s=1.0)
+    async with vobiz_call(ai.server.url) as vobiz:  # the caller never says a word
+        await vobiz.closed.wait()
+    assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.FAREWELL]
+    assert heard_sentence(vobiz, ai.openai, vobiz_agent.FAREWELL, start=vobiz.event_ticks("checkpoint")[0]) > 0.9
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream"
+
+
+def test_old_setting_name_for_the_silence_timeout_still_works():
+    assert vobiz_agent.Settings.from_env({"OFFLINE_SILENCE_S": "7"}).silence_timeout_s == 7
+    assert vobiz_agent.Settings.from_env({"SILENCE_TIMEOUT_S": "9"}).silence_timeout_s == 9
+    assert vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "0"}).stream_max_retries == 0
+    with pytest.raises(vobiz_agent.SettingsError, match="STREAM_MAX_RETRIES"):
+        vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "11"})
