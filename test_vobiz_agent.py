@@ -2076,3 +2076,232 @@ def test_old_setting_name_for_the_silence_timeout_still_works():
     assert vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "0"}).stream_max_retries == 0
     with pytest.raises(vobiz_agent.SettingsError, match="STREAM_MAX_RETRIES"):
         vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "11"})
+
+
+# ── Hostile and broken peers (issue 11) ──
+
+
+async def test_one_media_url_is_one_live_socket(nursery):
+    server = await start_server(nursery)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        statuses = []
+
+        async def intrude() -> None:
+            statuses.append(await refused_status(vobiz.url))
+
+        async with trio.open_nursery() as intruders:  # 20 more sockets on the same URL, at once
+            for _ in range(20):
+                intruders.start_soon(intrude)
+        assert statuses == [409] * 20  # refused before accept: no call, no slot, no provider stream
+        assert (await server.get("/health")).json()["calls"] == 1
+        await vobiz.drop()  # after it closes, the same URL may reconnect (Vobiz maxRetries)
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        await vobiz.until(lambda: len(server.app.switchboard) == 1)
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="already connected"} 20' in metrics
+
+
+async def test_a_second_answer_for_a_live_call_gets_busy_and_no_way_in(nursery, caplog):
+    ai = await start_providers(nursery, ["My account PIN is 4321."])
+    async with vobiz_call(ai.server.url) as victim:
+        await greeted(victim)
+        victim.say(speech(1.0, seed=87))
+        await victim.until(lambda: len(ai.openai.chat_requests) == 1 and len(victim.played_names) >= 2)
+        intruder = SimulatedVobiz()  # knows the victim's CallUUID
+        assert await intruder.answer(ai.server.url) is None
+        assert intruder.state == "rejected" and intruder.hangup_reason == "busy"
+    again = SimulatedVobiz()  # the conversation is resumable for a while: still no way in
+    assert await again.answer(ai.server.url) is None and again.state == "rejected"
+    assert len(ai.openai.chat_requests) == 1  # nobody else's turn reached the model with the victim's words
+    assert sum("a second answer for a call that is live or resumable" in r.getMessage()
+               for r in caplog.records) == 2
+
+
+async def junk_socket(url: str, frames, every_s: float) -> float:
+    """Send `frames` (then one '{}' per `every_s`) until the server closes; how long it took."""
+    began = trio.current_time()
+    with trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(url) as ws:
+            for frame in frames:
+                await ws.send_message(frame)
+            with suppress(trio_websocket.ConnectionClosed):
+                while True:
+                    await ws.send_message("{}")
+                    with trio.move_on_after(every_s):
+                        await ws.get_message()
+    return trio.current_time() - began
+
+
+async def test_junk_keeps_no_slot_and_a_socket_must_start_soon(nursery, caplog):
+    server = await start_server(nursery, idle_timeout_s=1.0)
+    start = json.dumps(SimulatedVobiz().start_frame())
+    async with trio.open_nursery() as junk:
+        junk.start_soon(junk_socket, await media_url(server), [start], 0.2)  # start, then only junk
+        junk.start_soon(junk_socket, await media_url(server, "no-start"), [], 0.2)  # junk, never a start
+    await server.app.switchboard.wait_until_empty()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("no media from Vobiz for 1 s" in line for line in lines)
+    assert any("no valid start frame in time" in line for line in lines)
+    metrics = (await server.get("/metrics")).text
+    assert 'ended="idle timeout"' in metrics and 'ended="no start"' in metrics
+
+
+async def test_max_calls_counts_answers_and_holds_at_the_socket_too(nursery, monkeypatch, caplog):
+    monkeypatch.setattr(vobiz_agent.Switchboard, "SOCKET_WAIT_S", 1.0)
+    shared = {"stream_secret": b"shared-secret", "stream_secret_generated": False}
+    server = await start_server(nursery, max_calls=2, **shared)
+    other = await start_server(nursery, **shared)
+    await media_url(server, "a")
+    await media_url(server, "b")  # two answers, no socket yet: both count
+    burst = SimulatedVobiz(call_id="c")
+    assert await burst.answer(server.url) is None and burst.state == "rejected"
+    await trio.sleep(1.2)  # a socket that never comes frees its slot (SOCKET_WAIT_S)
+    async with vobiz_call(server.url, call_id="c") as first, vobiz_call(server.url, call_id="d") as second:
+        await greeted(first)
+        await greeted(second)
+        elsewhere = (await media_url(other, "e")).replace(other.url.removeprefix("http://"),
+                                                          server.url.removeprefix("http://"))
+        assert await refused_status(elsewhere) == 503  # answered by another process: this one is full
+    assert any("its media socket never came: slot released" in r.getMessage() for r in caplog.records)
+
+
+async def test_unfinished_request_bodies_are_closed_at_the_read_timeout(nursery):
+    server = await start_server(nursery, http_read_timeout_s=1.0)
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    streams = []
+    for _ in range(40):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                              b"Content-Type: application/x-www-form-urlencoded\r\n\r\nCallUUID=")
+        streams.append(stream)
+
+    async def closed_by_server(stream) -> None:
+        while await stream.receive_some():  # a 408, maybe, then the end of the connection
+            pass
+
+    with trio.fail_after(6):  # the read timeout is 1 s; without one they stay open for good
+        async with trio.open_nursery() as waiting:
+            for stream in streams:
+                waiting.start_soon(closed_by_server, stream)
+    for stream in streams:
+        await stream.aclose()
+    assert (await server.get("/health")).status_code == 200
+
+
+async def test_oversized_webhook_bodies_are_refused(server):
+    big = await server.post("/answer", content=b"CallUUID=x&pad=" + b"a" * 15_000_000,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert big.status_code == 413
+    assert (await server.post("/hangup", data={"CallUUID": CALL_UUID, "pad": "a" * 9000})).status_code == 413
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID})).status_code == 200
+
+
+CRASHING_FRAMES = [
+    ("[" * 1000 + "]" * 1000, "more than 32 objects and arrays"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": Infinity}}', "Infinity is not a number"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": 1e999}}', "out of range"),
+    ('{"event": "start", "start": {"callId": "call-a", "streamId": "s2", "mediaFormat": '
+     '{"encoding": "audio/x-l16", "sampleRate": NaN}}}', "NaN is not a number"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": ' + "9" * 5000 + "}}", "not JSON"),
+    (b"", "binary"),
+    (b"\x00\xff", "binary"),
+    ("", "empty"),
+]
+
+
+async def test_frames_that_used_to_crash_a_call_are_bad_frames(server, caplog):
+    caplog.set_level(logging.WARNING, logger="vobiz_agent")
+    for frame, complaint in CRASHING_FRAMES:  # each alone: the log says what was wrong with it
+        with pytest.raises(vobiz_agent.BadFrame, match=complaint):
+            vobiz_agent.parse_frame(frame)
+    async with vobiz_call(server.url, call_id="call-a", stream_id="sa") as vobiz:
+        for frame, _ in CRASHING_FRAMES:  # all of them, on a live call
+            await vobiz.ws.send_message(frame)
+        metrics = server.app.switchboard.metrics
+        await vobiz.until(lambda: sum(n for (name, _), n in metrics.counters.items() if name == "errors_total")
+                          >= len(CRASHING_FRAMES))
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=88))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=88)) > 0.9  # the call went on
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("path", [
+    f"/ws/{CALL_UUID}/%C2%B2%C2%B2%C2%B2.AAAAAAAA.x",  # superscript two: str.isdigit() says yes
+    f"/ws/{CALL_UUID}/%D9%A1%D9%A2%D9%A3.AAAAAAAA.x",  # Arabic-Indic digits
+    f"/ws/{CALL_UUID}/{'9' * 5000}.AAAAAAAA.x",
+    "/ws/abc%0A2026-12-01%2000:00:00%20INFO%20vobiz_agent:%20forged/1.AAAAAAAA.x",
+    f"/ws/{CALL_UUID}/1.%0Aforged.x",
+])
+async def test_crafted_tokens_get_403_and_write_no_forged_line(server, caplog, path):
+    caplog.set_level(logging.INFO)
+    assert await refused_status(server.url.replace("http", "ws", 1) + path) == 403
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not [r for r in caplog.records if "\n" in r.getMessage()]  # one line each, nothing forged
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def fuzzed_frame(rng: random.Random, call_id: str) -> str | bytes:
+    """A frame as a broken or hostile peer might send it: valid ones bent out of shape."""
+    weird = [math.inf, -math.inf, math.nan, 1e308, -1, 0, 2**70, "", "x" * 300, None, True, [], {}, [[[[]]]]]
+    shapes = [
+        lambda: {"event": "media", "media": {"payload": base64.b64encode(rng.randbytes(rng.choice([160, 161, 0, 7])))
+                                              .decode(), "chunk": rng.choice(weird)}},
+        lambda: {"event": "start", "start": {"callId": rng.choice([call_id, "other", 5]), "streamId": "s",
+                                             "mediaFormat": {"encoding": rng.choice(["audio/x-l16", 7, None]),
+                                                             "sampleRate": rng.choice(weird + [8000, 16000])}}},
+        lambda: {"event": rng.choice(["playedStream", "clearedAudio", "dtmf", "mark", "", None]),
+                 "name": rng.choice(weird), "dtmf": {"digit": rng.choice(weird + ["5"])}},
+    ]
+    kind = rng.random()
+    if kind < 0.15:
+        return rng.randbytes(rng.randint(0, 40))  # binary, empty included
+    if kind < 0.25:
+        return rng.choice(["", "{", "[" * rng.randint(1, 3000), "null", '"x"', "\u2028\n", "{}" * 50])
+    text = json.dumps(rng.choice(shapes)(), allow_nan=True)
+    if kind < 0.4:  # cut or spliced
+        cut = rng.randint(0, len(text))
+        text = text[:cut] + rng.choice(["", "1e999", "NaN", "]]]]", "\u2028", '"'])
+    return text
+
+
+async def test_a_fuzz_of_ten_thousand_frames_leaks_no_socket_and_no_memory(nursery, caplog):
+    caplog.set_level(logging.WARNING)
+    server = await start_server(nursery)
+    rng = random.Random(11)
+
+    async def fuzz_round(n: int, frames: int) -> None:
+        async with trio.open_nursery() as sockets:
+            for i in range(4):
+                sockets.start_soon(fuzz_one, f"fuzz-{n}-{i}", frames)
+
+    async def fuzz_one(call_id: str, frames: int) -> None:
+        async with trio_websocket.open_websocket_url(await media_url(server, call_id)) as ws:
+            await ws.send_message(json.dumps(SimulatedVobiz(call_id=call_id).start_frame()))
+            for _ in range(frames):
+                await ws.send_message(fuzzed_frame(rng, call_id))
+
+    await fuzz_round(0, 100)  # warm up: the first calls allocate what every call reuses
+    await server.app.switchboard.wait_until_empty()
+    fds, rss = open_fds(), rss_mb()
+    for n in range(1, 6):  # 5 rounds × 4 sockets × 500 frames = 10,000 frames
+        await fuzz_round(n, 500)
+    await server.app.switchboard.wait_until_empty()
+    gc_collect = __import__("gc").collect
+    gc_collect()
+    after_fds, after_rss = open_fds(), rss_mb()
+    print(f"\nfuzz of 10,000 frames: fds {fds} → {after_fds}, RSS {rss:.1f} → {after_rss:.1f} MB")
+    assert after_fds <= fds  # no socket survives its call
+    assert after_rss - rss < 8  # flat: no memory survives a bad frame (allocator noise aside)
+    assert call_tasks() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

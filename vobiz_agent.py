@@ -1677,7 +1677,7 @@ class Call:
         self.bad_frames[kind] += 1
         self.switchboard.metrics.count("errors_total", kind=f"bad_frame_{kind}")
         if self.bad_frames[kind] <= self.BAD_FRAMES_LOGGED:
-            self.log(logging.WARNING, "ignored a bad frame: %s", detail)
+            self.log(logging.WARNING, "ignored a bad frame: %s", _clean(detail, 200))
 
     def _log_latency(self, turn: Turn) -> None:
         """One line per turn: how long each step took, from the end of the caller's speech."""
