@@ -2305,3 +2305,101 @@ async def test_a_fuzz_of_ten_thousand_frames_leaks_no_socket_and_no_memory(nurse
     assert after_rss - rss < 8  # flat: no memory survives a bad frame (allocator noise aside)
     assert call_tasks() == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+class StalledPeer:
+    """A media socket whose peer keeps sending caller audio but never reads: a tiny
+    receive buffer, raw TCP and wsproto, so nothing on our side drains it."""
+
+    def __init__(self, url: str):
+        self.url = urlsplit(url)
+        self.client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+
+    async def connect(self) -> None:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+        await sock.connect((self.url.hostname, self.url.port))
+        self.stream = trio.SocketStream(sock)
+        await self.stream.send_all(self.client.send(wsproto.events.Request(host=self.url.netloc,
+                                                                           target=self.url.path)))
+        while not any(isinstance(event, wsproto.events.AcceptConnection) for event in self.client.events()):
+            self.client.receive_data(await self.stream.receive_some(1024))
+        await self.send(json.dumps(SimulatedVobiz(call_id=self.url.path.split("/")[2]).start_frame()))
+
+    async def send(self, text: str) -> None:
+        await self.stream.send_all(self.client.send(wsproto.events.Message(text)))
+
+    async def talk_without_listening(self, talk: bool = True) -> None:
+        """Caller audio every 20 ms (so no idle timeout is what ends it), and not one byte read."""
+        # Quiet while greeted, then a turn and a pause for its echo, again and again.
+        words = audioop.lin2ulaw(bytes(16000) + (speech(1.5, seed=89) if talk else bytes(24000)) + bytes(40000), 2)
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            for tick in range(100_000):
+                chunk = words[(tick * 160) % (len(words) - 160):][:160]
+                await self.send(media_frame(base64.b64encode(chunk).decode()))
+                await trio.sleep(TICK)
+
+
+async def test_a_peer_that_stops_reading_is_dropped_and_two_sigterms_still_exit_0(nursery):
+    port = free_port()
+    process, process_log = await start_process(nursery, port, DRAIN_TIMEOUT_S="1")
+    server = Server(None, f"http://127.0.0.1:{port}")
+    peer = StalledPeer(await media_url(server))
+    await peer.connect()
+    nursery.start_soon(peer.talk_without_listening)
+    with trio.fail_after(15):  # its sends stall at once: the greeting alone is more than 4 KiB
+        while (await server.get("/health")).json()["calls"]:
+            await trio.sleep(0.2)  # polling what an operator polls
+    began = trio.current_time()
+    # A second stalled call, then SIGTERM twice: the drain must still end, and end well.
+    second = StalledPeer(await media_url(server, "second-stalled"))
+    await second.connect()
+    nursery.start_soon(second.talk_without_listening, False)  # its goodbye goes unread: no ack, ever
+    await process_log.until(lambda text: "second-stalled: stream" in text)
+    process.send_signal(signal.SIGTERM)
+    await process_log.until(lambda text: "draining" in text)
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(1 + 5 + 2 + 3 + vobiz_agent.SEND_TIMEOUT_S + 3):  # drain, goodbye, Hypercorn, the kernel
+        assert await process.wait() == 0
+    print(f"\nstalled peer: slot freed, then drained in {trio.current_time() - began:.1f} s")
+    assert "Traceback" not in process_log.text
+
+
+async def test_an_fd_shortage_is_logged_once_per_burst_not_per_connection(nursery):
+    port = free_port()
+    process = await nursery.start(partial(
+        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False,
+        preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (48, 48))))
+    process_log = ProcessLog()
+    nursery.start_soon(process_log.read, process.stderr)
+    await process_log.until(lambda text: "Running on" in text)
+    held = []
+    for _ in range(80):  # more connections than descriptors: accept() fails with EMFILE
+        held.append(await trio.open_tcp_stream("127.0.0.1", port))
+    await trio.sleep(1.0)  # a second of EMFILE: trio's accept loop retries ten times a second
+    for stream in held:
+        await stream.aclose()
+    server = Server(None, f"http://127.0.0.1:{port}")
+    with trio.fail_after(15):
+        while True:
+            with suppress(httpx.HTTPError):
+                if (await server.get("/health", timeout=2)).status_code == 200:
+                    break
+            await trio.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+    assert process_log.text.count("cannot accept connections: EMFILE") == 1
+    assert "ulimit -n" in process_log.text and "Traceback" not in process_log.text
+
+
+async def test_health_and_banner_say_loudly_when_anyone_can_spend_the_budget(nursery):
+    ai = await start_providers(nursery)
+    health = (await ai.server.get("/health")).json()
+    assert "anyone who can reach /answer can spend your provider budget" in health["warning"]
+    settings = ai.server.app.switchboard.settings
+    assert "WARNING: webhook verification is off" in vobiz_agent.banner(settings, ai.server.app.switchboard.agent)
+    signed = await start_providers(nursery, vobiz_auth_token="secret-token")
+    assert "warning" not in (await signed.server.get("/health")).json()
+    offline = await start_server(nursery)
+    assert "warning" not in (await offline.get("/health")).json()
