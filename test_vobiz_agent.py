@@ -2232,7 +2232,7 @@ async def test_frames_that_used_to_crash_a_call_are_bad_frames(server, caplog):
     f"/ws/{CALL_UUID}/%C2%B2%C2%B2%C2%B2.AAAAAAAA.x",  # superscript two: str.isdigit() says yes
     f"/ws/{CALL_UUID}/%D9%A1%D9%A2%D9%A3.AAAAAAAA.x",  # Arabic-Indic digits
     f"/ws/{CALL_UUID}/{'9' * 5000}.AAAAAAAA.x",
-    "/ws/abc%0A2026-12-01%2000:00:00%20INFO%20vobiz_agent:%20forged/1.AAAAAAAA.x",
+    "/ws/abc%0A2026-12-01%2000:00:00%20INFO%20vobiz_agent:%20forged/%C2%B2.AAAAAAAA.x",  # a line in the path
     f"/ws/{CALL_UUID}/1.%0Aforged.x",
 ])
 async def test_crafted_tokens_get_403_and_write_no_forged_line(server, caplog, path):
