@@ -117,7 +117,7 @@ class SimulatedVobiz:
     just ended leaves the caller in billed dead air (the docs' warning: the worst case).
     """
 
-    RECONNECT_DELAY_S = 0.3  # undocumented; "after a short delay"
+    RECONNECT_DELAY_S = 0.5  # undocumented; "after a short delay"
 
     def __init__(self, *, start_shape="nested", media_format=("audio/x-mulaw", 8000),
                  cleared_delay=0.0, answers_clear=True, call_id=CALL_UUID, stream_id="stream-1",
@@ -152,7 +152,7 @@ class SimulatedVobiz:
         self.protocol_errors: list[str] = []
         self.closed = trio.Event()  # no more audio on this call: the last stream is over
         self.stream_closed = trio.Event()  # the current socket is gone (renewed per stream)
-        self._stopped = self._hung_up = self._dropping = False
+        self._stopped = self._hung_up = self._dropping = self._half_open = False
         self._changed = trio.Event()
         noise = random.Random(7)
         self.noise = array.array("h", (noise.randint(-40, 40) for _ in range(8000 * 2))).tobytes()
@@ -172,10 +172,16 @@ class SimulatedVobiz:
             self.to_say.append(pcm[i : i + size].ljust(size, b"\0"))
         return first
 
-    async def drop(self) -> None:
-        """A network blip: the socket is gone (no close handshake); Vobiz may reconnect."""
+    async def drop(self, half_open: bool = False) -> None:
+        """A network blip: the socket is gone (no close handshake); Vobiz may reconnect.
+        Half open: the server is not told at all, its side of the old socket just goes quiet."""
         self._dropping = True
-        await self.ws._stream.aclose()
+        if half_open:
+            self._half_open = True
+            self.stream_closed.set()
+            self._notify()
+        else:
+            await self.ws._stream.aclose()
 
     async def stop_stream(self) -> None:
         """Vobiz ends the stream itself with a `stop` frame (older docs): no reconnect follows."""
@@ -260,18 +266,20 @@ class SimulatedVobiz:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Stream the call; started() once the first socket has sent `start` (or the call is over)."""
         attempts = 0
-        while self.url is not None and not self._hung_up:
-            if attempts:
-                self.stream_id = f"{self.first_stream_id}-retry{attempts}"
-            outcome = await self._stream(task_status)
-            if outcome == "stop" or self._hung_up or attempts >= self.max_retries:
-                break
-            attempts += 1
-            await trio.sleep(self.RECONNECT_DELAY_S)
-        if not self._hung_up:
-            self._after_stream(outcome if self.url is not None else "stop")
-        if not self.streams:
-            task_status.started()
+        async with trio.open_nursery() as self._connections:  # the sockets' tasks; half-open ones linger
+            while self.url is not None and not self._hung_up:
+                if attempts:
+                    self.stream_id = f"{self.first_stream_id}-retry{attempts}"
+                outcome = await self._stream(task_status)
+                if outcome == "stop" or self._hung_up or attempts >= self.max_retries:
+                    break
+                attempts += 1
+                await trio.sleep(self.RECONNECT_DELAY_S)
+            if not self._hung_up:
+                self._after_stream(outcome if self.url is not None else "stop")
+            if not self.streams:
+                task_status.started()
+            self._connections.cancel_scope.cancel()
 
     def _after_stream(self, outcome: str) -> None:
         if self.after_stream and self.after_stream[0].tag == "Hangup":
@@ -285,31 +293,44 @@ class SimulatedVobiz:
 
     async def _stream(self, task_status) -> str:
         """One socket: "stop" (the app sent stop), "closed" (it closed without one), "refused"."""
-        self._stopped = self._dropping = False
+        self._stopped = self._dropping = self._half_open = False
         self.stream_closed = trio.Event()
+        release = trio.Event()  # set: the socket is closed; never set: left half open
         try:
-            async with trio_websocket.open_websocket_url(self.url) as ws:
-                self.ws = ws
-                self.streams.append(self.stream_id)
-                for frame in self.before_start:
-                    await ws.send_message(frame)
-                await ws.send_message(json.dumps(self.start_frame()))
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receive, nursery)
-                    if len(self.streams) == 1:
-                        task_status.started()
-                    await self._clock()
-                    nursery.cancel_scope.cancel()
+            ws = await self._connections.start(self._hold, release)
         except trio_websocket.ConnectionRejected as rejected:
             self.refused.append(rejected.status_code)
             self._notify()
             return "refused"
-        except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio_websocket.HandshakeError, OSError):
+            return "closed"
+        try:
+            self.ws = ws
+            self.streams.append(self.stream_id)
+            for frame in self.before_start:
+                await ws.send_message(frame)
+            await ws.send_message(json.dumps(self.start_frame()))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, nursery)
+                if len(self.streams) == 1:
+                    task_status.started()
+                await self._clock()
+                nursery.cancel_scope.cancel()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a vanished socket is closed, however it went
         finally:
+            if not self._half_open:
+                release.set()
             self.stream_closed.set()
             self._notify()
         return "stop" if self._stopped else "closed"
+
+    async def _hold(self, release: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """One socket, open until released."""
+        with suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            async with trio_websocket.open_websocket_url(self.url) as ws:
+                task_status.started(ws)
+                await release.wait()
 
     def start_frame(self) -> dict:
         media_format = {"encoding": self.encoding, "sampleRate": self.rate}
@@ -2403,3 +2424,17 @@ async def test_health_and_banner_say_loudly_when_anyone_can_spend_the_budget(nur
     assert "warning" not in (await signed.server.get("/health")).json()
     offline = await start_server(nursery)
     assert "warning" not in (await offline.get("/health")).json()
+
+
+async def test_a_reconnect_after_a_half_open_drop_replaces_the_dead_socket(nursery, caplog):
+    server = await start_server(nursery)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        await vobiz.drop(half_open=True)  # no FIN reaches the server: its old socket just goes quiet
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        said = vobiz.say(speech(0.8, seed=90))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=90)) > 0.9  # it goes on
+        assert len(server.app.switchboard) == 1
+    assert vobiz.refused in ([], [409])  # a retry that came within a second of the last media waited
+    assert any("a reconnect came: ending the call" in r.getMessage() for r in caplog.records)

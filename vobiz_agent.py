@@ -1487,6 +1487,10 @@ class Call:
                 deadlines += [quiet_until, self.ends_at]
             await trio.sleep_until(min(deadlines))
 
+    def replaced(self) -> None:
+        """A reconnect of this call is at the door, and this socket has gone quiet: it is dead."""
+        self._cut("reconnect", f"no media for {trio.current_time() - self.last_media:.1f} s and a reconnect came")
+
     def _cut(self, reason: str, why: str) -> None:
         self.ended_by = reason
         self.log(logging.WARNING, "%s: ending the call", why)
@@ -1778,6 +1782,7 @@ class Switchboard:
 
     RESUME_WINDOW_S = 120.0
     SOCKET_WAIT_S = 10.0  # Vobiz opens the socket within a second or two of our answer
+    DEAD_SOCKET_S = 1.0  # Vobiz sends media every 20 ms: a socket quiet this long is a dead one
 
     def __init__(self, settings: Settings, agent: Agent):
         self.settings, self.agent = settings, agent
@@ -1820,9 +1825,16 @@ class Switchboard:
         return self.live(call_id) or call_id in self.expected or call_id in self.conversations
 
     def admit(self, call_id: str) -> tuple[str | None, bool]:
-        """At a socket's door: (why it is refused or None, whether this process answered it)."""
-        if self.live(call_id):
-            return "already connected", False
+        """At a socket's door: (why it is refused or None, whether this process answered it).
+
+        While a socket of the call is live, another is refused: one URL, one call. But after a
+        network drop our side of the old socket may not have seen the end yet (no FIN ever
+        came): one that has carried no media for DEAD_SOCKET_S makes way for the reconnect."""
+        for call in [call for call in self.calls if call.call_id == call_id]:
+            if trio.current_time() - call.last_media < self.DEAD_SOCKET_S:
+                return "already connected", False
+            call.replaced()
+            return None, False  # it takes over the old socket's slot
         self._forget_old()
         if self.expected.pop(call_id, None) is not None:
             return None, True  # its slot was taken at /answer
