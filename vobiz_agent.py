@@ -1664,6 +1664,8 @@ class Call:
         await trio.sleep_until(self.play_clock - self.LEAD_S)
 
     async def send(self, message: str) -> None:
+        # Hypercorn shields its socket writes, so no deadline of ours could cut this short;
+        # the kernel's (SEND_TIMEOUT_S, see ServerConfig) aborts a peer that stopped reading.
         try:
             await self.socket.send(message)
         except ClientDisconnectedError:
