@@ -505,7 +505,7 @@ def parse_frame(message: object) -> Frame:
     if message.count("{") + message.count("[") > MAX_FRAME_CONTAINERS:
         raise BadFrame("json", f"frame has more than {MAX_FRAME_CONTAINERS} objects and arrays")
     try:
-        data = json.loads(message, parse_constant=_not_a_number, parse_float=_finite)
+        data = FRAME_DECODER.decode(message)
     except ValueError as error:
         raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
     if not isinstance(data, dict):
@@ -535,6 +535,9 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text[:20]} is out of range")
     return value
+
+
+FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
 
 
 def _media_payload(data: dict) -> bytes:
