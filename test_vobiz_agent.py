@@ -2169,6 +2169,7 @@ async def test_junk_keeps_no_slot_and_a_socket_must_start_soon(nursery, caplog):
 
 
 async def test_max_calls_counts_answers_and_holds_at_the_socket_too(nursery, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
     monkeypatch.setattr(vobiz_agent.Switchboard, "SOCKET_WAIT_S", 1.0)
     shared = {"stream_secret": b"shared-secret", "stream_secret_generated": False}
     server = await start_server(nursery, max_calls=2, **shared)
@@ -2184,7 +2185,8 @@ async def test_max_calls_counts_answers_and_holds_at_the_socket_too(nursery, mon
         elsewhere = (await media_url(other, "e")).replace(other.url.removeprefix("http://"),
                                                           server.url.removeprefix("http://"))
         assert await refused_status(elsewhere) == 503  # answered by another process: this one is full
-    assert any("its media socket never came: slot released" in r.getMessage() for r in caplog.records)
+    assert any("no media socket came here: slot released" in r.getMessage() for r in caplog.records)
+    assert "vobiz_agent_answers_without_socket_total 2" in (await server.get("/metrics")).text
 
 
 async def test_unfinished_request_bodies_are_closed_at_the_read_timeout(nursery):

@@ -1861,8 +1861,9 @@ class Switchboard:
         for call_id, until in list(self.expected.items()):
             if until < now:
                 del self.expected[call_id]
-                log.warning("call %s: answered, but its media socket never came: slot released", call_id)
-                self.metrics.count("calls_refused_total", reason="no socket")
+                # Its socket may have gone to another worker or host: nothing to warn about, by itself.
+                log.info("call %s: answered, but no media socket came here: slot released", call_id)
+                self.metrics.count("answers_without_socket_total")
         for old_id, (_, seen) in list(self.conversations.items()):
             if seen < now - self.RESUME_WINDOW_S and not self.live(old_id):
                 del self.conversations[old_id]
