@@ -1,7 +1,12 @@
 # vobiz-agent container image.
 #
 #   docker build -t vobiz-agent .
-#   docker run --rm -p 5000:5000 -e PUBLIC_URL=https://<your-tunnel-host> vobiz-agent
+#   docker run --rm --ulimit nofile=4096:4096 -p 5000:5000 -e PUBLIC_URL=https://<your-tunnel-host> vobiz-agent
+#
+# File descriptors: each call is one (two or three with the AI agent), so give the
+# container at least 4 × MAX_CALLS + 100 (`--ulimit nofile=4096:4096` covers the
+# default MAX_CALLS=50 many times over); short of them, the server logs one line
+# per minute and new connections wait.
 #
 # Two stages: the first installs the app into a virtualenv, the second copies
 # only that virtualenv onto a clean base, so pip, the build backend and the

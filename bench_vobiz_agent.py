@@ -308,7 +308,7 @@ class LoadedVobiz(SimulatedVobiz):
         fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
                   "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
         response = await self.client.post(base_url + "/answer", data=fields)
-        return ET.fromstring(response.content).find("Stream").text.strip()
+        return self.run_xml(ET.fromstring(response.content))
 
     def _on_message(self, message: dict, nursery: trio.Nursery) -> None:
         if message.get("event") == "checkpoint":
@@ -324,10 +324,12 @@ class LoadedVobiz(SimulatedVobiz):
 @asynccontextmanager
 async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[LoadedVobiz]:
     """vobiz_call's steps, for a LoadedVobiz: answer, media socket, clock; leaving hangs up."""
-    url = await vobiz.answer(base_url)
-    async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
-        await nursery.start(vobiz.run, ws)
+    await vobiz.answer(base_url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vobiz.run)
         yield vobiz
+        if not vobiz.closed.is_set():
+            await vobiz.hang_up()
         nursery.cancel_scope.cancel()
 
 

@@ -106,7 +106,19 @@ def resemblance(heard: bytes, said: bytes) -> float:
 
 
 class SimulatedVobiz:
-    """One call as Vobiz makes it: answer webhook, WebSocket, 20 ms media, real-time playback."""
+    """One call as Vobiz makes it: answer webhook, WebSocket, 20 ms media, real-time playback.
+
+    It runs the answer XML as the docs say (shared/vobiz-protocol.md "Read first", §2.2, §4.4):
+    `<Hangup reason="busy"/>` first rejects the call unanswered (unbilled), anything else
+    answers it; `<Stream>` opens the socket, and when the socket drops (or is refused) it
+    reconnects to the same URL, with a new streamId and the same callId, at most
+    `maxRetries` times (default 0: a dropped socket is terminal). When the stream is over
+    it runs the XML after `<Stream>`: `<Hangup/>` ends the call; with nothing after it a
+    `stop` from the app hangs up (4010, "End Of XML Instructions"), while a stream that
+    just ended leaves the caller in billed dead air (the docs' warning: the worst case).
+    """
+
+    RECONNECT_DELAY_S = 0.5  # undocumented; "after a short delay"
 
     def __init__(self, *, start_shape="nested", media_format=("audio/x-mulaw", 8000),
                  cleared_delay=0.0, answers_clear=True, call_id=CALL_UUID, stream_id="stream-1",
@@ -117,6 +129,15 @@ class SimulatedVobiz:
         self.cleared_delay = cleared_delay
         self.answers_clear = answers_clear
         self.call_id, self.stream_id = call_id, stream_id
+        self.first_stream_id = stream_id
+        self.url: str | None = None
+        self.max_retries = 0
+        self.after_stream: list[ET.Element] = []  # the XML that runs once the stream is over
+        self.state = "ringing"  # → "answered", then "hung up" or "dead air"; or "rejected"
+        self.billed = False  # answered: the caller's line costs money from here on
+        self.hangup_reason = ""  # "busy", "Hangup after Stream", "End Of XML Instructions", "caller"
+        self.streams: list[str] = []  # streamId of every socket that was opened
+        self.refused: list[int] = []  # HTTP status of every socket the server refused
         self.tick = 0
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
@@ -130,12 +151,19 @@ class SimulatedVobiz:
         self.clearing = False
         self.audio_while_clearing = 0
         self.protocol_errors: list[str] = []
-        self.closed = trio.Event()
+        self.closed = trio.Event()  # no more audio on this call: the last stream is over
+        self.stream_closed = trio.Event()  # the current socket is gone (renewed per stream)
+        self._stopped = self._hung_up = self._dropping = self._half_open = False
         self._changed = trio.Event()
         noise = random.Random(7)
         self.noise = array.array("h", (noise.randint(-40, 40) for _ in range(8000 * 2))).tobytes()
 
     # What a test does with it.
+
+    @property
+    def call_open(self) -> bool:
+        """Is the phone call still up (and billed)? Dead air counts: the caller still pays."""
+        return self.state in ("answered", "dead air")
 
     def say(self, pcm: bytes) -> int:
         """Queue caller speech (16-bit PCM at the call's rate); returns its first tick."""
@@ -159,6 +187,37 @@ class SimulatedVobiz:
             frame = {"event": "dtmf", "streamId": self.stream_id, "dtmf": key}
         await self.ws.send_message(json.dumps(frame))
 
+    async def drop(self, half_open: bool = False) -> None:
+        """A network blip: the socket is gone (no close handshake); Vobiz may reconnect.
+        Half open: the server is not told at all, its side of the old socket just goes quiet."""
+        self._dropping = True
+        if half_open:
+            self._half_open = True
+            self.stream_closed.set()
+            self._notify()
+        else:
+            await self.ws._stream.aclose()
+
+    async def stop_stream(self) -> None:
+        """Vobiz ends the stream itself with a `stop` frame (older docs): no reconnect follows."""
+        self._stopped = True
+        await self.ws.send_message(json.dumps({"event": "stop", "streamId": self.stream_id}))
+
+    async def transfer(self) -> None:
+        """A REST transfer moved the call to other XML: Vobiz tears this stream down for good."""
+        self._hung_up = True  # no reconnect: the call has left our <Stream>
+        if not self.stream_closed.is_set():
+            with trio.move_on_after(2):
+                await self.ws.aclose()
+        self._end_call("transferred", "transfer")
+
+    async def hang_up(self) -> None:
+        """The caller hangs up: Vobiz closes the socket and never reconnects."""
+        self._hung_up = True
+        if not self.stream_closed.is_set():
+            with trio.move_on_after(2):
+                await self.ws.aclose()
+        self._end_call("hung up", "caller")
     async def until(self, condition) -> None:
         """Wait (on the simulated clock, not a timer) until condition() holds."""
         while not condition():
@@ -179,9 +238,10 @@ class SimulatedVobiz:
     def event_ticks(self, name: str) -> list[int]:
         return [tick for tick, message in self.events if message.get("event") == name]
 
-    # The wire.
+    # The answer XML.
 
-    async def answer(self, base_url: str, method: str = "POST") -> str:
+    async def answer(self, base_url: str, method: str = "POST") -> str | None:
+        """Fetch the answer URL and run its XML up to <Stream>; returns the media URL (None: no stream)."""
         fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
                   "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
         async with httpx.AsyncClient() as client:
@@ -189,9 +249,111 @@ class SimulatedVobiz:
                 response = await client.post(base_url + "/answer", data=fields)
             else:
                 response = await client.get(base_url + "/answer", params=fields)
-        self.answer_xml = ET.fromstring(response.content)
-        stream = self.answer_xml.find("Stream")
-        return stream.text.strip()
+        return self.run_xml(ET.fromstring(response.content))
+
+    def run_xml(self, root: ET.Element) -> str | None:
+        self.answer_xml = root
+        elements = list(root)
+        if elements and elements[0].tag == "Hangup" and elements[0].get("reason") in ("busy", "rejected"):
+            self.state, self.hangup_reason = "rejected", elements[0].get("reason")  # never answered
+            self.closed.set()
+            return None
+        self.state, self.billed = "answered", True  # any other verb answers the call
+        for i, element in enumerate(elements):
+            if element.tag == "Stream":
+                self.url = element.text.strip()
+                self.max_retries = self._retries(element.get("maxRetries"))
+                self.after_stream = elements[i + 1:]
+                return self.url
+            if element.tag == "Hangup":
+                break
+        self._end_call("hung up", "Hangup")
+        return None
+
+    @staticmethod
+    def _retries(value: str | None) -> int:
+        """maxRetries: 0-10, default 0; below 0 → 0, above 10 → 10, not an integer → 0 (§2.2)."""
+        try:
+            return min(max(int(value), 0), 10)
+        except (TypeError, ValueError):
+            return 0
+
+    def _end_call(self, state: str, reason: str) -> None:
+        if self.state in ("answered", "dead air"):
+            self.state, self.hangup_reason = state, reason
+        self.closed.set()
+        self._notify()
+
+    # The wire: one socket per attempt, as many attempts as maxRetries allows.
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Stream the call; started() once the first socket has sent `start` (or the call is over)."""
+        attempts = 0
+        async with trio.open_nursery() as self._connections:  # the sockets' tasks; half-open ones linger
+            while self.url is not None and not self._hung_up:
+                if attempts:
+                    self.stream_id = f"{self.first_stream_id}-retry{attempts}"
+                outcome = await self._stream(task_status)
+                if outcome == "stop" or self._hung_up or attempts >= self.max_retries:
+                    break
+                attempts += 1
+                await trio.sleep(self.RECONNECT_DELAY_S)
+            if not self._hung_up:
+                self._after_stream(outcome if self.url is not None else "stop")
+            if not self.streams:
+                task_status.started()
+            self._connections.cancel_scope.cancel()
+
+    def _after_stream(self, outcome: str) -> None:
+        if self.after_stream and self.after_stream[0].tag == "Hangup":
+            self._end_call("hung up", "Hangup after Stream")
+        elif outcome == "stop":
+            self._end_call("hung up", "End Of XML Instructions")
+        else:
+            self.state = "dead air"
+            self.closed.set()
+            self._notify()
+
+    async def _stream(self, task_status) -> str:
+        """One socket: "stop" (the app sent stop), "closed" (it closed without one), "refused"."""
+        self._stopped = self._dropping = self._half_open = False
+        self.stream_closed = trio.Event()
+        release = trio.Event()  # set: the socket is closed; never set: left half open
+        try:
+            ws = await self._connections.start(self._hold, release)
+        except trio_websocket.ConnectionRejected as rejected:
+            self.refused.append(rejected.status_code)
+            self._notify()
+            return "refused"
+        except (trio_websocket.HandshakeError, OSError):
+            return "closed"
+        try:
+            self.ws = ws
+            self.streams.append(self.stream_id)
+            for frame in self.before_start:
+                await ws.send_message(frame)
+            await ws.send_message(json.dumps(self.start_frame()))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, nursery)
+                if len(self.streams) == 1:
+                    task_status.started()
+                await self._clock()
+                nursery.cancel_scope.cancel()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a vanished socket is closed, however it went
+        finally:
+            if not self._half_open:
+                release.set()
+            self.stream_closed.set()
+            self._notify()
+        return "stop" if self._stopped else "closed"
+
+    async def _hold(self, release: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """One socket, open until released."""
+        with suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            async with trio_websocket.open_websocket_url(self.url) as ws:
+                task_status.started(ws)
+                await release.wait()
 
     async def recording_finished(self) -> httpx.Response | None:
         """After the call: a <Record recordSession> in the answer gets its callback, with the
@@ -216,27 +378,18 @@ class SimulatedVobiz:
                 "start": {"callId": self.call_id, "streamId": self.stream_id, "accountId": "500025",
                           "tracks": ["inbound"], "mediaFormat": media_format}}
 
-    async def run(self, ws, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.ws = ws
-        for frame in self.before_start:
-            await ws.send_message(frame)
-        await ws.send_message(json.dumps(self.start_frame()))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._receive, nursery)
-            task_status.started()
-            await self._clock()
-
     async def _clock(self) -> None:
-        began = self.began = trio.current_time()
-        while not self.closed.is_set():
+        began = self.began = trio.current_time() - self.tick * TICK  # one timeline across reconnects
+        while not self.stream_closed.is_set():
             await trio.sleep_until(began + (self.tick + 1) * TICK)
             self.tick += 1
             try:
                 await self._send_media()
                 await self._play_one()
-            except trio_websocket.ConnectionClosed:
-                self.closed.set()
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.stream_closed.set()
             self._notify()
+        self.queue.clear()  # what was queued for a closed stream never plays
 
     async def _send_media(self) -> None:
         if self.to_say:
@@ -268,8 +421,8 @@ class SimulatedVobiz:
                 message = json.loads(await self.ws.get_message())
                 self._on_message(message, nursery)
                 self._notify()
-        except trio_websocket.ConnectionClosed:
-            self.closed.set()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stream_closed.set()
             self._notify()
 
     def _on_message(self, message: dict, nursery) -> None:
@@ -295,6 +448,7 @@ class SimulatedVobiz:
                 self.clearing = True
                 nursery.start_soon(self._cleared)
         elif event == "stop":
+            self._stopped = True
             nursery.start_soon(self.ws.aclose)
         else:
             self.protocol_errors.append(f"unexpected event {event!r}")
@@ -302,8 +456,9 @@ class SimulatedVobiz:
     async def _cleared(self) -> None:
         await trio.sleep(self.cleared_delay)  # Vobiz takes its time to flush
         self.clearing = False
-        await self.ws.send_message(json.dumps({"sequenceNumber": 0, "event": "clearedAudio",
-                                               "streamId": self.stream_id}))
+        with suppress(trio_websocket.ConnectionClosed):
+            await self.ws.send_message(json.dumps({"sequenceNumber": 0, "event": "clearedAudio",
+                                                   "streamId": self.stream_id}))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -312,15 +467,19 @@ class SimulatedVobiz:
 
 @asynccontextmanager
 async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
-    """A call from answer to hang-up; leaving the block hangs up (closes the socket).
-    With `url`, a reconnect: no answer webhook, straight to that media URL."""
+    """A call from answer to hang-up; leaving the block hangs up (if the call is still up).
+    With `url`, Vobiz dials that media URL straight away (no answer webhook, no retries)."""
     vobiz = SimulatedVobiz(**options)
-    url = url or await vobiz.answer(base_url)
-    vobiz.url = url
+    if url is None:
+        await vobiz.answer(base_url)
+    else:
+        vobiz.url, vobiz.state, vobiz.billed = url, "answered", True
     with trio.fail_after(limit_s):  # a hung test fails instead of hanging CI
-        async with trio_websocket.open_websocket_url(url) as ws, trio.open_nursery() as nursery:
-            await nursery.start(vobiz.run, ws)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vobiz.run)
             yield vobiz
+            if not vobiz.closed.is_set():
+                await vobiz.hang_up()
             nursery.cancel_scope.cancel()
         vobiz.recording_response = await vobiz.recording_finished()
     assert vobiz.protocol_errors == []
@@ -395,8 +554,9 @@ async def test_answer_streams_the_call_to_our_websocket(server, method):
     assert stream.attrib == {
         "bidirectional": "true", "audioTrack": "inbound", "keepCallAlive": "true",
         "contentType": "audio/x-mulaw;rate=8000", "statusCallbackUrl": f"{server.url}/stream-status",
-        "statusCallbackMethod": "POST",
+        "statusCallbackMethod": "POST", "maxRetries": "3",
     }
+    assert [child.tag for child in parse_answer(response)] == ["Stream", "Hangup"]
 
 
 async def test_answer_honours_forwarded_headers_from_a_tunnel(server):
@@ -415,7 +575,7 @@ async def test_answer_uses_public_url_and_escapes_it(nursery):
     assert stream.text.startswith(f"wss://calls.example.com/agent/ws/{CALL_UUID}/")
     assert len(stream.text) < 120  # long stream URLs get truncated
     assert stream.get("statusCallbackUrl") == "https://calls.example.com/agent/stream-status"
-    xml = vobiz_agent.stream_xml("wss://h/ws?a=1&b=2", "https://h/s")
+    xml = vobiz_agent.stream_xml("wss://h/ws?a=1&b=2", "https://h/s", 3)
     assert b"a=1&amp;b=2" in xml and ET.fromstring(xml).find("Stream").text == "wss://h/ws?a=1&b=2"
 
 
@@ -566,7 +726,7 @@ async def test_a_stop_frame_ends_the_call_and_dtmf_is_logged(server, caplog):
     async with vobiz_call(server.url) as vobiz:
         await vobiz.until_tick(3)
         await vobiz.ws.send_message(json.dumps({"event": "dtmf", "dtmf": {"digit": "5"}}))
-        await vobiz.ws.send_message(json.dumps({"event": "stop", "streamId": vobiz.stream_id}))
+        await vobiz.stop_stream()  # the stop frame of older docs: Vobiz ends the stream itself
         await vobiz.closed.wait()  # the server closed the socket
     await server.app.switchboard.wait_until_empty()
     lines = [r.getMessage() for r in caplog.records if CALL_UUID in r.getMessage()]
@@ -1598,8 +1758,9 @@ async def test_media_urls_are_capabilities_for_one_call(nursery):
     assert await refused_status(f"{base}/{call_id}/{token[:-2]}xx") == 403  # tampered
     other = (await media_url(server, "another-call")).rsplit("/", 1)[1]
     assert await refused_status(f"{base}/{CALL_UUID}/{other}") == 403  # issued for another call
-    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, int(time.time()) - 1)
-    assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403
+    long_ago = int(time.time()) - vobiz_agent.Settings().max_call_s - vobiz_agent.STREAM_URL_MARGIN_S - 1
+    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, long_ago, "AAAAAAAA")
+    assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403  # older than any call can be
     assert await refused_status(good) is None
     metrics = (await server.get("/metrics")).text
     assert 'vobiz_agent_calls_refused_total{reason="token"} 3' in metrics
@@ -1622,8 +1783,9 @@ async def test_over_max_calls_the_caller_hears_that_we_are_busy(nursery):
     async with vobiz_call(server.url, call_id="first") as first:
         await first.until_tick(2)
         response = await server.post("/answer", data={"CallUUID": "second"})
-    root = ET.fromstring(response.content)
-    assert [child.tag for child in root] == ["Speak", "Hangup"] and "busy" in root.find("Speak").text
+    second = SimulatedVobiz(call_id="second")
+    assert second.run_xml(ET.fromstring(response.content)) is None
+    assert second.state == "rejected" and second.hangup_reason == "busy" and not second.billed
     assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
 
 
@@ -1635,25 +1797,25 @@ async def test_a_silent_socket_is_ended_after_the_idle_timeout(nursery, caplog):
             while True:
                 await ws.get_message()
     await server.app.switchboard.wait_until_empty()
-    assert any("no frame from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
+    assert any("no media from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
     assert 'vobiz_agent_calls_total{ended="idle timeout"} 1' in (await server.get("/metrics")).text
 
 
 async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nursery):
     server = await start_server(nursery, offline_max_turns=2)
-    async with vobiz_call(server.url) as first:
-        await greeted(first)
-        first.say(speech(0.8, seed=81))
-        await first.until(lambda: len(first.played_names) >= 2)  # turn 1 answered
-        url = first.url
-    await server.app.switchboard.wait_until_empty()
-    async with vobiz_call(server.url, url=url, stream_id="stream-2") as second:  # Vobiz maxRetries
-        said = second.say(speech(0.8, seed=82))
-        await second.closed.wait()  # turn 2 was the last: echo, goodbye, stop
-    assert not any(name.startswith("greeting") for name in second.played_names)  # not greeted again
-    assert [name.split("-")[0] for name in second.played_names] == ["echo", "goodbye"]
-    assert resemblance(second.agent_audio(said, second.tick), speech(0.8, seed=82)) > 0.9
-    assert second.event_ticks("stop")
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=81))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # turn 1 answered
+        before = len(vobiz.played_names)
+        await vobiz.drop()  # a network blip: Vobiz reconnects, as maxRetries allows
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        said = vobiz.say(speech(0.8, seed=82))
+        await vobiz.closed.wait()  # turn 2 was the last: echo, goodbye, stop
+    assert vobiz.streams == ["stream-1", "stream-1-retry1"] and vobiz.refused == []
+    assert [name.split("-")[0] for name in vobiz.played_names[before:]] == ["echo", "goodbye"]  # not greeted again
+    assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=82)) > 0.9
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open
     metrics = (await server.get("/metrics")).text
     assert 'vobiz_agent_calls_total{ended="agent"} 1' in metrics
     assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
@@ -1711,7 +1873,7 @@ async def test_sigterm_drains_live_calls_and_refuses_new_ones(nursery):
             health = await server.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "draining"
         busy = ET.fromstring((await server.post("/answer", data={"CallUUID": "late"})).content)
-        assert [child.tag for child in busy] == ["Speak", "Hangup"]
+        assert [(child.tag, child.get("reason")) for child in busy] == [("Hangup", "busy")]
         process.send_signal(signal.SIGINT)  # a second signal (Ctrl-C) must not cut the drain short
         said = vobiz.say(speech(0.8, seed=83))  # the live call goes on
         await vobiz.until(lambda: len(vobiz.played_names) >= 2)
@@ -1787,7 +1949,7 @@ class VobizApiStandIn:
             response = await client.request(body["aleg_method"], body["aleg_url"], data=fields)
         transfer["xml"] = ET.fromstring(response.content)
         if vobiz is not None:
-            await vobiz.ws.aclose()
+            await vobiz.transfer()
         self.transferred.set()
 
 
@@ -1909,12 +2071,12 @@ async def test_junk_frames_never_crash_a_call_or_disturb_another(caplog, junk):
 
 async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     caplog.set_level(logging.INFO, logger="vobiz_agent")
-    server = await start_server(nursery, offline_silence_s=1.0)
+    server = await start_server(nursery, silence_timeout_s=1.0)
     async with vobiz_call(server.url) as vobiz:  # the caller never says a word
         await vobiz.closed.wait()
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
-    assert any("ended by agent" in r.getMessage() for r in caplog.records)
+    assert any("ended by silence" in r.getMessage() for r in caplog.records)
 
 
 # ── Signatures that work on every account, and the verification mode (issue 9) ──
@@ -2541,7 +2703,7 @@ def assert_sent_like_vobiz(sent: list[tuple[float, dict]]) -> None:
 @pytest.mark.skipif(not (CHROMIUM and ESPEAK and SOX), reason="the browser softphone test needs Debian's "
                     "chromium, espeak-ng and sox (apt-get install chromium espeak-ng sox)")
 async def test_the_page_plays_the_whole_echo_then_the_goodbye_and_closes_on_stop(nursery, tmp_path):
-    server = await start_server(nursery, offline_silence_s=2.0)  # then quiet: the agent says goodbye
+    server = await start_server(nursery, silence_timeout_s=3.0)  # then quiet: the agent says goodbye
     wav, (said_s,) = caller_wav(tmp_path, (0.8, "One phrase, said in a quiet room."))
     with trio.fail_after(20):
         async with chromium(tmp_path, wav) as (devtools, page):
@@ -2556,7 +2718,7 @@ async def test_the_page_plays_the_whole_echo_then_the_goodbye_and_closes_on_stop
     console = [line for line in devtools.console if not line.startswith("← playAudio")]
     assert console[-5:] == ["← checkpoint goodbye-3", console[-4], "← stop", "socket closed (1000)", "hung up"]
     assert console[-4].startswith("→ playedStream goodbye-3")  # played to the end before the stop
-    assert 'vobiz_agent_calls_total{ended="agent"} 1' in (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_total{ended="silence"} 1' in (await server.get("/metrics")).text
 
 # The microphone worklet, fed tones in an OfflineAudioContext at each rate: what it sends,
 # decoded from μ-law in the page. One second of tone must be 50 frames of 160 bytes, at the
@@ -2604,3 +2766,440 @@ async def test_the_page_sends_8khz_from_any_rate_without_aliasing(nursery, tmp_p
             assert found["db"] == pytest.approx(-9.0, abs=1.0) and found["hz"] == pytest.approx(1000, abs=10), rate
         else:  # 5.5 kHz would fold to 2.5 kHz at full strength without the low-pass
             assert found["db"] < -45, (rate, found)
+
+
+
+
+# ── Reconnects, the end of every call, busy without billing (issue 9) ──
+
+
+async def test_a_drop_beyond_max_retries_ends_the_call(nursery):
+    server = await start_server(nursery, stream_max_retries=1)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        await vobiz.drop()  # the first drop is retried ...
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        await vobiz.until_tick(vobiz.tick + 5)
+        await vobiz.drop()  # ... the second is one too many
+        await vobiz.closed.wait()
+    assert vobiz.streams == ["stream-1", "stream-1-retry1"]
+    assert vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open  # no dead air
+
+
+async def test_a_refused_socket_is_retried_and_then_the_call_hangs_up(nursery):
+    server = await start_server(nursery)
+    vobiz = SimulatedVobiz()
+    url = await vobiz.answer(server.url)
+    vobiz.url = url[:-2] + ("AA" if not url.endswith("AA") else "BB")  # a URL this server will refuse
+    with trio.fail_after(CALL_LIMIT_S):
+        await nursery.start(vobiz.run)
+        await vobiz.closed.wait()
+    assert vobiz.refused == [403] * 4  # the first attempt and three retries (STREAM_MAX_RETRIES)
+    assert vobiz.hangup_reason == "Hangup after Stream" and not vobiz.call_open
+
+
+async def test_a_reconnect_to_another_process_after_a_minute_apologises_and_goes_on(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    shared = {"stream_secret": b"shared-secret", "stream_secret_generated": False}
+    first = await start_server(nursery, **shared)
+    other = await start_server(nursery, **shared)  # no memory of the call: only STREAM_SECRET in common
+    url = await media_url(first)
+    issued = int(time.time()) - 120  # the same URL, as /answer made it two minutes ago
+    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    late = url.replace(first.url.removeprefix("http://"), other.url.removeprefix("http://")).rsplit("/", 1)[0]
+    words = speech(0.8, seed=85)
+    async with vobiz_call(other.url, url=f"{late}/{token}", stream_id="stream-1-retry1") as vobiz:
+        await vobiz.until(lambda: vobiz.played_names)
+        said = vobiz.say(words)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["sorry", "echo"]  # not the greeting
+    sorry = audioop.ratecv(vobiz_agent.chime((660.0, 660.0)), 2, 1, 24000, 8000, None)[0]
+    assert resemblance(vobiz.agent_audio(0, said), sorry) > 0.9
+    assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
+    assert any("the caller hears we were cut off" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_ai_agent_says_sorry_we_were_cut_off_through_its_voice(nursery):
+    ai = await start_providers(nursery, stream_secret=b"shared-secret", stream_secret_generated=False)
+    issued = int(time.time()) - 120
+    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    url = f"{ai.server.url.replace('http', 'ws', 1)}/ws/{CALL_UUID}/{token}"
+    async with vobiz_call(ai.server.url, url=url) as vobiz:
+        await vobiz.until(lambda: vobiz.played_names)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.CUT_OFF) > 0.9
+    assert ai.spoken_texts() == [vobiz_agent.CUT_OFF]
+
+
+async def test_every_call_ends_at_max_call_s_with_a_goodbye(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    server = await start_server(nursery, max_call_s=3.0)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.4, seed=86))  # a caller who talks does not stop the clock
+        await vobiz.closed.wait()
+    assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "echo", "goodbye"]
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream"
+    # The limit counts from the answer (in whole seconds), then the goodbye plays.
+    assert 2.0 <= vobiz.event_ticks("stop")[0] * TICK <= 4.5
+    assert any("MAX_CALL_S" in r.getMessage() for r in caplog.records)
+    assert 'vobiz_agent_calls_total{ended="time limit"} 1' in (await server.get("/metrics")).text
+
+
+async def test_the_ai_agent_too_says_goodbye_to_a_silent_line(nursery):
+    ai = await start_providers(nursery, silence_timeout_s=1.0)
+    async with vobiz_call(ai.server.url) as vobiz:  # the caller never says a word
+        await vobiz.closed.wait()
+    assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.FAREWELL]
+    assert heard_sentence(vobiz, ai.openai, vobiz_agent.FAREWELL, start=vobiz.event_ticks("checkpoint")[0]) > 0.9
+    assert vobiz.event_ticks("stop") and vobiz.hangup_reason == "Hangup after Stream"
+
+
+def test_old_setting_name_for_the_silence_timeout_still_works():
+    assert vobiz_agent.Settings.from_env({"OFFLINE_SILENCE_S": "7"}).silence_timeout_s == 7
+    assert vobiz_agent.Settings.from_env({"SILENCE_TIMEOUT_S": "9"}).silence_timeout_s == 9
+    assert vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "0"}).stream_max_retries == 0
+    with pytest.raises(vobiz_agent.SettingsError, match="STREAM_MAX_RETRIES"):
+        vobiz_agent.Settings.from_env({"STREAM_MAX_RETRIES": "11"})
+
+
+# ── Hostile and broken peers (issue 11) ──
+
+
+async def test_one_media_url_is_one_live_socket(nursery):
+    server = await start_server(nursery)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        statuses = []
+
+        async def intrude() -> None:
+            statuses.append(await refused_status(vobiz.url))
+
+        async with trio.open_nursery() as intruders:  # 20 more sockets on the same URL, at once
+            for _ in range(20):
+                intruders.start_soon(intrude)
+        assert statuses == [409] * 20  # refused before accept: no call, no slot, no provider stream
+        assert (await server.get("/health")).json()["calls"] == 1
+        await vobiz.drop()  # after it closes, the same URL may reconnect (Vobiz maxRetries)
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        await vobiz.until(lambda: len(server.app.switchboard) == 1)
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="already connected"} 20' in metrics
+
+
+async def test_a_second_answer_for_a_live_call_gets_busy_and_no_way_in(nursery, caplog):
+    ai = await start_providers(nursery, ["My account PIN is 4321."])
+    async with vobiz_call(ai.server.url) as victim:
+        await greeted(victim)
+        victim.say(speech(1.0, seed=87))
+        await victim.until(lambda: len(ai.openai.chat_requests) == 1 and len(victim.played_names) >= 2)
+        intruder = SimulatedVobiz()  # knows the victim's CallUUID
+        assert await intruder.answer(ai.server.url) is None
+        assert intruder.state == "rejected" and intruder.hangup_reason == "busy"
+    again = SimulatedVobiz()  # the conversation is resumable for a while: still no way in
+    assert await again.answer(ai.server.url) is None and again.state == "rejected"
+    assert len(ai.openai.chat_requests) == 1  # nobody else's turn reached the model with the victim's words
+    assert sum("a second answer for a call that is live or resumable" in r.getMessage()
+               for r in caplog.records) == 2
+
+
+async def junk_socket(url: str, frames, every_s: float) -> float:
+    """Send `frames` (then one '{}' per `every_s`) until the server closes; how long it took."""
+    began = trio.current_time()
+    with trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(url) as ws:
+            for frame in frames:
+                await ws.send_message(frame)
+            with suppress(trio_websocket.ConnectionClosed):
+                while True:
+                    await ws.send_message("{}")
+                    with trio.move_on_after(every_s):
+                        await ws.get_message()
+    return trio.current_time() - began
+
+
+async def test_junk_keeps_no_slot_and_a_socket_must_start_soon(nursery, caplog):
+    server = await start_server(nursery, idle_timeout_s=1.0)
+    start = json.dumps(SimulatedVobiz().start_frame())
+    async with trio.open_nursery() as junk:
+        junk.start_soon(junk_socket, await media_url(server), [start], 0.2)  # start, then only junk
+        junk.start_soon(junk_socket, await media_url(server, "no-start"), [], 0.2)  # junk, never a start
+    await server.app.switchboard.wait_until_empty()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("no media from Vobiz for 1 s" in line for line in lines)
+    assert any("no valid start frame in time" in line for line in lines)
+    metrics = (await server.get("/metrics")).text
+    assert 'ended="idle timeout"' in metrics and 'ended="no start"' in metrics
+
+
+async def test_max_calls_counts_answers_and_holds_at_the_socket_too(nursery, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    monkeypatch.setattr(vobiz_agent.Switchboard, "SOCKET_WAIT_S", 1.0)
+    shared = {"stream_secret": b"shared-secret", "stream_secret_generated": False}
+    server = await start_server(nursery, max_calls=2, **shared)
+    other = await start_server(nursery, **shared)
+    await media_url(server, "a")
+    await media_url(server, "b")  # two answers, no socket yet: both count
+    burst = SimulatedVobiz(call_id="c")
+    assert await burst.answer(server.url) is None and burst.state == "rejected"
+    await trio.sleep(1.2)  # a socket that never comes frees its slot (SOCKET_WAIT_S)
+    async with vobiz_call(server.url, call_id="c") as first, vobiz_call(server.url, call_id="d") as second:
+        await greeted(first)
+        await greeted(second)
+        elsewhere = (await media_url(other, "e")).replace(other.url.removeprefix("http://"),
+                                                          server.url.removeprefix("http://"))
+        assert await refused_status(elsewhere) == 503  # answered by another process: this one is full
+    assert any("no media socket came here: slot released" in r.getMessage() for r in caplog.records)
+    assert "vobiz_agent_answers_without_socket_total 2" in (await server.get("/metrics")).text
+
+
+async def test_unfinished_request_bodies_are_closed_at_the_read_timeout(nursery):
+    server = await start_server(nursery, http_read_timeout_s=1.0)
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    streams = []
+    for _ in range(40):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                              b"Content-Type: application/x-www-form-urlencoded\r\n\r\nCallUUID=")
+        streams.append(stream)
+
+    async def closed_by_server(stream) -> None:
+        while await stream.receive_some():  # a 408, maybe, then the end of the connection
+            pass
+
+    with trio.fail_after(6):  # the read timeout is 1 s; without one they stay open for good
+        async with trio.open_nursery() as waiting:
+            for stream in streams:
+                waiting.start_soon(closed_by_server, stream)
+    for stream in streams:
+        await stream.aclose()
+    assert (await server.get("/health")).status_code == 200
+
+
+async def test_oversized_webhook_bodies_are_refused(server):
+    big = await server.post("/answer", content=b"CallUUID=x&pad=" + b"a" * 15_000_000,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert big.status_code == 413
+    assert (await server.post("/hangup", data={"CallUUID": CALL_UUID, "pad": "a" * 9000})).status_code == 413
+    assert (await server.post("/answer", data={"CallUUID": CALL_UUID})).status_code == 200
+
+
+CRASHING_FRAMES = [
+    ("[" * 1000 + "]" * 1000, "more than 32 objects and arrays"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": Infinity}}', "Infinity is not a number"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": 1e999}}', "out of range"),
+    ('{"event": "start", "start": {"callId": "call-a", "streamId": "s2", "mediaFormat": '
+     '{"encoding": "audio/x-l16", "sampleRate": NaN}}}', "NaN is not a number"),
+    ('{"event": "media", "media": {"payload": "AAAA", "chunk": ' + "9" * 5000 + "}}", "not JSON"),
+    (b"", "binary"),
+    (b"\x00\xff", "binary"),
+    ("", "empty"),
+]
+
+
+async def test_frames_that_used_to_crash_a_call_are_bad_frames(server, caplog):
+    caplog.set_level(logging.WARNING, logger="vobiz_agent")
+    for frame, complaint in CRASHING_FRAMES:  # each alone: the log says what was wrong with it
+        with pytest.raises(vobiz_agent.BadFrame, match=complaint):
+            vobiz_agent.parse_frame(frame)
+    async with vobiz_call(server.url, call_id="call-a", stream_id="sa") as vobiz:
+        for frame, _ in CRASHING_FRAMES:  # all of them, on a live call
+            await vobiz.ws.send_message(frame)
+        metrics = server.app.switchboard.metrics
+        await vobiz.until(lambda: sum(n for (name, _), n in metrics.counters.items() if name == "errors_total")
+                          >= len(CRASHING_FRAMES))
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=88))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=88)) > 0.9  # the call went on
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("path", [
+    f"/ws/{CALL_UUID}/%C2%B2%C2%B2%C2%B2.AAAAAAAA.x",  # superscript two: str.isdigit() says yes
+    f"/ws/{CALL_UUID}/%D9%A1%D9%A2%D9%A3.AAAAAAAA.x",  # Arabic-Indic digits
+    f"/ws/{CALL_UUID}/{'9' * 5000}.AAAAAAAA.x",
+    "/ws/abc%0A2026-12-01%2000:00:00%20INFO%20vobiz_agent:%20forged/%C2%B2.AAAAAAAA.x",  # a line in the path
+    f"/ws/{CALL_UUID}/1.%0Aforged.x",
+])
+async def test_crafted_tokens_get_403_and_write_no_forged_line(server, caplog, path):
+    caplog.set_level(logging.INFO)
+    assert await refused_status(server.url.replace("http", "ws", 1) + path) == 403
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not [r for r in caplog.records if "\n" in r.getMessage()]  # one line each, nothing forged
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def fuzzed_frame(rng: random.Random, call_id: str) -> str | bytes:
+    """A frame as a broken or hostile peer might send it: valid ones bent out of shape."""
+    weird = [math.inf, -math.inf, math.nan, 1e308, -1, 0, 2**70, "", "x" * 300, None, True, [], {}, [[[[]]]]]
+    shapes = [
+        lambda: {"event": "media", "media": {"payload": base64.b64encode(rng.randbytes(rng.choice([160, 161, 0, 7])))
+                                              .decode(), "chunk": rng.choice(weird)}},
+        lambda: {"event": "start", "start": {"callId": rng.choice([call_id, "other", 5]), "streamId": "s",
+                                             "mediaFormat": {"encoding": rng.choice(["audio/x-l16", 7, None]),
+                                                             "sampleRate": rng.choice(weird + [8000, 16000])}}},
+        lambda: {"event": rng.choice(["playedStream", "clearedAudio", "dtmf", "mark", "", None]),
+                 "name": rng.choice(weird), "dtmf": {"digit": rng.choice(weird + ["5"])}},
+    ]
+    kind = rng.random()
+    if kind < 0.15:
+        return rng.randbytes(rng.randint(0, 40))  # binary, empty included
+    if kind < 0.25:
+        return rng.choice(["", "{", "[" * rng.randint(1, 3000), "null", '"x"', "\u2028\n", "{}" * 50])
+    text = json.dumps(rng.choice(shapes)(), allow_nan=True)
+    if kind < 0.4:  # cut or spliced
+        cut = rng.randint(0, len(text))
+        text = text[:cut] + rng.choice(["", "1e999", "NaN", "]]]]", "\u2028", '"'])
+    return text
+
+
+async def test_a_fuzz_of_ten_thousand_frames_leaks_no_socket_and_no_memory(nursery, caplog):
+    caplog.set_level(logging.WARNING)
+    server = await start_server(nursery)
+    rng = random.Random(11)
+
+    async def fuzz_round(n: int, frames: int) -> None:
+        async with trio.open_nursery() as sockets:
+            for i in range(4):
+                sockets.start_soon(fuzz_one, f"fuzz-{n}-{i}", frames)
+
+    async def fuzz_one(call_id: str, frames: int) -> None:
+        async with trio_websocket.open_websocket_url(await media_url(server, call_id)) as ws:
+            await ws.send_message(json.dumps(SimulatedVobiz(call_id=call_id).start_frame()))
+            for _ in range(frames):
+                await ws.send_message(fuzzed_frame(rng, call_id))
+
+    await fuzz_round(0, 100)  # warm up: the first calls allocate what every call reuses
+    await server.app.switchboard.wait_until_empty()
+    fds, rss = open_fds(), rss_mb()
+    for n in range(1, 6):  # 5 rounds × 4 sockets × 500 frames = 10,000 frames
+        await fuzz_round(n, 500)
+    await server.app.switchboard.wait_until_empty()
+    gc_collect = __import__("gc").collect
+    gc_collect()
+    after_fds, after_rss = open_fds(), rss_mb()
+    print(f"\nfuzz of 10,000 frames: fds {fds} → {after_fds}, RSS {rss:.1f} → {after_rss:.1f} MB")
+    assert after_fds <= fds  # no socket survives its call
+    assert after_rss - rss < 8  # flat: no memory survives a bad frame (allocator noise aside)
+    assert call_tasks() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+class StalledPeer:
+    """A media socket whose peer keeps sending caller audio but never reads: a tiny
+    receive buffer, raw TCP and wsproto, so nothing on our side drains it."""
+
+    def __init__(self, url: str):
+        self.url = urlsplit(url)
+        self.client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+
+    async def connect(self) -> None:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+        await sock.connect((self.url.hostname, self.url.port))
+        self.stream = trio.SocketStream(sock)
+        await self.stream.send_all(self.client.send(wsproto.events.Request(host=self.url.netloc,
+                                                                           target=self.url.path)))
+        while not any(isinstance(event, wsproto.events.AcceptConnection) for event in self.client.events()):
+            self.client.receive_data(await self.stream.receive_some(1024))
+        await self.send(json.dumps(SimulatedVobiz(call_id=self.url.path.split("/")[2]).start_frame()))
+
+    async def send(self, text: str) -> None:
+        await self.stream.send_all(self.client.send(wsproto.events.Message(text)))
+
+    async def talk_without_listening(self, talk: bool = True) -> None:
+        """Caller audio every 20 ms (so no idle timeout is what ends it), and not one byte read."""
+        # Quiet while greeted, then a turn and a pause for its echo, again and again.
+        words = audioop.lin2ulaw(bytes(16000) + (speech(1.5, seed=89) if talk else bytes(24000)) + bytes(40000), 2)
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            for tick in range(100_000):
+                chunk = words[(tick * 160) % (len(words) - 160):][:160]
+                await self.send(media_frame(base64.b64encode(chunk).decode()))
+                await trio.sleep(TICK)
+
+
+async def test_a_peer_that_stops_reading_is_dropped_and_two_sigterms_still_exit_0(nursery):
+    port = free_port()
+    process, process_log = await start_process(nursery, port, DRAIN_TIMEOUT_S="1")
+    server = Server(None, f"http://127.0.0.1:{port}")
+    peer = StalledPeer(await media_url(server))
+    await peer.connect()
+    nursery.start_soon(peer.talk_without_listening)
+    with trio.fail_after(15):  # its sends stall at once: the greeting alone is more than 4 KiB
+        while (await server.get("/health")).json()["calls"]:
+            await trio.sleep(0.2)  # polling what an operator polls
+    began = trio.current_time()
+    # A second stalled call, then SIGTERM twice: the drain must still end, and end well.
+    second = StalledPeer(await media_url(server, "second-stalled"))
+    await second.connect()
+    nursery.start_soon(second.talk_without_listening, False)  # its goodbye goes unread: no ack, ever
+    await process_log.until(lambda text: "second-stalled: stream" in text)
+    process.send_signal(signal.SIGTERM)
+    await process_log.until(lambda text: "draining" in text)
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(1 + 5 + 2 + 3 + vobiz_agent.SEND_TIMEOUT_S + 3):  # drain, goodbye, Hypercorn, the kernel
+        assert await process.wait() == 0
+    print(f"\nstalled peer: slot freed, then drained in {trio.current_time() - began:.1f} s")
+    assert "Traceback" not in process_log.text
+
+
+async def test_an_fd_shortage_is_logged_once_per_burst_not_per_connection(nursery):
+    port = free_port()
+    process = await nursery.start(partial(
+        trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False,
+        preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (48, 48))))
+    process_log = ProcessLog()
+    nursery.start_soon(process_log.read, process.stderr)
+    await process_log.until(lambda text: "Running on" in text)
+    held = []
+    for _ in range(80):  # more connections than descriptors: accept() fails with EMFILE
+        held.append(await trio.open_tcp_stream("127.0.0.1", port))
+    await trio.sleep(1.0)  # a second of EMFILE: trio's accept loop retries ten times a second
+    for stream in held:
+        await stream.aclose()
+    server = Server(None, f"http://127.0.0.1:{port}")
+    with trio.fail_after(15):
+        while True:
+            with suppress(httpx.HTTPError):
+                if (await server.get("/health", timeout=2)).status_code == 200:
+                    break
+            await trio.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+    assert process_log.text.count("cannot accept connections: EMFILE") == 1
+    assert "ulimit -n" in process_log.text and "Traceback" not in process_log.text
+
+
+async def test_health_and_banner_say_loudly_when_anyone_can_spend_the_budget(nursery):
+    ai = await start_providers(nursery)
+    health = (await ai.server.get("/health")).json()
+    assert "anyone who can reach /answer can spend your provider budget" in health["warning"]
+    settings = ai.server.app.switchboard.settings
+    assert "WARNING: webhook verification is off" in vobiz_agent.banner(settings, ai.server.app.switchboard.agent)
+    signed = await start_providers(nursery, vobiz_auth_token="secret-token", vobiz_verify_signatures="required")
+    assert "warning" not in (await signed.server.get("/health")).json()
+    offline = await start_server(nursery)
+    assert "warning" not in (await offline.get("/health")).json()
+
+
+async def test_a_reconnect_after_a_half_open_drop_replaces_the_dead_socket(nursery, caplog):
+    server = await start_server(nursery)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        await vobiz.drop(half_open=True)  # no FIN reaches the server: its old socket just goes quiet
+        await vobiz.until(lambda: len(vobiz.streams) == 2)
+        said = vobiz.say(speech(0.8, seed=90))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=90)) > 0.9  # it goes on
+        assert len(server.app.switchboard) == 1
+    assert vobiz.refused in ([], [409])  # a retry that came within a second of the last media waited
+    assert any("a reconnect came: ending the call" in r.getMessage() for r in caplog.records)

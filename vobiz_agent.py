@@ -46,6 +46,7 @@ import multiprocessing.connection
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -135,11 +136,14 @@ class Settings:
     transfer_caller_id: str = ""  # the caller ID that person sees; default our own number on the call
     max_calls: int = 50
     record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
-    offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
-    offline_silence_s: float = 60.0  # or after this long without a word from the caller
+    offline_max_turns: int = 20  # the echo test says goodbye after this many turns
+    silence_timeout_s: float = 60.0  # every agent says goodbye after this long without a word from the caller
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
+    stream_max_retries: int = 3  # how often Vobiz may reconnect a dropped media socket
+    max_call_s: float = 3600.0  # every call ends (with a goodbye) after this long
+    http_read_timeout_s: float = 10.0  # a connection that sends nothing this long is closed
 
     @property
     def uses_ai(self) -> bool:
@@ -169,10 +173,14 @@ class Settings:
             max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
             record_calls=_flag("RECORD_CALLS", env.get("RECORD_CALLS", "")),
             offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
-            offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
+            silence_timeout_s=_number("SILENCE_TIMEOUT_S" if env.get("SILENCE_TIMEOUT_S") else "OFFLINE_SILENCE_S",
+                                      env, defaults.silence_timeout_s, 1, 86_400),  # the old name still works
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
             drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
             phone=_flag("PHONE", env["PHONE"]) if env.get("PHONE") else None,
+            stream_max_retries=_number("STREAM_MAX_RETRIES", env, defaults.stream_max_retries, 0, 10),
+            max_call_s=_number("MAX_CALL_S", env, defaults.max_call_s, 10, 86_400),
+            http_read_timeout_s=_number("HTTP_READ_TIMEOUT_S", env, defaults.http_read_timeout_s, 1, 300),
         )
 
 
@@ -493,11 +501,17 @@ def dtmf_tone(key: str, rate: int = 24000) -> bytes:
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
+MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at most five
 
 
-def stream_xml(media_url: str, status_url: str, recording_url: str | None = None) -> bytes:
+def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url: str | None = None) -> bytes:
     """The answer that connects the call's audio to our WebSocket, both ways
-    (with `recording_url`, recording the whole call first)."""
+    (with `recording_url`, recording the whole call first).
+
+    Vobiz reconnects a dropped socket only if asked (`maxRetries`, default 0), and
+    when the stream is over for good it runs what follows <Stream>: <Hangup/>, so
+    that a stream that ends in any way ends the call, not leaves the caller in dead air.
+    """
     response = ET.Element("Response")
     if recording_url:
         # recordSession: the whole call, in the background; redirect="false": go on to
@@ -514,8 +528,10 @@ def stream_xml(media_url: str, status_url: str, recording_url: str | None = None
         contentType="audio/x-mulaw;rate=8000",
         statusCallbackUrl=status_url,
         statusCallbackMethod="POST",
+        maxRetries=str(max_retries),  # each retry: the same URL, a new streamId, the same callId
     )
     stream.text = media_url  # the URL is the element's text, not an attribute
+    ET.SubElement(response, "Hangup")
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
 
@@ -566,14 +582,26 @@ class Stop:
 Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
 
 
-def parse_frame(message: str | bytes) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
+def parse_frame(message: object) -> Frame:
+    """One WebSocket message from Vobiz → a typed frame, or BadFrame.
+
+    Whatever arrives, the outcome is one of the two: Vobiz sends JSON text, so
+    binary and empty messages are bad frames; nesting is bounded before parsing
+    (deep JSON would exhaust the recursion limit), and Infinity, NaN and 1e999
+    are refused while parsing (they would overflow any integer made of them).
+    """
+    if not isinstance(message, str):  # bytes, or None for an empty binary message
+        raise BadFrame("binary", "frame is binary, not text")
+    if not message:
+        raise BadFrame("empty", "frame is empty")
     if len(message) > MAX_FRAME_BYTES:
         raise BadFrame("oversized", f"frame of {len(message)} bytes is over {MAX_FRAME_BYTES}")
+    if message.count("{") + message.count("[") > MAX_FRAME_CONTAINERS:
+        raise BadFrame("json", f"frame has more than {MAX_FRAME_CONTAINERS} objects and arrays")
     try:
-        data = json.loads(message)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise BadFrame("json", f"frame is not JSON ({error})") from None
+        data = FRAME_DECODER.decode(message)
+    except ValueError as error:
+        raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
     if not isinstance(data, dict):
         raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
     event = data.get("event")
@@ -590,6 +618,20 @@ def parse_frame(message: str | bytes) -> Frame:
     if event == "stop":
         return Stop()
     raise BadFrame("event", f"unknown event {event!r}")
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
 
 
 def _media_payload(data: dict) -> bytes:
@@ -747,22 +789,43 @@ class WebhookGuard:
         return None
 
 
-STREAM_URL_LIFETIME_S = 60  # the URL must be used this soon after /answer issued it
+# A media URL is /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a
+# value made for that one answer, and a MAC over both and the call. It stays valid
+# for as long as the call may last (MAX_CALL_S, plus a margin for the goodbye), so
+# that Vobiz's reconnects are accepted by any process that shares STREAM_SECRET.
+STREAM_NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
+STREAM_MAC_BYTES = 12  # 96 bits: the capability itself
+STREAM_URL_MARGIN_S = 120  # after MAX_CALL_S: the goodbye, and a reconnect racing it
+CLOCK_SKEW_S = 30  # an "issued" this far in the future is from another host's clock
 
 
-def stream_token(secret: bytes, call_id: str, expires: int) -> str:
-    """A short capability for one call's media URL: the expiry and a truncated MAC."""
-    mac = hmac.new(secret, f"{call_id}.{expires}".encode(), hashlib.sha256).digest()[:15]
-    return f"{expires}.{base64.urlsafe_b64encode(mac).decode()}"
+def stream_token(secret: bytes, call_id: str, issued: int, nonce: str) -> str:
+    """The capability for one answer of one call: when, which answer, and a truncated MAC."""
+    mac = hmac.new(secret, f"{call_id}.{issued}.{nonce}".encode(), hashlib.sha256).digest()[:STREAM_MAC_BYTES]
+    return f"{issued}.{nonce}.{base64.urlsafe_b64encode(mac).decode()}"
 
 
-def stream_token_problem(secret: bytes, call_id: str, token: str, now: float, known_call: bool) -> str | None:
-    """Why a media URL is not valid for `call_id`, or None. A call that is already
-    known to this process (a reconnect) may use its URL after it expired."""
-    expires, _, _ = token.partition(".")
-    if not expires.isdigit() or not hmac.compare_digest(stream_token(secret, call_id, int(expires)), token):
+def stream_token_issued(token: str) -> int | None:
+    """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
+    issued, _, _ = token.partition(".")
+    # isdigit() alone would let "²" and Arabic-Indic digits through, and int() then fails or agrees.
+    if not 1 <= len(issued) <= 12 or not issued.isascii() or not issued.isdigit():
+        return None
+    return int(issued)
+
+
+def stream_token_problem(secret: bytes, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
+    """Why a media URL is not valid for `call_id` at wall-clock time `now`, or None."""
+    issued = stream_token_issued(token) if len(token) <= 64 and token.isascii() else None
+    if issued is None:
         return "bad token"
-    if int(expires) < now and not known_call:
+    _, _, rest = token.partition(".")
+    nonce = rest.partition(".")[0]
+    if not hmac.compare_digest(stream_token(secret, call_id, issued, nonce).encode(), token.encode()):
+        return "bad token"
+    if issued > now + CLOCK_SKEW_S:
+        return "bad token"
+    if now > issued + lifetime_s:
         return "expired token"
     return None
 
@@ -835,6 +898,9 @@ class Responder(Protocol):
     """The brain and mouth of one call: they speak by awaiting `play(utterance)`."""
 
     async def greet(self, play: Play) -> None: ...
+
+    async def resume(self, play: Play) -> None:
+        """A reconnect that landed where the conversation is not known: "sorry, we were cut off"."""
 
     async def reply(self, turn: Turn, play: Play) -> str | None:
         """Answer a turn; the tool the reply ended with: None (the conversation goes on),
@@ -915,12 +981,10 @@ class EnergyEars:
     TAIL_S = 0.10  # keep this much of the closing quiet: words trail off below the threshold
     MAX_TURN_S = 30.0
 
-    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float, silence_s: float):
+    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
         self.format = media_format
         self.listener = listener
         self.speech_min_s = speech_min_s
-        self.silence_s = silence_s  # this long without speech: report a "silence" turn, once
-        self.silent_for_s = 0.0
         self.vad = VoiceActivity()
         self.speaking = False
         self.heard: deque[bytes] = deque()  # before a turn: pre-roll; during one: the turn
@@ -932,9 +996,6 @@ class EnergyEars:
         voiced = self.vad.voiced(pcm, seconds)
         self.heard.append(pcm)
         self.heard_s += seconds
-        self.silent_for_s = 0.0 if voiced else self.silent_for_s + seconds
-        if self.silent_for_s >= self.silence_s > self.silent_for_s - seconds:
-            self.listener.turn_ended(Turn(kind="silence"))
         if not self.speaking:
             if not self.vad.run_s:  # nothing started yet: keep only the pre-roll
                 while self.heard_s > self.PRE_ROLL_S and len(self.heard) > 1:
@@ -971,6 +1032,9 @@ class EchoResponder:
     async def greet(self, play: Play) -> None:
         await play(Utterance("greeting", 24000, _once(chime((660.0, 880.0))), text="(chime)"))
 
+    async def resume(self, play: Play) -> None:
+        await play(Utterance("sorry", 24000, _once(chime((660.0, 660.0))), text="(cut-off chime)"))
+
     async def reply(self, turn: Turn, play: Play) -> str | None:
         if turn.kind == "silence":
             return HANG_UP  # nobody there: say goodbye
@@ -1006,11 +1070,10 @@ class OfflineAgent:
     def __init__(self, settings: Settings):
         self.speech_min_s = settings.barge_in_min_ms / 1000
         self.max_turns = settings.offline_max_turns
-        self.silence_s = settings.offline_silence_s
         self.transfers = bool(settings.transfer_number)
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
-        return EnergyEars(media_format, listener, self.speech_min_s, self.silence_s)
+        return EnergyEars(media_format, listener, self.speech_min_s)
 
     def responder(self, log: CallLog) -> Responder:
         return EchoResponder(self.max_turns, transfers=self.transfers)
@@ -1312,6 +1375,7 @@ TRANSFER_LINE = "Connecting you now, please hold."
 TRANSFER_APOLOGY = "Sorry, I couldn't connect you to a person just now. Let's carry on."
 EARS_APOLOGY = "Sorry, I'm having trouble hearing you. Please hold on a moment."
 FAREWELL = "Sorry, I have to end our call now. Goodbye!"
+CUT_OFF = "Sorry, we were cut off. Could you tell me again what you need?"
 INTERRUPTED = "[the caller interrupted]"
 
 
@@ -1339,6 +1403,9 @@ class AIResponder:
 
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
+
+    async def resume(self, play: Play) -> None:
+        await self._speak("sorry", CUT_OFF, play, Turn())
 
     async def reply(self, turn: Turn, play: Play) -> str | None:
         if turn.kind == "ears-down":
@@ -1478,8 +1545,10 @@ class Call:
 
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
+    START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
 
-    def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str):
+    def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
+                 ends_in: float | None = None):
         self.socket = socket
         self.switchboard = switchboard
         self.agent = switchboard.agent
@@ -1487,11 +1556,13 @@ class Call:
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
         self.label = call_id
         self.responder: Responder | None = None  # the conversation, chosen at `start`
-        self.resumed = False  # a reconnect of a call whose conversation goes on
+        self.fresh = fresh  # the call's first socket (else a reconnect)
+        self.opening = "greet"  # or "go on" (a reconnect, conversation known), "apologise" (not known)
         self.start: Start | None = None
         self.outbound: Outbound | None = None
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
+        self.begun = trio.Event()  # a valid start has arrived
         self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
         self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
@@ -1505,7 +1576,9 @@ class Call:
         self.counts: Counter[str] = Counter()
         self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
         self.ended_by = "hang-up"
-        self.began = self.last_frame = trio.current_time()
+        self.began = self.last_media = self.last_speech = trio.current_time()
+        limit = switchboard.settings.max_call_s if ends_in is None else ends_in
+        self.ends_at = self.began + limit  # MAX_CALL_S from the first answer, across reconnects
 
     async def run(self) -> None:
         try:
@@ -1525,7 +1598,6 @@ class Call:
         try:
             while True:
                 message = await self.socket.receive()
-                self.last_frame = trio.current_time()
                 try:
                     if self._handle(parse_frame(message)):
                         break
@@ -1559,12 +1631,41 @@ class Call:
         return False
 
     async def watch_for_silence(self) -> None:
-        """End a call whose socket stays open but carries nothing: a stuck peer."""
-        timeout = self.switchboard.settings.idle_timeout_s
-        while trio.current_time() < self.last_frame + timeout:
-            await trio.sleep_until(self.last_frame + timeout)
-        self.ended_by = "idle timeout"
-        self.log(logging.WARNING, "no frame from Vobiz for %.0f s: ending the call", timeout)
+        """End a call that carries nothing or goes on too long. A socket without a valid
+        `start` soon, or without valid media for IDLE_TIMEOUT_S, is a stuck or hostile
+        peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted from when
+        the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
+        settings = self.switchboard.settings
+        start_by = self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)
+        while True:
+            now = trio.current_time()
+            if self.start is None and now >= start_by:
+                return self._cut("no start", "no valid start frame in time")
+            if now >= self.last_media + settings.idle_timeout_s:
+                return self._cut("idle timeout", f"no media from Vobiz for {settings.idle_timeout_s:.0f} s")
+            deadlines = [self.last_media + settings.idle_timeout_s]
+            if self.start is None:
+                with trio.move_on_at(min(start_by, deadlines[0])):
+                    await self.begun.wait()
+                continue
+            if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
+                quiet_until = max(self.last_speech, self.play_clock) + settings.silence_timeout_s
+                if now >= self.ends_at or now >= quiet_until:
+                    over = now >= self.ends_at
+                    self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
+                             f"the caller has been silent for {settings.silence_timeout_s:.0f} s")
+                    self.end("time limit" if over else "silence")
+                    continue
+                deadlines += [quiet_until, self.ends_at]
+            await trio.sleep_until(min(deadlines))
+
+    def replaced(self) -> None:
+        """A reconnect of this call is at the door, and this socket has gone quiet: it is dead."""
+        self._cut("reconnect", f"no media for {trio.current_time() - self.last_media:.1f} s and a reconnect came")
+
+    def _cut(self, reason: str, why: str) -> None:
+        self.ended_by = reason
+        self.log(logging.WARNING, "%s: ending the call", why)
         self.nursery.cancel_scope.cancel()
 
     def _begin(self, start: Start) -> None:
@@ -1578,19 +1679,25 @@ class Call:
             self.nursery.cancel_scope.cancel()
             return
         self.start = start
-        self.responder, self.resumed = self.switchboard.conversation(start.call_id, self.log)
+        self.begun.set()
+        self.responder, known = self.switchboard.conversation(start.call_id, self.log)
+        # A reconnect that lands where the conversation is not known (another process,
+        # or this one after a restart) cannot go on: it says so instead of greeting again.
+        self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.outbound = Outbound(start.stream_id)
         self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
-                 "reconnected: the conversation goes on" if self.resumed else "started",
-                 start.media_format.encoding, start.media_format.rate)
+                 {"greet": "started", "go on": "reconnected: the conversation goes on",
+                  "apologise": "reconnected here without its conversation: the caller hears we were cut off"}
+                 [self.opening], start.media_format.encoding, start.media_format.rate)
 
     def _hear(self, payload: bytes) -> None:
         if self.ears is None:
             raise BadFrame("early", "media before start")
         if len(payload) % self.start.media_format.sample_width:
             raise BadFrame("length", f"media payload of {len(payload)} bytes is not whole samples")
+        self.last_media = trio.current_time()  # only real caller audio keeps a call alive
         self.ears.hear(payload)
         self.media_flowing.set()
 
@@ -1623,6 +1730,7 @@ class Call:
 
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
+        self.last_speech = trio.current_time()
         if trio.current_time() < self.play_clock:
             self.barge_in(onset)
         elif self.reply_scope is not None:
@@ -1635,6 +1743,8 @@ class Call:
         self.log(logging.DEBUG, "turn ended (%s)", turn.kind)
         if self.ended_by == "transfer":
             return  # a person answers now
+        if turn.kind == "speech":
+            self.last_speech = trio.current_time()
         try:
             self.turns_in.send_nowait(turn)
         except trio.WouldBlock:
@@ -1672,8 +1782,10 @@ class Call:
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
         await self.media_flowing.wait()
-        if not self.resumed:
+        if self.opening == "greet":
             await self.respond(self.responder.greet)
+        elif self.opening == "apologise":
+            await self.respond(self.responder.resume)
         async for turn in self.turns_out:
             if turn.kind == "farewell":
                 await self._say_goodbye(turn.text)
@@ -1777,6 +1889,8 @@ class Call:
         await trio.sleep_until(self.play_clock - self.LEAD_S)
 
     async def send(self, message: str) -> None:
+        # Hypercorn shields its socket writes, so no deadline of ours could cut this short;
+        # the kernel's (SEND_TIMEOUT_S, see ServerConfig) aborts a peer that stopped reading.
         try:
             await self.socket.send(message)
         except ClientDisconnectedError:
@@ -1794,7 +1908,7 @@ class Call:
         self.bad_frames[kind] += 1
         self.switchboard.metrics.count("errors_total", kind=f"bad_frame_{kind}")
         if self.bad_frames[kind] <= self.BAD_FRAMES_LOGGED:
-            self.log(logging.WARNING, "ignored a bad frame: %s", detail)
+            self.log(logging.WARNING, "ignored a bad frame: %s", _clean(detail, 200))
 
     def _log_latency(self, turn: Turn) -> None:
         """One line per turn: how long each step took, from the end of the caller's speech."""
@@ -1928,9 +2042,16 @@ class Switchboard:
     """What the calls of one process share: the agent, the live calls, their
     conversations (kept a while after a socket closes, so a Vobiz reconnect
     with the same callId goes on where it stopped), the counters, and whether
-    we are draining for shutdown."""
+    we are draining for shutdown.
+
+    A call holds a slot from the moment /answer accepts it: a burst of answers
+    cannot overshoot MAX_CALLS while their sockets are on the way. A slot whose
+    socket never comes is released after SOCKET_WAIT_S.
+    """
 
     RESUME_WINDOW_S = 120.0
+    SOCKET_WAIT_S = 10.0  # Vobiz opens the socket within a second or two of our answer
+    DEAD_SOCKET_S = 1.0  # Vobiz sends media every 20 ms: a socket quiet this long is a dead one
 
     def __init__(self, settings: Settings, agent: Agent):
         self.settings, self.agent = settings, agent
@@ -1938,6 +2059,7 @@ class Switchboard:
         self.emptied = trio.Event()
         self.emptied.set()
         self.conversations: dict[str, tuple[Responder, float]] = {}  # callId → (responder, last seen)
+        self.expected: dict[str, float] = {}  # callId → until when its answered socket is waited for
         self.metrics = Metrics()
         self.draining = False
 
@@ -1959,28 +2081,63 @@ class Switchboard:
     async def wait_until_empty(self) -> None:
         await self.emptied.wait()
 
-    def knows(self, call_id: str) -> bool:
-        return call_id in self.conversations
+    def expect(self, call_id: str) -> None:
+        """/answer accepted this call: count it now, its socket is on the way."""
+        self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
+
+    def live(self, call_id: str) -> bool:
+        return any(call.call_id == call_id for call in self.calls)
+
+    def holds(self, call_id: str) -> bool:
+        """Is this call live, expected, or resumable here? Then a new /answer for it is not a new call."""
+        self._forget_old()
+        return self.live(call_id) or call_id in self.expected or call_id in self.conversations
+
+    def admit(self, call_id: str) -> tuple[str | None, bool]:
+        """At a socket's door: (why it is refused or None, whether this process answered it).
+
+        While a socket of the call is live, another is refused: one URL, one call. But after a
+        network drop our side of the old socket may not have seen the end yet (no FIN ever
+        came): one that has carried no media for DEAD_SOCKET_S makes way for the reconnect."""
+        for call in [call for call in self.calls if call.call_id == call_id]:
+            if trio.current_time() - call.last_media < self.DEAD_SOCKET_S:
+                return "already connected", False
+            call.replaced()
+            return None, False  # it takes over the old socket's slot
+        self._forget_old()
+        if self.expected.pop(call_id, None) is not None:
+            return None, True  # its slot was taken at /answer
+        return self.busy(), False
 
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
         """The call's responder: the one it had before a reconnect, or a new one."""
-        now = trio.current_time()
-        for old_id, (_, seen) in list(self.conversations.items()):
-            if seen < now - self.RESUME_WINDOW_S and not any(c.call_id == old_id for c in self.calls):
-                del self.conversations[old_id]
+        self._forget_old()
         if call_id in self.conversations:
             responder, _ = self.conversations[call_id]
             resumed = True
         else:
             responder, resumed = self.agent.responder(log), False
-        self.conversations[call_id] = (responder, now)
+        self.conversations[call_id] = (responder, trio.current_time())
         return responder, resumed
+
+    def _forget_old(self) -> None:
+        now = trio.current_time()
+        for call_id, until in list(self.expected.items()):
+            if until < now:
+                del self.expected[call_id]
+                # Its socket may have gone to another worker or host: nothing to warn about, by itself.
+                log.info("call %s: answered, but no media socket came here: slot released", call_id)
+                self.metrics.count("answers_without_socket_total")
+        for old_id, (_, seen) in list(self.conversations.items()):
+            if seen < now - self.RESUME_WINDOW_S and not self.live(old_id):
+                del self.conversations[old_id]
 
     def busy(self) -> str | None:
         """Why a new call can't be taken now, or None."""
         if self.draining:
             return "draining"
-        if len(self.calls) >= self.settings.max_calls:
+        self._forget_old()
+        if len(self.calls) + len(self.expected) >= self.settings.max_calls:
             return "busy"
         return None
 
@@ -1996,15 +2153,30 @@ class Switchboard:
             await self.wait_until_empty()
 
 
-BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again in a few minutes."
+def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
+    """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`),
+    counted against MAX_CALLS from this moment until its socket comes (or does not)."""
+    settings = switchboard.settings
+    nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
+    token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
+    switchboard.expect(call_id)
+    return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
+
+
+def stream_url_lifetime(settings: Settings) -> float:
+    return settings.max_call_s + STREAM_URL_MARGIN_S
+
+
 WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording", "/transfer")
+WEBHOOK_MAX_BYTES = 8 * 1024  # Vobiz posts forms of well under 1 KiB
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 def busy_xml() -> bytes:
+    """Reject the call without answering it: the caller hears a busy tone, and nobody is billed
+    (a <Speak> would answer the call first)."""
     response = ET.Element("Response")
-    ET.SubElement(response, "Speak").text = BUSY_MESSAGE
-    ET.SubElement(response, "Hangup")
+    ET.SubElement(response, "Hangup", reason="busy")
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
 
@@ -2014,6 +2186,8 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app = QuartTrio(__name__)
     agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
     app.switchboard = Switchboard(settings, agent)
+    app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
+    app.config["BODY_TIMEOUT"] = settings.http_read_timeout_s
     app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
@@ -2054,24 +2228,22 @@ async def answer() -> Response:
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
         log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
         return Response("a CallUUID is required\n", 400)
+    if switchboard.holds(call_id):  # knowing a CallUUID must not be a way into its conversation
+        log.warning("call %s: a second answer for a call that is live or resumable here: refused", call_id)
+        switchboard.metrics.count("calls_refused_total", reason="duplicate")
+        return _xml(busy_xml())
     if reason := switchboard.busy():
-        log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
+        log.warning("call %s: refused (%s), the caller hears a busy tone", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
         return _xml(busy_xml())
     base = switchboard.settings.public_url or _request_base()
     media_url = issue_media_url(switchboard, call_id, base)
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
-    return _xml(stream_xml(media_url, base + "/stream-status",
-                           base + "/recording" if switchboard.settings.record_calls else None))
-
-
-def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
-    """The media WebSocket URL for one call, under `base` (http → ws, https → wss).
-    The URL is the call's credential: see stream_token."""
     settings = switchboard.settings
-    token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
-    return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"
+    return _xml(stream_xml(media_url, base + "/stream-status", settings.stream_max_retries,
+                           base + "/recording" if settings.record_calls else None))
+
 
 
 # The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
@@ -2178,9 +2350,10 @@ async def stream_status() -> Response:
 
 async def health() -> tuple[dict, int]:
     switchboard = current_app.switchboard
-    if switchboard.draining:
-        return {"status": "draining", "calls": len(switchboard)}, 503
-    return {"status": "ok", "calls": len(switchboard)}, 200
+    report = {"status": "draining" if switchboard.draining else "ok", "calls": len(switchboard)}
+    if warning := open_door_warning(switchboard.settings):
+        report["warning"] = warning
+    return report, 503 if switchboard.draining else 200
 
 
 async def prometheus_metrics() -> Response:
@@ -2194,20 +2367,33 @@ async def release_agent() -> None:
 
 
 async def media_stream(call_id: str, token: str) -> Response | None:
-    switchboard = current_app.switchboard
-    # Checked before the socket is accepted: a refused peer gets HTTP 403, not a call.
-    problem = stream_token_problem(switchboard.settings.stream_secret, call_id, token, time.time(),
-                                   switchboard.knows(call_id))
+    """The media WebSocket. Everything is checked before the socket is accepted (a refused
+    peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
+    live, and that there is room for it (MAX_CALLS, draining)."""
+    switchboard, now = current_app.switchboard, time.time()
+    problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
+        stream_token_problem(switchboard.settings.stream_secret, call_id, token, now,
+                             stream_url_lifetime(switchboard.settings))
+    status = 403
+    if problem is None:
+        problem, answered_here = switchboard.admit(call_id)
+        status = 409 if problem == "already connected" else 503
     if problem:
         log.warning("refused a media WebSocket for call %s from %s: %s", _clean(call_id),
-                    websocket.remote_addr, problem)
-        switchboard.metrics.count("calls_refused_total", reason="token")
-        return Response("forbidden\n", 403)
-    call = Call(websocket._get_current_object(), switchboard, call_id)
+                    _clean(websocket.remote_addr), problem)
+        switchboard.metrics.count("calls_refused_total", reason="token" if status == 403 else problem)
+        return Response(f"{problem}\n", status)
+    issued = stream_token_issued(token)
+    fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
+    call = Call(websocket._get_current_object(), switchboard, call_id, fresh=fresh,
+                ends_in=issued + switchboard.settings.max_call_s - now)
     call.public_base = call.public_base or _request_base(websocket)
     switchboard.add(call)
     try:
         await call.run()
+    except Exception as error:  # a bug, not bad input: ours to log, never Quart's (it logs the raw path)
+        log.error("call %s: ended by an internal error: %s", _clean(call_id), _clean(_describe(error)),
+                  exc_info=error)
     finally:
         switchboard.remove(call)
     return None
@@ -2269,12 +2455,61 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
 
 
+SEND_TIMEOUT_S = 5  # a peer that takes none of our bytes for this long is cut off by the kernel
+
+
+class ServerConfig(HypercornConfig):
+    """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket
+    writes from cancellation, so a peer that stops reading would hold its call, its slot
+    and the shutdown for good. TCP_USER_TIMEOUT on the listening sockets (the accepted
+    ones inherit it) makes the kernel abort such a connection: the write fails and
+    the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
+
+    def create_sockets(self):  # noqa: ANN201 (hypercorn.config.Sockets)
+        sockets = super().create_sockets()
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            for listener in sockets.insecure_sockets + sockets.secure_sockets:
+                if listener.family in (socket.AF_INET, socket.AF_INET6):
+                    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, SEND_TIMEOUT_S * 1000)
+        return sockets
+
+
+class AcceptTrouble(logging.Filter):
+    """Out of file descriptors, trio's accept loop logs a traceback ten times a second.
+    This turns a burst of them into one line, and says what to do about it."""
+
+    QUIET_S = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.until = 0.0
+        self.hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self.until:
+            self.hidden += 1
+            return False
+        record.msg = ("cannot accept connections: %s (%s); new calls wait until descriptors free up. "
+                      "Raise the limit (ulimit -n, see README)%s")
+        record.args = (*record.args[:2], f"; {self.hidden} more times since the last line" if self.hidden else "")
+        record.exc_info = record.exc_text = None
+        self.until, self.hidden = now + self.QUIET_S, 0
+        return True
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = ServerConfig()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_max_message_size = MAX_MESSAGE_BYTES
+    # A request (headers or body) that sends nothing for this long is closed, so that
+    # unfinished requests can't pile up until the file descriptors run out.
+    config.read_timeout = settings.http_read_timeout_s
     config.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
+    accept_log = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(each, AcceptTrouble) for each in accept_log.filters):
+        accept_log.addFilter(AcceptTrouble())
     return config
 
 
@@ -2304,6 +2539,8 @@ def banner(settings: Settings, agent: Agent) -> str:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
     lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
+    if warning := open_door_warning(settings):
+        lines.append(f"WARNING: {warning}")
     return "\n".join(lines + _phone_banner(settings))
 
 
@@ -2321,6 +2558,14 @@ def _phone_banner(settings: Settings) -> list[str]:
         lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
                      "and spend your provider budget.")
     return lines
+
+
+def open_door_warning(settings: Settings) -> str | None:
+    """What /health and the banner say when anyone can make the AI agent spend money."""
+    if settings.uses_ai and settings.vobiz_verify_signatures == "off":
+        return ("webhook verification is off and the AI agent is on: anyone who can reach /answer can "
+                "spend your provider budget. Set VOBIZ_AUTH_TOKEN and VOBIZ_VERIFY_SIGNATURES=required.")
+    return None
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -2546,16 +2791,22 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
     the kernel drops signals that process 1 has not asked for.
     """
 
-    async def signalled() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Receiving until the very end: a second signal (Ctrl-C reaches a worker from the
+    # terminal and from its parent; an impatient operator) must neither cut the
+    # goodbyes short nor turn a clean drain into a death by signal (exit status -15).
+    # Trio re-raises the signals still queued when the receiver closes: with the
+    # handlers it restores set to ignore them, those change nothing either.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def signalled() -> None:
             async for number in signals:
                 log.info("%s received: shutting down", signal.Signals(number).name)
                 break
-            # Still receiving while we drain: a second signal (Ctrl-C reaches a worker
-            # from the terminal and from its parent) must not cut the goodbyes short.
             await app.switchboard.drain()
 
-    await serve(app, config, shutdown_trigger=signalled)
+        await serve(app, config, shutdown_trigger=signalled)
 
 
 if __name__ == "__main__":
