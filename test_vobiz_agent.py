@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -1540,7 +1539,7 @@ async def test_unsigned_webhooks_are_refused_when_signatures_are_required(nurser
     signed = vobiz_signs("secret-token", "https://calls.example.com/answer", "55555555555555555555", 3)
     assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=signed)).status_code == 200
     metrics = (await server.get("/metrics")).text
-    assert 'vobiz_agent_calls_refused_total{reason="signature"} 1' in metrics
+    assert 'vobiz_agent_calls_refused_total{reason="signature"} 1.0' in metrics
 
 
 async def media_url(server: Server, call_id: str = CALL_UUID) -> str:
@@ -1568,7 +1567,7 @@ async def test_media_urls_are_capabilities_for_one_call(nursery):
     assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403
     assert await refused_status(good) is None
     metrics = (await server.get("/metrics")).text
-    assert 'vobiz_agent_calls_refused_total{reason="token"} 3' in metrics
+    assert 'vobiz_agent_calls_refused_total{reason="token"} 3.0' in metrics
 
 
 async def test_a_start_for_another_call_closes_the_socket(server, caplog):
@@ -1590,7 +1589,7 @@ async def test_over_max_calls_the_caller_hears_that_we_are_busy(nursery):
         response = await server.post("/answer", data={"CallUUID": "second"})
     root = ET.fromstring(response.content)
     assert [child.tag for child in root] == ["Speak", "Hangup"] and "busy" in root.find("Speak").text
-    assert 'vobiz_agent_calls_refused_total{reason="busy"} 1' in (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="busy"} 1.0' in (await server.get("/metrics")).text
 
 
 async def test_a_silent_socket_is_ended_after_the_idle_timeout(nursery, caplog):
@@ -1602,7 +1601,7 @@ async def test_a_silent_socket_is_ended_after_the_idle_timeout(nursery, caplog):
                 await ws.get_message()
     await server.app.switchboard.wait_until_empty()
     assert any("no frame from Vobiz for 1 s" in r.getMessage() for r in caplog.records)
-    assert 'vobiz_agent_calls_total{ended="idle timeout"} 1' in (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_total{ended="idle timeout"} 1.0' in (await server.get("/metrics")).text
 
 
 async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nursery):
@@ -1621,10 +1620,10 @@ async def test_a_reconnect_continues_the_conversation_and_the_agent_ends_it(nurs
     assert resemblance(second.agent_audio(said, second.tick), speech(0.8, seed=82)) > 0.9
     assert second.event_ticks("stop")
     metrics = (await server.get("/metrics")).text
-    assert 'vobiz_agent_calls_total{ended="agent"} 1' in metrics
-    assert 'vobiz_agent_calls_total{ended="hang-up"} 1' in metrics
-    assert "vobiz_agent_turns_total 2" in metrics
-    assert "vobiz_agent_turn_latency_seconds_count 2" in metrics
+    assert 'vobiz_agent_calls_total{ended="agent"} 1.0' in metrics
+    assert 'vobiz_agent_calls_total{ended="hang-up"} 1.0' in metrics
+    assert "vobiz_agent_turns_total 2.0" in metrics
+    assert "vobiz_agent_turn_latency_seconds_count 2.0" in metrics
 
 
 class ProcessLog:
@@ -1653,8 +1652,7 @@ async def start_process(nursery, port: int, *args: str, **env: str):
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False))
     process_log = ProcessLog()
     nursery.start_soon(process_log.read, process.stderr)
-    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
-    await process_log.until(lambda text: text.count("Running on") >= workers)  # Hypercorn: listening
+    await process_log.until(lambda text: "Running on" in text)  # Hypercorn: listening
     return process, process_log
 
 
@@ -1772,38 +1770,6 @@ async def test_the_ai_agent_hangs_up_when_the_caller_says_goodbye(nursery):
     assert ai.spoken_texts() == ["Hello, how can I help?", "Goodbye and take care!"]  # no extra farewell
 
 
-async def test_workers_share_calls_replace_a_dead_one_and_drain_with_goodbyes(nursery):
-    port = free_port()
-    process, process_log = await start_process(nursery, port, "--workers", "2", DRAIN_TIMEOUT_S="0.5")
-    first, _ = re.findall(r"worker (\d+) started", process_log.text)
-    os.kill(int(first), signal.SIGKILL)  # a worker crashes: the parent starts another in its place
-    await process_log.until(lambda text: f"worker {first} ended (exit code -9)" in text
-                            and len(re.findall(r"worker \d+ started", text)) == 3
-                            and text.count("Running on") == 3)
-
-    async def talk(n: int, done: trio.Event) -> None:  # answer and WebSocket land on any worker
-        words = speech(0.6, seed=90 + n)
-        async with vobiz_call(f"http://127.0.0.1:{port}", call_id=f"worker-call-{n}") as vobiz:
-            await greeted(vobiz)
-            said = vobiz.say(words)
-            await vobiz.until(lambda: len(vobiz.played_names) >= 2)
-            assert resemblance(vobiz.agent_audio(said, vobiz.tick), words) > 0.9
-            done.set()
-            await vobiz.closed.wait()  # ended by the drain, not by us
-        assert vobiz.played_names[-1].startswith("goodbye") and vobiz.event_ticks("stop")
-
-    answered = [trio.Event() for _ in range(4)]
-    async with trio.open_nursery() as calls:
-        for n, done in enumerate(answered):
-            calls.start_soon(talk, n, done)
-        for done in answered:
-            await done.wait()
-        process.send_signal(signal.SIGTERM)  # to the parent, as `docker stop` does
-    assert await process.wait() == 0
-    assert process_log.text.count("SIGTERM received: shutting down") == 2  # each worker drained
-    assert "Traceback" not in process_log.text
-
-
 # ── Property: no sequence of junk frames harms the call that gets it, or any other ──
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
@@ -1850,3 +1816,71 @@ async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
     assert any("ended by agent" in r.getMessage() for r in caplog.records)
+
+
+# ── Replicas behind a load balancer, /metrics, .env (issue 10) ──
+
+
+async def test_a_draining_replica_sends_new_calls_elsewhere_and_keeps_its_own(nursery):
+    server = await start_server(nursery, drain_timeout_s=20, stream_secret=b"shared", stream_secret_generated=False)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        new_call = await media_url(server, "new-call")  # answered here, its socket not yet open
+        nursery.start_soon(server.app.switchboard.drain)  # SIGTERM
+        await vobiz.until(lambda: server.app.switchboard.draining)
+        answer = await server.post("/answer", data={"CallUUID": "later-call"})
+        assert answer.status_code == 503  # a balancer tries another replica, Vobiz retries
+        assert [child.tag for child in ET.fromstring(answer.content)] == ["Speak", "Hangup"]
+        assert await refused_status(new_call) == 503  # nginx passes the socket to the next replica
+        said = vobiz.say(speech(0.8, seed=101))  # the live call goes on
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert resemblance(vobiz.agent_audio(said, vobiz.tick), speech(0.8, seed=101)) > 0.9
+        url = vobiz.url
+    async with vobiz_call(server.url, url=url, stream_id="stream-2") as again:  # its reconnect is taken
+        said = again.say(speech(0.8, seed=102))
+        await again.until(lambda: len(again.played_names) >= 1)
+    assert not any(name.startswith("greeting") for name in again.played_names)
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="draining"} 2.0' in metrics
+
+
+async def test_metrics_parse_as_prometheus_text_and_each_app_keeps_its_own(nursery):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    first, second = await start_server(nursery), await start_server(nursery)
+    async with vobiz_call(first.url) as vobiz:
+        await greeted(vobiz)
+        live = {sample.name: sample.value for family in text_string_to_metric_families(
+            (await first.get("/metrics")).text) for sample in family.samples}
+    assert live["vobiz_agent_calls_live"] == 1 and live["vobiz_agent_draining"] == 0
+    await first.app.switchboard.wait_until_empty()
+    assert 'vobiz_agent_calls_total{ended="hang-up"} 1.0' in (await first.get("/metrics")).text
+    other = (await second.get("/metrics")).text
+    assert "vobiz_agent_calls_total" not in other and "vobiz_agent_calls_live 0.0" in other
+
+
+async def run_in(directory, *args: str, **env: str) -> tuple[int, str]:
+    """vobiz_agent.py started in another working directory; ends it with SIGTERM once it serves."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("PORT", "MAX_CALLS")}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(partial(
+                trio.run_process, [sys.executable, os.path.join(HERE, "vobiz_agent.py"), "--host", "127.0.0.1",
+                                   *args], env={**environment, **env}, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, cwd=directory, check=False))
+            process_log = ProcessLog()
+            nursery.start_soon(process_log.read, process.stderr)
+            await process_log.until(lambda text: "Running on" in text or "vobiz-agent: " in text)
+            if "Running on" in process_log.text:  # else it stopped with one line saying why
+                process.send_signal(signal.SIGTERM)
+            code = await process.wait()
+    return code, process_log.text
+
+
+async def test_a_dot_env_file_in_the_working_directory_is_read_and_set_variables_win(tmp_path):
+    port = free_port()
+    (tmp_path / ".env").write_text(f"# a developer's settings\nPORT={port}\nMAX_CALLS=many\n")
+    code, text = await run_in(tmp_path)
+    assert code == 1 and "MAX_CALLS='many' is not a number" in text  # read from .env
+    code, text = await run_in(tmp_path, MAX_CALLS="3")
+    assert code == 0 and f"Running on http://127.0.0.1:{port}" in text  # PORT from .env, MAX_CALLS from us

@@ -36,8 +36,6 @@ import hmac
 import json
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -53,7 +51,9 @@ from functools import cache, partial
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import dotenv
 import httpx
+import prometheus_client
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -1615,49 +1615,54 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 class Metrics:
-    """Counters and the turn-latency histogram, served by /metrics in Prometheus' text format."""
+    """The app's Prometheus metrics, served by /metrics: counters made on first use, gauges, and the
+    turn-latency histogram. Each app has its own registry, so several servers in one process (the
+    tests start many) keep their own counts; `name` is the metric's name without `vobiz_agent_`."""
 
     LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+    HELP = {
+        "calls_total": "Calls ended, by who or what ended them",
+        "calls_refused_total": "Calls and media sockets refused, by reason",
+        "webhooks_refused_total": "Webhooks other than /answer refused, by reason",
+        "turns_total": "Caller turns answered",
+        "barge_ins_total": "Times the caller interrupted the agent",
+        "errors_total": "Provider failures and bad frames, by kind",
+        "calls_live": "Calls in progress",
+        "draining": "1 while shutting down (no new calls), else 0",
+    }
 
     def __init__(self) -> None:
-        self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
-        self.latency_buckets = [0] * len(self.LATENCY_BUCKETS_S)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.registry = prometheus_client.CollectorRegistry()
+        self.counters: dict[str, prometheus_client.Counter] = {}
+        self.gauges: dict[str, prometheus_client.Gauge] = {}
+        self.turn_latency = prometheus_client.Histogram(
+            "vobiz_agent_turn_latency_seconds", "End of the caller's speech to the first agent audio heard",
+            buckets=self.LATENCY_BUCKETS_S, registry=self.registry)
 
     def count(self, name: str, **labels: str) -> None:
-        self.counters[(name, tuple(sorted(labels.items())))] += 1
+        if name not in self.counters:  # its label names are fixed by its first use
+            self.counters[name] = prometheus_client.Counter(
+                f"vobiz_agent_{name}", self._help(name), labelnames=sorted(labels), registry=self.registry)
+        counter = self.counters[name]
+        (counter.labels(**labels) if labels else counter).inc()
+
+    def set_gauge(self, name: str, value: float) -> None:
+        if name not in self.gauges:
+            self.gauges[name] = prometheus_client.Gauge(f"vobiz_agent_{name}", self._help(name),
+                                                        registry=self.registry)
+        self.gauges[name].set(value)
 
     def observe_turn_latency(self, seconds: float) -> None:
-        for i, bound in enumerate(self.LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.latency_buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+        self.turn_latency.observe(seconds)
 
-    def render(self, live_calls: int, draining: bool) -> str:
-        lines = [
-            "# TYPE vobiz_agent_calls_live gauge", f"vobiz_agent_calls_live {live_calls}",
-            "# TYPE vobiz_agent_draining gauge", f"vobiz_agent_draining {int(draining)}",
-        ]
-        for name in sorted({name for name, _ in self.counters}):
-            lines.append(f"# TYPE vobiz_agent_{name} counter")
-            for (each, labels), value in sorted(self.counters.items()):
-                if each == name:
-                    label_text = ",".join(f'{key}="{_label(value)}"' for key, value in labels)
-                    lines.append(f"vobiz_agent_{name}{{{label_text}}} {value}" if labels else
-                                 f"vobiz_agent_{name} {value}")
-        lines.append("# TYPE vobiz_agent_turn_latency_seconds histogram")
-        for bound, count in zip(self.LATENCY_BUCKETS_S, self.latency_buckets, strict=True):
-            lines.append(f'vobiz_agent_turn_latency_seconds_bucket{{le="{bound}"}} {count}')
-        lines += [f'vobiz_agent_turn_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
-                  f"vobiz_agent_turn_latency_seconds_sum {self.latency_sum:.3f}",
-                  f"vobiz_agent_turn_latency_seconds_count {self.latency_count}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+    def _help(self, name: str) -> str:
+        return self.HELP.get(name, name.replace("_", " "))
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+prometheus_client.disable_created_metrics()  # no `_created` series beside every counter: nobody reads them
 
 
 class Switchboard:
@@ -1787,7 +1792,9 @@ async def answer() -> Response:
     if reason := switchboard.busy():
         log.warning("call %s: refused (%s), the caller hears that we are busy", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
-        return _xml(busy_xml())
+        # Draining, this replica is going away, not the service: 503 tells a load balancer
+        # (and Vobiz, which retries) to try another replica. Full is a real "busy": 200.
+        return Response(busy_xml(), 503 if reason == "draining" else 200, content_type="application/xml")
     settings = switchboard.settings
     base = settings.public_url or _request_base()
     token = stream_token(settings.stream_secret, call_id, int(time.time()) + STREAM_URL_LIFETIME_S)
@@ -1819,8 +1826,9 @@ async def health() -> tuple[dict, int]:
 
 async def prometheus_metrics() -> Response:
     switchboard = current_app.switchboard
-    text = switchboard.metrics.render(len(switchboard), switchboard.draining)
-    return Response(text, content_type="text/plain; version=0.0.4")
+    switchboard.metrics.set_gauge("calls_live", len(switchboard))
+    switchboard.metrics.set_gauge("draining", int(switchboard.draining))
+    return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def release_agent() -> None:
@@ -1837,6 +1845,10 @@ async def media_stream(call_id: str, token: str) -> Response | None:
                     websocket.remote_addr, problem)
         switchboard.metrics.count("calls_refused_total", reason="token")
         return Response("forbidden\n", 403)
+    if switchboard.draining and not switchboard.knows(call_id):  # a reconnect is still taken
+        log.warning("refused the media WebSocket of new call %s: draining", call_id)
+        switchboard.metrics.count("calls_refused_total", reason="draining")
+        return Response("draining\n", 503)  # nginx passes it on to the next replica
     call = Call(websocket._get_current_object(), switchboard, call_id)
     switchboard.add(call)
     try:
@@ -1924,7 +1936,7 @@ def banner(settings: Settings, agent: Agent) -> str:
         ]
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
-                     "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
+                     "Replicas behind one URL need one shared STREAM_SECRET.")
     if not settings.vobiz_auth_token:
         lines.append("VOBIZ_AUTH_TOKEN is not set: webhook signatures are not checked.")
     return "\n".join(lines)
@@ -1934,7 +1946,6 @@ def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
     call = commands.add_parser("call", help="ask Vobiz to call a number and connect it to this agent")
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
@@ -1946,8 +1957,7 @@ def command_line() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = command_line()
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be 1 or more, e.g. --workers 4")
+    dotenv.load_dotenv(".env")  # a developer's settings file, if there is one; set variables win
     try:
         port = _port("--port", args.port) if args.port is not None else None
         settings = Settings.from_env(os.environ, host=args.host, port=port)
@@ -1959,83 +1969,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
     print(banner(settings, agent), flush=True)
-    if args.workers > 1:
-        serve_with_workers(settings, args.workers)
-    else:
-        trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
-
-
-WORKER_MIN_LIFE_S = 1.0  # a worker that dies sooner is replaced only after this long
-
-
-def serve_with_workers(settings: Settings, workers: int) -> None:
-    """Several processes on one port, each with its own event loop and calls.
-
-    This parent binds the port and forks the workers, so they all accept on
-    one listening socket and inherit one Settings, STREAM_SECRET included
-    (a generated one too): any worker can take any call's WebSocket, because
-    the media URL verifies itself. On SIGTERM or SIGINT the parent passes
-    SIGTERM on, and each worker drains like a single process does. A worker
-    that dies is replaced, so a crash costs only that worker's calls.
-    """
-    pool = WorkerPool(settings)
-    for _ in range(workers):
-        pool.start_worker()
-    signal.signal(signal.SIGINT, pool.stop)
-    signal.signal(signal.SIGTERM, pool.stop)
-    sys.exit(pool.supervise())
-
-
-class WorkerPool:
-    """The parent's side of --workers: start them, replace the dead, pass a stop on."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.listeners = hypercorn_config(settings).create_sockets().insecure_sockets  # kept open here
-        self.binds = [f"fd://{listener.fileno()}" for listener in self.listeners]
-        self.fork = multiprocessing.get_context("fork")  # fork, not spawn: the children inherit the sockets
-        self.born: dict[multiprocessing.Process, float] = {}
-        self.stopping = False
-
-    def start_worker(self) -> None:
-        worker = self.fork.Process(target=run_worker, args=(self.settings, self.binds), name="vobiz-worker")
-        worker.start()
-        self.born[worker] = time.monotonic()
-        log.info("worker %d started", worker.pid)
-
-    def stop(self, number: int, _frame: object) -> None:
-        """The signal handler: every worker gets SIGTERM, and drains."""
-        if not self.stopping:
-            log.info("%s received: draining %d workers", signal.Signals(number).name, len(self.born))
-        self.stopping = True
-        for worker in self.born:
-            worker.terminate()
-
-    def supervise(self) -> int:
-        """Wait for workers to end, replacing them until a stop; the exit code."""
-        failed = False
-        while self.born:
-            multiprocessing.connection.wait([worker.sentinel for worker in self.born])
-            for worker in [worker for worker in self.born if worker.exitcode is not None]:
-                lived = time.monotonic() - self.born.pop(worker)
-                if self.stopping:
-                    failed |= worker.exitcode != 0
-                    continue
-                log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
-                if lived < WORKER_MIN_LIFE_S:  # one that can't start: retried once a second, not in a spin
-                    time.sleep(WORKER_MIN_LIFE_S - lived)
-                if not self.stopping:
-                    self.start_worker()
-        return 1 if failed else 0
-
-
-def run_worker(settings: Settings, binds: list[str]) -> None:
-    """One worker process: the single-process server, on the parent's sockets."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a replacement worker is forked
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with the parent's handlers: not ours to run
-    config = hypercorn_config(settings)
-    config.bind = binds
-    trio.run(serve_until_signalled, create_app(settings), config)
+    trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
 
 
 # Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
@@ -2113,8 +2047,8 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
             async for number in signals:
                 log.info("%s received: shutting down", signal.Signals(number).name)
                 break
-            # Still receiving while we drain: a second signal (Ctrl-C reaches a worker
-            # from the terminal and from its parent) must not cut the goodbyes short.
+            # Still receiving while we drain: a second signal (an impatient Ctrl-C, or an
+            # orchestrator that signals twice) must not cut the goodbyes short.
             await app.switchboard.drain()
 
     await serve(app, config, shutdown_trigger=signalled)
