@@ -2042,8 +2042,14 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
     the kernel drops signals that process 1 has not asked for.
     """
 
-    async def signalled() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Asked for before Hypercorn listens: a SIGTERM just after "Running on" is a drain, not a kill.
+    # Ignored after the receiver closes: Trio re-raises the signals still queued in it then
+    # (a second one during the drain), and they must not turn a clean exit into a kill.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def signalled() -> None:
             async for number in signals:
                 log.info("%s received: shutting down", signal.Signals(number).name)
                 break
@@ -2051,7 +2057,7 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
             # orchestrator that signals twice) must not cut the goodbyes short.
             await app.switchboard.drain()
 
-    await serve(app, config, shutdown_trigger=signalled)
+        await serve(app, config, shutdown_trigger=signalled)
 
 
 if __name__ == "__main__":
