@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -1884,3 +1885,25 @@ async def test_a_dot_env_file_in_the_working_directory_is_read_and_set_variables
     assert code == 1 and "MAX_CALLS='many' is not a number" in text  # read from .env
     code, text = await run_in(tmp_path, MAX_CALLS="3")
     assert code == 0 and f"Running on http://127.0.0.1:{port}" in text  # PORT from .env, MAX_CALLS from us
+
+
+def readme_settings() -> list[tuple[str, str, str]]:
+    """README's configuration table: (variable, default, meaning), backticks dropped from the default."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        text = readme.read().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    return [(name.split("`")[1], default.strip("`"), meaning.strip()) for name, default, meaning in rows]
+
+
+def test_the_readme_configuration_table_is_the_settings_table():
+    assert readme_settings() == [(setting.variable, setting.shown_default(), setting.help)
+                                 for setting in vobiz_agent.SETTINGS]
+    fields = {each.name for each in dataclasses.fields(vobiz_agent.Settings)}
+    assert {setting.field for setting in vobiz_agent.SETTINGS} == fields - {"stream_secret_generated"}
+
+
+async def test_help_lists_every_variable_with_its_default():
+    result = await trio.run_process([sys.executable, "vobiz_agent.py", "--help"], capture_stdout=True, cwd=HERE)
+    lines = result.stdout.decode().splitlines()
+    for variable, default, _ in readme_settings():
+        assert any(line.split()[:1] == [variable] and line.rstrip().endswith(default) for line in lines), variable

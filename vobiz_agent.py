@@ -40,6 +40,7 @@ import os
 import secrets
 import signal
 import sys
+import textwrap
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -96,6 +97,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, with its default; SETTINGS below says how each is read from the environment."""
+
     host: str = "0.0.0.0"
     port: int = 5000
     public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
@@ -121,6 +124,7 @@ class Settings:
     vobiz_auth_token: str = ""  # set: every webhook's signature is checked
     vobiz_require_signature: bool = False  # refuse webhooks that carry no signature at all
     vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
+    vobiz_from: str = ""  # the caller id of `vobiz-agent call`
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     max_calls: int = 50
@@ -134,104 +138,139 @@ class Settings:
         return bool(self.deepgram_api_key and self.openai_api_key)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], host: str | None = None, port: int | None = None) -> Settings:
-        """Settings from the environment; command-line flags win over variables."""
-        defaults = cls()
-        return cls(
-            host=host or env.get("HOST") or defaults.host,
-            port=port if port is not None else _port("PORT", env.get("PORT", "5000")),
-            public_url=_url("PUBLIC_URL", env.get("PUBLIC_URL", ""), ("http", "https"), "https://abc.ngrok.app"),
-            log_level=_choice("LOG_LEVEL", env.get("LOG_LEVEL", "INFO"), LOG_LEVELS),
-            log_format=_choice("LOG_FORMAT", env.get("LOG_FORMAT", "text"), ("TEXT", "JSON")).lower(),
-            barge_in_min_ms=_number("BARGE_IN_MIN_MS", env, defaults.barge_in_min_ms, 0, 2000),
-            **_ai_settings(env, defaults),
-            **_trust_settings(env, defaults),
-            max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
-            offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
-            offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
-            idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
-            drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
-        )
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """The variables that are set, each read by its row of SETTINGS; the rest keep their defaults."""
+        values = {setting.field: setting.parse(setting, env[setting.variable])
+                  for setting in SETTINGS if env.get(setting.variable)}
+        if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
+            missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
+            raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                                f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+        return cls(**values, stream_secret_generated="stream_secret" not in values)
 
 
-def _ai_settings(env: Mapping[str, str], defaults: Settings) -> dict:
-    """The AI agent's providers: both keys or neither (then the offline agent answers)."""
-    deepgram_key, openai_key = env.get("DEEPGRAM_API_KEY", ""), env.get("OPENAI_API_KEY", "")
-    if bool(deepgram_key) != bool(openai_key):
-        missing = "OPENAI_API_KEY" if deepgram_key else "DEEPGRAM_API_KEY"
-        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
-                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
-    return {
-        "deepgram_api_key": deepgram_key,
-        "deepgram_url": _url("DEEPGRAM_URL", env.get("DEEPGRAM_URL", ""), ("ws", "wss"),
-                          defaults.deepgram_url) or defaults.deepgram_url,
-        "deepgram_model": env.get("DEEPGRAM_MODEL") or defaults.deepgram_model,
-        "deepgram_language": env.get("DEEPGRAM_LANGUAGE") or defaults.deepgram_language,
-        "deepgram_endpointing_ms": _number("DEEPGRAM_ENDPOINTING_MS", env, defaults.deepgram_endpointing_ms,
-                                           10, 5000),
-        "openai_api_key": openai_key,
-        "openai_base_url": _url("OPENAI_BASE_URL", env.get("OPENAI_BASE_URL", ""), ("http", "https"),
-                             defaults.openai_base_url) or defaults.openai_base_url,
-        "openai_model": env.get("OPENAI_MODEL") or defaults.openai_model,
-        "openai_timeout_s": _number("OPENAI_TIMEOUT_S", env, defaults.openai_timeout_s, 0.1, 120),
-        "system_prompt": env.get("SYSTEM_PROMPT") or defaults.system_prompt,
-        "tts_model": env.get("TTS_MODEL") or defaults.tts_model,
-        "tts_voice": env.get("TTS_VOICE") or defaults.tts_voice,
-        "greeting": env.get("GREETING") or defaults.greeting,
-    }
+def _as_is(setting: Setting, value: str) -> str:
+    return value
 
 
-def _trust_settings(env: Mapping[str, str], defaults: Settings) -> dict:
-    """Vobiz credentials (webhook signatures, outbound calls) and the media-URL secret."""
-    return {
-        "vobiz_auth_id": env.get("VOBIZ_AUTH_ID", ""),
-        "vobiz_auth_token": env.get("VOBIZ_AUTH_TOKEN", ""),
-        "vobiz_require_signature": _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", "")),
-        "vobiz_api_url": _url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
-                           defaults.vobiz_api_url) or defaults.vobiz_api_url,
-        "stream_secret": env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
-        "stream_secret_generated": not env.get("STREAM_SECRET"),
-    }
+@dataclass(frozen=True)
+class Setting:
+    """A row of the settings table: an environment variable, read into the Settings field of the
+    same name in lower case by `parse`, which checks it against `low`…`high` or `choices`."""
+
+    variable: str
+    help: str
+    parse: Callable[[Setting, str], object] = _as_is  # checks and converts the variable's text
+    low: float = 0
+    high: float = 0
+    choices: tuple[str, ...] = ()  # the values a choice allows, or the schemes a URL may have
+    example: str = ""  # a good value for error messages, when the default is none
+    shown: str = ""  # the default as --help and README show it, when its value would not do
+
+    @property
+    def field(self) -> str:
+        return self.variable.lower()
+
+    @property
+    def default(self) -> object:
+        return getattr(Settings, self.field, None)  # a default_factory field has none
+
+    def shown_default(self) -> str:
+        value = self.default
+        if self.shown or value in ("", None):
+            return self.shown or "(none)"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    def refuse(self, value: str, why: str) -> SettingsError:
+        return SettingsError(f"{self.variable}={value!r} is {why}, e.g. {self.variable}="
+                             f"{self.example or self.shown_default()}")
 
 
-def _port(name: str, value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise SettingsError(f"{name}={value!r} is not a TCP port (1-65535), e.g. {name}=5000")
-    return int(value)
+def _number(setting: Setting, value: str) -> float:
+    try:
+        number = type(setting.default)(value)  # int or float, as the default is
+    except ValueError:
+        number = None
+    if number is None or not setting.low <= number <= setting.high:
+        raise setting.refuse(value, f"not a number from {setting.low:g} to {setting.high:g}")
+    return number
 
 
-def _url(name: str, value: str, schemes: tuple[str, ...], example: str) -> str | None:
-    if not value:
-        return None
+def _url(setting: Setting, value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.netloc or parts.query:
-        raise SettingsError(f"{name}={value!r} is not a {'/'.join(schemes)} base URL, e.g. {name}={example}")
+    if parts.scheme not in setting.choices or not parts.netloc or parts.query:
+        raise setting.refuse(value, f"not a {'/'.join(setting.choices)} base URL")
     return value.rstrip("/")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value.upper() not in choices:
-        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}={choices[1]}")
-    return value.upper()
+def _choice(setting: Setting, value: str) -> str:
+    for choice in setting.choices:
+        if value.upper() == choice.upper():
+            return choice
+    raise SettingsError(f"{setting.variable}={value!r} is not one of {', '.join(setting.choices)}, "
+                        f"e.g. {setting.variable}={setting.choices[1]}")
 
 
-def _flag(name: str, value: str) -> bool:
-    if value.lower() not in ("", "true", "false", "1", "0", "yes", "no"):
-        raise SettingsError(f"{name}={value!r} is not true or false, e.g. {name}=true")
+def _flag(setting: Setting, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise setting.refuse(value, "not true or false")
     return value.lower() in ("true", "1", "yes")
 
 
-def _number(name: str, env: Mapping[str, str], default: float, low: float, high: float) -> float:
-    value = env.get(name, "")
-    if not value:
-        return default
-    try:
-        number = type(default)(value)
-    except ValueError:
-        number = None
-    if number is None or not low <= number <= high:
-        raise SettingsError(f"{name}={value!r} is not a number from {low} to {high}, e.g. {name}={default}")
-    return number
+def _bytes(setting: Setting, value: str) -> bytes:
+    return value.encode()
+
+
+WEB = ("http", "https")
+SETTINGS = (
+    Setting("HOST", "address to listen on"),
+    Setting("PORT", "port to listen on", _number, 1, 65535),
+    Setting("PUBLIC_URL", "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for "
+            "the `<Stream>` URL and the status callback", _url, choices=WEB, example="https://abc.ngrok.app"),
+    Setting("LOG_LEVEL", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", _choice, choices=LOG_LEVELS),
+    Setting("LOG_FORMAT", "`json` for one JSON object per line (log collectors)", _choice,
+            choices=("text", "json")),
+    Setting("BARGE_IN_MIN_MS", "how long the caller must talk over the agent to stop it (also the "
+            "offline agent's minimum speech)", _number, 0, 2000),
+    Setting("DEEPGRAM_API_KEY", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error"),
+    Setting("DEEPGRAM_URL", "the live transcription endpoint", _url, choices=("ws", "wss")),
+    Setting("DEEPGRAM_MODEL", "the speech-to-text model"),
+    Setting("DEEPGRAM_LANGUAGE", "the caller's language"),
+    Setting("DEEPGRAM_ENDPOINTING_MS", "quiet that ends a phrase", _number, 10, 5000),
+    Setting("OPENAI_API_KEY", "any string for a local server"),
+    Setting("OPENAI_BASE_URL", "any OpenAI-compatible server", _url, choices=WEB),
+    Setting("OPENAI_MODEL", "the chat model"),
+    Setting("OPENAI_TIMEOUT_S", "connect / first token / first byte timeout", _number, 0.1, 120),
+    Setting("SYSTEM_PROMPT", "short spoken sentences, no markdown", shown="a phone-assistant prompt"),
+    Setting("TTS_MODEL", "the text-to-speech model"),
+    Setting("TTS_VOICE", "the text-to-speech voice"),
+    Setting("GREETING", "spoken when the caller's audio starts flowing"),
+    Setting("VOBIZ_AUTH_TOKEN", "check webhook signatures; with `VOBIZ_AUTH_ID`, place outbound calls"),
+    Setting("VOBIZ_REQUIRE_SIGNATURE", "refuse webhooks without a signature", _flag, example="true"),
+    Setting("VOBIZ_AUTH_ID", "your account id (`MA_…`), for outbound calls"),
+    Setting("VOBIZ_API_URL", "the Vobiz REST API, for outbound calls", _url, choices=WEB),
+    Setting("VOBIZ_FROM", "the caller id for `call` when `--from` is not given"),
+    Setting("STREAM_SECRET", "signs the media URLs; give every replica the same one", _bytes,
+            shown="random per process"),
+    Setting("MAX_CALLS", "live calls per process; more hear \"busy\"", _number, 1, 100_000),
+    Setting("IDLE_TIMEOUT_S", "end a call whose socket carries nothing this long", _number, 1, 3600),
+    Setting("DRAIN_TIMEOUT_S", "on SIGTERM, how long live calls may go on", _number, 0, 3600),
+    Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
+    Setting("OFFLINE_SILENCE_S", "or after this long without a word from the caller", _number, 1, 86_400),
+)
+
+
+def settings_help() -> str:
+    """The table for `vobiz-agent --help`: every variable, what it does, its default."""
+    lines = ["settings (environment variables, or a .env file in this directory; set variables win),",
+             "each with its default:"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.variable:<26} {setting.shown_default()}")
+        lines += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1943,7 +1982,8 @@ def banner(settings: Settings, agent: Agent) -> str:
 
 
 def command_line() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
+    parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.",
+                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
@@ -1958,13 +1998,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_line()
     args = parser.parse_args(argv)
     dotenv.load_dotenv(".env")  # a developer's settings file, if there is one; set variables win
+    flags = {"HOST": args.host, "PORT": args.port}  # flags win over variables
     try:
-        port = _port("--port", args.port) if args.port is not None else None
-        settings = Settings.from_env(os.environ, host=args.host, port=port)
+        settings = Settings.from_env({**os.environ, **{name: v for name, v in flags.items() if v is not None}})
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
     if args.command == "call":
-        call_command(settings, args.to, args.caller or os.environ.get("VOBIZ_FROM", ""), args.answer_url)
+        call_command(settings, args.to, args.caller or settings.vobiz_from, args.answer_url)
         return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
