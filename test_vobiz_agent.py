@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -1907,3 +1908,9 @@ async def test_help_lists_every_variable_with_its_default():
     lines = result.stdout.decode().splitlines()
     for variable, default, _ in readme_settings():
         assert any(line.split()[:1] == [variable] and line.rstrip().endswith(default) for line in lines), variable
+
+
+def test_env_example_names_only_real_settings():
+    with open(os.path.join(HERE, ".env.example"), encoding="utf-8") as example:
+        named = re.findall(r"^(?:# )?([A-Z_]+)=", example.read(), re.MULTILINE)  # set or commented out
+    assert len(named) > 10 and set(named) <= {setting.variable for setting in vobiz_agent.SETTINGS}
