@@ -41,13 +41,12 @@ import ipaddress
 import json
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import secrets
 import signal
 import socket
 import sys
+import textwrap
 import time
 import uuid
 import warnings
@@ -61,7 +60,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import dotenv
 import httpx
+import prometheus_client
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -104,6 +105,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, with its default; SETTINGS below says how each is read from the environment."""
+
     host: str = "0.0.0.0"
     port: int = 5000
     public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
@@ -130,6 +133,7 @@ class Settings:
     vobiz_parent_auth_token: str = ""  # a sub-account's parent: -MA-V2/-MA-V3 signatures
     vobiz_verify_signatures: str = "off"  # "off", "when-signed" or "required"
     vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
+    vobiz_from: str = ""  # the caller id of `vobiz-agent call`
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     transfer_number: str = ""  # set: the agent can hand the caller to this number (a person)
@@ -158,99 +162,62 @@ class Settings:
         return not self.uses_ai or is_loopback(self.host)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], host: str | None = None, port: int | None = None) -> Settings:
-        """Settings from the environment; command-line flags win over variables."""
-        defaults = cls()
-        return cls(
-            host=host or env.get("HOST") or defaults.host,
-            port=port if port is not None else _port("PORT", env.get("PORT", "5000")),
-            public_url=_url("PUBLIC_URL", env.get("PUBLIC_URL", ""), ("http", "https"), "https://abc.ngrok.app"),
-            log_level=_choice("LOG_LEVEL", env.get("LOG_LEVEL", "INFO"), LOG_LEVELS),
-            log_format=_choice("LOG_FORMAT", env.get("LOG_FORMAT", "text"), ("TEXT", "JSON")).lower(),
-            barge_in_min_ms=_number("BARGE_IN_MIN_MS", env, defaults.barge_in_min_ms, 0, 2000),
-            **_ai_settings(env, defaults),
-            **_trust_settings(env, defaults),
-            max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
-            record_calls=_flag("RECORD_CALLS", env.get("RECORD_CALLS", "")),
-            offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
-            silence_timeout_s=_number("SILENCE_TIMEOUT_S" if env.get("SILENCE_TIMEOUT_S") else "OFFLINE_SILENCE_S",
-                                      env, defaults.silence_timeout_s, 1, 86_400),  # the old name still works
-            idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
-            drain_timeout_s=_number("DRAIN_TIMEOUT_S", env, defaults.drain_timeout_s, 0, 3600),
-            phone=_flag("PHONE", env["PHONE"]) if env.get("PHONE") else None,
-            stream_max_retries=_number("STREAM_MAX_RETRIES", env, defaults.stream_max_retries, 0, 10),
-            max_call_s=_number("MAX_CALL_S", env, defaults.max_call_s, 10, 86_400),
-            http_read_timeout_s=_number("HTTP_READ_TIMEOUT_S", env, defaults.http_read_timeout_s, 1, 300),
-        )
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """The variables that are set, each read by its row of SETTINGS; the rest keep their defaults."""
+        env = _with_old_names(env)
+        values = {setting.field: setting.parse(setting, env[setting.variable])
+                  for setting in SETTINGS if env.get(setting.variable)}
+        _check_together(values)
+        return cls(**values, stream_secret_generated="stream_secret" not in values)
 
 
-def _ai_settings(env: Mapping[str, str], defaults: Settings) -> dict:
-    """The AI agent's providers: both keys or neither (then the offline agent answers)."""
-    deepgram_key, openai_key = env.get("DEEPGRAM_API_KEY", ""), env.get("OPENAI_API_KEY", "")
-    if bool(deepgram_key) != bool(openai_key):
-        missing = "OPENAI_API_KEY" if deepgram_key else "DEEPGRAM_API_KEY"
-        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
-                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
-    return {
-        "deepgram_api_key": deepgram_key,
-        "deepgram_url": _url("DEEPGRAM_URL", env.get("DEEPGRAM_URL", ""), ("ws", "wss"),
-                          defaults.deepgram_url) or defaults.deepgram_url,
-        "deepgram_model": env.get("DEEPGRAM_MODEL") or defaults.deepgram_model,
-        "deepgram_language": env.get("DEEPGRAM_LANGUAGE") or defaults.deepgram_language,
-        "deepgram_endpointing_ms": _number("DEEPGRAM_ENDPOINTING_MS", env, defaults.deepgram_endpointing_ms,
-                                           10, 5000),
-        "openai_api_key": openai_key,
-        "openai_base_url": _url("OPENAI_BASE_URL", env.get("OPENAI_BASE_URL", ""), ("http", "https"),
-                             defaults.openai_base_url) or defaults.openai_base_url,
-        "openai_model": env.get("OPENAI_MODEL") or defaults.openai_model,
-        "openai_timeout_s": _number("OPENAI_TIMEOUT_S", env, defaults.openai_timeout_s, 0.1, 120),
-        "system_prompt": env.get("SYSTEM_PROMPT") or defaults.system_prompt,
-        "tts_model": env.get("TTS_MODEL") or defaults.tts_model,
-        "tts_voice": env.get("TTS_VOICE") or defaults.tts_voice,
-        "greeting": env.get("GREETING") or defaults.greeting,
-    }
+def _as_is(setting: Setting, value: str) -> str:
+    return value
 
 
-def _trust_settings(env: Mapping[str, str], defaults: Settings) -> dict:
-    """Vobiz credentials (webhook signatures, outbound calls) and the media-URL secret."""
-    return {
-        "vobiz_auth_id": env.get("VOBIZ_AUTH_ID", ""),
-        "vobiz_auth_token": env.get("VOBIZ_AUTH_TOKEN", ""),
-        "vobiz_parent_auth_token": env.get("VOBIZ_PARENT_AUTH_TOKEN", ""),
-        "vobiz_verify_signatures": _verification_mode(env),
-        "vobiz_api_url": _url("VOBIZ_API_URL", env.get("VOBIZ_API_URL", ""), ("http", "https"),
-                           defaults.vobiz_api_url) or defaults.vobiz_api_url,
-        **_transfer_settings(env),
-        "stream_secret": env["STREAM_SECRET"].encode() if env.get("STREAM_SECRET") else defaults.stream_secret,
-        "stream_secret_generated": not env.get("STREAM_SECRET"),
-    }
+@dataclass(frozen=True)
+class Setting:
+    """A row of the settings table: an environment variable, read into the Settings field of the
+    same name in lower case by `parse`, which checks it against `low`…`high` or `choices`."""
+
+    variable: str
+    help: str
+    parse: Callable[[Setting, str], object] = _as_is  # checks and converts the variable's text
+    low: float = 0
+    high: float = 0
+    choices: tuple[str, ...] = ()  # the values a choice allows, or the schemes a URL may have
+    example: str = ""  # a good value for error messages, when the default is none
+    shown: str = ""  # the default as --help and README show it, when its value would not do
+
+    @property
+    def field(self) -> str:
+        return self.variable.lower()
+
+    @property
+    def default(self) -> object:
+        return getattr(Settings, self.field, None)  # a default_factory field has none
+
+    def shown_default(self) -> str:
+        value = self.default
+        if self.shown or value in ("", None):
+            return self.shown or "(none)"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    def refuse(self, value: str, why: str) -> SettingsError:
+        return SettingsError(f"{self.variable}={value!r} is {why}, e.g. {self.variable}="
+                             f"{self.example or self.shown_default()}")
 
 
-def _transfer_settings(env: Mapping[str, str]) -> dict:
-    """TRANSFER_NUMBER: a transfer is a Vobiz REST request, so it needs the account's credentials."""
-    number = env.get("TRANSFER_NUMBER", "").strip()
-    if number and not (env.get("VOBIZ_AUTH_ID") and env.get("VOBIZ_AUTH_TOKEN")):
-        raise SettingsError(f"TRANSFER_NUMBER={number!r} needs VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN "
-                            "(a transfer is a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-    return {"transfer_number": number, "transfer_caller_id": env.get("TRANSFER_CALLER_ID", "").strip()}
-
-
-VERIFICATION_MODES = ("OFF", "REQUIRED", "WHEN-SIGNED")
-
-
-def _verification_mode(env: Mapping[str, str]) -> str:
-    """VOBIZ_VERIFY_SIGNATURES, explicitly: a token set for outbound calls must not by itself
-    start refusing webhooks. VOBIZ_REQUIRE_SIGNATURE=true is the old spelling of "required"."""
-    if env.get("VOBIZ_VERIFY_SIGNATURES"):
-        mode = _choice("VOBIZ_VERIFY_SIGNATURES", env["VOBIZ_VERIFY_SIGNATURES"], VERIFICATION_MODES).lower()
-    else:
-        required = _flag("VOBIZ_REQUIRE_SIGNATURE", env.get("VOBIZ_REQUIRE_SIGNATURE", ""))
-        mode = "required" if required else "off"
-    if mode != "off" and not (env.get("VOBIZ_AUTH_TOKEN") or env.get("VOBIZ_PARENT_AUTH_TOKEN")):
-        raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
-                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
-                            "e.g. VOBIZ_AUTH_TOKEN=...")
-    return mode
+def _number(setting: Setting, value: str) -> float:
+    try:
+        number = type(setting.default)(value)  # int or float, as the default is
+    except ValueError:
+        number = None
+    if number is None or not setting.low <= number <= setting.high:
+        raise setting.refuse(value, f"not a number from {setting.low:g} to {setting.high:g}")
+    return number
 
 
 def is_loopback(host: str) -> bool:
@@ -263,44 +230,128 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _port(name: str, value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise SettingsError(f"{name}={value!r} is not a TCP port (1-65535), e.g. {name}=5000")
-    return int(value)
-
-
-def _url(name: str, value: str, schemes: tuple[str, ...], example: str) -> str | None:
-    if not value:
-        return None
+def _url(setting: Setting, value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.netloc or parts.query:
-        raise SettingsError(f"{name}={value!r} is not a {'/'.join(schemes)} base URL, e.g. {name}={example}")
+    if parts.scheme not in setting.choices or not parts.netloc or parts.query:
+        raise setting.refuse(value, f"not a {'/'.join(setting.choices)} base URL")
     return value.rstrip("/")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value.upper() not in choices:
-        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}, e.g. {name}={choices[1]}")
-    return value.upper()
+def _choice(setting: Setting, value: str) -> str:
+    for choice in setting.choices:
+        if value.upper() == choice.upper():
+            return choice
+    raise SettingsError(f"{setting.variable}={value!r} is not one of {', '.join(setting.choices)}, "
+                        f"e.g. {setting.variable}={setting.choices[1]}")
 
 
-def _flag(name: str, value: str) -> bool:
-    if value.lower() not in ("", "true", "false", "1", "0", "yes", "no"):
-        raise SettingsError(f"{name}={value!r} is not true or false, e.g. {name}=true")
+def _flag(setting: Setting, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise setting.refuse(value, "not true or false")
     return value.lower() in ("true", "1", "yes")
 
 
-def _number(name: str, env: Mapping[str, str], default: float, low: float, high: float) -> float:
-    value = env.get(name, "")
-    if not value:
-        return default
-    try:
-        number = type(default)(value)
-    except ValueError:
-        number = None
-    if number is None or not low <= number <= high:
-        raise SettingsError(f"{name}={value!r} is not a number from {low} to {high}, e.g. {name}={default}")
-    return number
+def _bytes(setting: Setting, value: str) -> bytes:
+    return value.encode()
+
+
+WEB = ("http", "https")
+SETTINGS = (
+    Setting("HOST", "address to listen on"),
+    Setting("PORT", "port to listen on", _number, 1, 65535),
+    Setting("PUBLIC_URL", "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for "
+            "the `<Stream>` URL and the status callback", _url, choices=WEB, example="https://abc.ngrok.app"),
+    Setting("LOG_LEVEL", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", _choice, choices=LOG_LEVELS),
+    Setting("LOG_FORMAT", "`json` for one JSON object per line (log collectors)", _choice,
+            choices=("text", "json")),
+    Setting("BARGE_IN_MIN_MS", "how long the caller must talk over the agent to stop it (also the "
+            "offline agent's minimum speech)", _number, 0, 2000),
+    Setting("DEEPGRAM_API_KEY", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error"),
+    Setting("DEEPGRAM_URL", "the live transcription endpoint", _url, choices=("ws", "wss")),
+    Setting("DEEPGRAM_MODEL", "the speech-to-text model"),
+    Setting("DEEPGRAM_LANGUAGE", "the caller's language"),
+    Setting("DEEPGRAM_ENDPOINTING_MS", "quiet that ends a phrase", _number, 10, 5000),
+    Setting("OPENAI_API_KEY", "any string for a local server"),
+    Setting("OPENAI_BASE_URL", "any OpenAI-compatible server", _url, choices=WEB),
+    Setting("OPENAI_MODEL", "the chat model"),
+    Setting("OPENAI_TIMEOUT_S", "connect / first token / first byte timeout", _number, 0.1, 120),
+    Setting("SYSTEM_PROMPT", "short spoken sentences, no markdown", shown="a phone-assistant prompt"),
+    Setting("TTS_MODEL", "the text-to-speech model"),
+    Setting("TTS_VOICE", "the text-to-speech voice"),
+    Setting("GREETING", "spoken when the caller's audio starts flowing"),
+    Setting("VOBIZ_AUTH_ID", "your account id (`MA_…`), for outbound calls and transfers"),
+    Setting("VOBIZ_AUTH_TOKEN", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and transfers; "
+            "checks V2/V3 signatures"),
+    Setting("VOBIZ_PARENT_AUTH_TOKEN", "a sub-account's parent (main) account token: checks "
+            "`-MA-V2`/`-MA-V3` signatures"),
+    Setting("VOBIZ_VERIFY_SIGNATURES", "`off`, `when-signed` (signed webhooks must be right) or `required` "
+            "(unsigned ones refused too); the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", _choice,
+            choices=("off", "when-signed", "required")),
+    Setting("VOBIZ_API_URL", "the Vobiz REST API, for outbound calls and transfers", _url, choices=WEB),
+    Setting("VOBIZ_FROM", "the caller id for `call` when `--from` is not given"),
+    Setting("TRANSFER_NUMBER", "a person's number: the agent can transfer the caller there (a model tool; "
+            "0 on the echo agent)"),
+    Setting("TRANSFER_CALLER_ID", "the caller ID the person sees on a transfer", shown="our number on the call"),
+    Setting("RECORD_CALLS", "record every call (`<Record recordSession>`); the recording's URL is logged",
+            _flag, example="true"),
+    Setting("STREAM_SECRET", "signs the media URLs; give every replica the same one", _bytes,
+            shown="random per process"),
+    Setting("MAX_CALLS", "calls per process, counted from `/answer`; more get a busy tone (unanswered, "
+            "unbilled)", _number, 1, 100_000),
+    Setting("STREAM_MAX_RETRIES", "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped socket",
+            _number, 0, 10),
+    Setting("MAX_CALL_S", "every call says goodbye and ends after this long", _number, 10, 86_400),
+    Setting("SILENCE_TIMEOUT_S", "every agent says goodbye after this long without a word from the caller "
+            "(old name `OFFLINE_SILENCE_S`)", _number, 1, 86_400),
+    Setting("IDLE_TIMEOUT_S", "end a call whose socket carries no valid media this long", _number, 1, 3600),
+    Setting("HTTP_READ_TIMEOUT_S", "close a connection that sends nothing this long", _number, 1, 300),
+    Setting("DRAIN_TIMEOUT_S", "on SIGTERM, how long live calls may go on", _number, 0, 3600),
+    Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
+    Setting("PHONE", "serve the browser softphone at `/phone`; `true` with the AI agent on a public address "
+            "lets anyone who reaches it spend your provider budget", _flag,
+            shown="on with the offline agent or a loopback HOST"),
+)
+
+
+
+def _with_old_names(env: Mapping[str, str]) -> Mapping[str, str]:
+    """Old spellings still work where the new variable is not set."""
+    env = dict(env)
+    if env.get("OFFLINE_SILENCE_S") and not env.get("SILENCE_TIMEOUT_S"):
+        env["SILENCE_TIMEOUT_S"] = env["OFFLINE_SILENCE_S"]
+    if env.get("VOBIZ_REQUIRE_SIGNATURE") and not env.get("VOBIZ_VERIFY_SIGNATURES"):
+        required = env["VOBIZ_REQUIRE_SIGNATURE"].lower() in ("true", "1", "yes")
+        env["VOBIZ_VERIFY_SIGNATURES"] = "required" if required else "off"
+    return env
+
+
+def _check_together(values: dict[str, object]) -> None:
+    """The rules that span several variables."""
+    if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
+        missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
+        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+    # Verification is asked for explicitly: a token set for outbound calls must not by itself
+    # start refusing webhooks.
+    mode = values.get("vobiz_verify_signatures", "off")
+    if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
+        raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
+                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
+                            "e.g. VOBIZ_AUTH_TOKEN=...")
+    if values.get("transfer_number") and not (values.get("vobiz_auth_id") and values.get("vobiz_auth_token")):
+        raise SettingsError(f"TRANSFER_NUMBER={values['transfer_number']!r} needs VOBIZ_AUTH_ID and "
+                            "VOBIZ_AUTH_TOKEN (a transfer is a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+
+
+def settings_help() -> str:
+    """The table for `vobiz-agent --help`: every variable, what it does, its default."""
+    lines = ["settings (environment variables, or a .env file in this directory; set variables win),",
+             "each with its default:"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.variable:<26} {setting.shown_default()}")
+        lines += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1993,49 +2044,54 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 class Metrics:
-    """Counters and the turn-latency histogram, served by /metrics in Prometheus' text format."""
+    """The app's Prometheus metrics, served by /metrics: counters made on first use, gauges, and the
+    turn-latency histogram. Each app has its own registry, so several servers in one process (the
+    tests start many) keep their own counts; `name` is the metric's name without `vobiz_agent_`."""
 
     LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+    HELP = {
+        "calls_total": "Calls ended, by who or what ended them",
+        "calls_refused_total": "Calls and media sockets refused, by reason",
+        "webhooks_refused_total": "Webhooks other than /answer refused, by reason",
+        "turns_total": "Caller turns answered",
+        "barge_ins_total": "Times the caller interrupted the agent",
+        "errors_total": "Provider failures and bad frames, by kind",
+        "calls_live": "Calls in progress",
+        "draining": "1 while shutting down (no new calls), else 0",
+    }
 
     def __init__(self) -> None:
-        self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
-        self.latency_buckets = [0] * len(self.LATENCY_BUCKETS_S)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.registry = prometheus_client.CollectorRegistry()
+        self.counters: dict[str, prometheus_client.Counter] = {}
+        self.gauges: dict[str, prometheus_client.Gauge] = {}
+        self.turn_latency = prometheus_client.Histogram(
+            "vobiz_agent_turn_latency_seconds", "End of the caller's speech to the first agent audio heard",
+            buckets=self.LATENCY_BUCKETS_S, registry=self.registry)
 
     def count(self, name: str, **labels: str) -> None:
-        self.counters[(name, tuple(sorted(labels.items())))] += 1
+        if name not in self.counters:  # its label names are fixed by its first use
+            self.counters[name] = prometheus_client.Counter(
+                f"vobiz_agent_{name}", self._help(name), labelnames=sorted(labels), registry=self.registry)
+        counter = self.counters[name]
+        (counter.labels(**labels) if labels else counter).inc()
+
+    def set_gauge(self, name: str, value: float) -> None:
+        if name not in self.gauges:
+            self.gauges[name] = prometheus_client.Gauge(f"vobiz_agent_{name}", self._help(name),
+                                                        registry=self.registry)
+        self.gauges[name].set(value)
 
     def observe_turn_latency(self, seconds: float) -> None:
-        for i, bound in enumerate(self.LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.latency_buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+        self.turn_latency.observe(seconds)
 
-    def render(self, live_calls: int, draining: bool) -> str:
-        lines = [
-            "# TYPE vobiz_agent_calls_live gauge", f"vobiz_agent_calls_live {live_calls}",
-            "# TYPE vobiz_agent_draining gauge", f"vobiz_agent_draining {int(draining)}",
-        ]
-        for name in sorted({name for name, _ in self.counters}):
-            lines.append(f"# TYPE vobiz_agent_{name} counter")
-            for (each, labels), value in sorted(self.counters.items()):
-                if each == name:
-                    label_text = ",".join(f'{key}="{_label(value)}"' for key, value in labels)
-                    lines.append(f"vobiz_agent_{name}{{{label_text}}} {value}" if labels else
-                                 f"vobiz_agent_{name} {value}")
-        lines.append("# TYPE vobiz_agent_turn_latency_seconds histogram")
-        for bound, count in zip(self.LATENCY_BUCKETS_S, self.latency_buckets, strict=True):
-            lines.append(f'vobiz_agent_turn_latency_seconds_bucket{{le="{bound}"}} {count}')
-        lines += [f'vobiz_agent_turn_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
-                  f"vobiz_agent_turn_latency_seconds_sum {self.latency_sum:.3f}",
-                  f"vobiz_agent_turn_latency_seconds_count {self.latency_count}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+    def _help(self, name: str) -> str:
+        return self.HELP.get(name, name.replace("_", " "))
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+prometheus_client.disable_created_metrics()  # no `_created` series beside every counter: nobody reads them
 
 
 class Switchboard:
@@ -2107,6 +2163,8 @@ class Switchboard:
         self._forget_old()
         if self.expected.pop(call_id, None) is not None:
             return None, True  # its slot was taken at /answer
+        if self.draining and call_id in self.conversations:
+            return None, False  # a reconnect of a call we hold: its conversation goes on here
         return self.busy(), False
 
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
@@ -2235,7 +2293,9 @@ async def answer() -> Response:
     if reason := switchboard.busy():
         log.warning("call %s: refused (%s), the caller hears a busy tone", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
-        return _xml(busy_xml())
+        # Draining, this replica is going away, not the service: 503 tells a load balancer
+        # (and Vobiz, which retries) to try another replica. Full is a real "busy": 200.
+        return Response(busy_xml(), 503 if reason == "draining" else 200, content_type="application/xml")
     base = switchboard.settings.public_url or _request_base()
     media_url = issue_media_url(switchboard, call_id, base)
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
@@ -2358,8 +2418,9 @@ async def health() -> tuple[dict, int]:
 
 async def prometheus_metrics() -> Response:
     switchboard = current_app.switchboard
-    text = switchboard.metrics.render(len(switchboard), switchboard.draining)
-    return Response(text, content_type="text/plain; version=0.0.4")
+    switchboard.metrics.set_gauge("calls_live", len(switchboard))
+    switchboard.metrics.set_gauge("draining", int(switchboard.draining))
+    return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def release_agent() -> None:
@@ -2537,7 +2598,7 @@ def banner(settings: Settings, agent: Agent) -> str:
         ]
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
-                     "Several hosts behind one URL need a shared STREAM_SECRET (--workers share this one).")
+                     "Replicas behind one URL need one shared STREAM_SECRET.")
     lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
     if warning := open_door_warning(settings):
         lines.append(f"WARNING: {warning}")
@@ -2569,10 +2630,10 @@ def open_door_warning(settings: Settings) -> str | None:
 
 
 def command_line() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.")
+    parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.",
+                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
     call = commands.add_parser("call", help="ask Vobiz to call a number and connect it to this agent")
     call.add_argument("--to", required=True, help="the number to call, e.g. +919876543210")
@@ -2589,11 +2650,10 @@ def command_line() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = command_line()
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be 1 or more, e.g. --workers 4")
+    dotenv.load_dotenv(".env")  # a developer's settings file, if there is one; set variables win
+    flags = {"HOST": args.host, "PORT": args.port}  # flags win over variables
     try:
-        port = _port("--port", args.port) if args.port is not None else None
-        settings = Settings.from_env(os.environ, host=args.host, port=port)
+        settings = Settings.from_env({**os.environ, **{name: v for name, v in flags.items() if v is not None}})
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
     if args.command == "call":
@@ -2601,89 +2661,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
         options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url,
                    "time_limit": args.time_limit, "machine_detection": args.machine_detection}
-        caller = args.caller or os.environ.get("VOBIZ_FROM", "")
+        caller = args.caller or settings.vobiz_from
         call_command(settings, args.to, caller, args.answer_url, options)
         return
     configure_logging(settings)
     agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
     print(banner(settings, agent), flush=True)
-    if args.workers > 1:
-        serve_with_workers(settings, args.workers)
-    else:
-        trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
-
-
-WORKER_MIN_LIFE_S = 1.0  # a worker that dies sooner is replaced only after this long
-
-
-def serve_with_workers(settings: Settings, workers: int) -> None:
-    """Several processes on one port, each with its own event loop and calls.
-
-    This parent binds the port and forks the workers, so they all accept on
-    one listening socket and inherit one Settings, STREAM_SECRET included
-    (a generated one too): any worker can take any call's WebSocket, because
-    the media URL verifies itself. On SIGTERM or SIGINT the parent passes
-    SIGTERM on, and each worker drains like a single process does. A worker
-    that dies is replaced, so a crash costs only that worker's calls.
-    """
-    pool = WorkerPool(settings)
-    for _ in range(workers):
-        pool.start_worker()
-    signal.signal(signal.SIGINT, pool.stop)
-    signal.signal(signal.SIGTERM, pool.stop)
-    sys.exit(pool.supervise())
-
-
-class WorkerPool:
-    """The parent's side of --workers: start them, replace the dead, pass a stop on."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.listeners = hypercorn_config(settings).create_sockets().insecure_sockets  # kept open here
-        self.binds = [f"fd://{listener.fileno()}" for listener in self.listeners]
-        self.fork = multiprocessing.get_context("fork")  # fork, not spawn: the children inherit the sockets
-        self.born: dict[multiprocessing.Process, float] = {}
-        self.stopping = False
-
-    def start_worker(self) -> None:
-        worker = self.fork.Process(target=run_worker, args=(self.settings, self.binds), name="vobiz-worker")
-        worker.start()
-        self.born[worker] = time.monotonic()
-        log.info("worker %d started", worker.pid)
-
-    def stop(self, number: int, _frame: object) -> None:
-        """The signal handler: every worker gets SIGTERM, and drains."""
-        if not self.stopping:
-            log.info("%s received: draining %d workers", signal.Signals(number).name, len(self.born))
-        self.stopping = True
-        for worker in self.born:
-            worker.terminate()
-
-    def supervise(self) -> int:
-        """Wait for workers to end, replacing them until a stop; the exit code."""
-        failed = False
-        while self.born:
-            multiprocessing.connection.wait([worker.sentinel for worker in self.born])
-            for worker in [worker for worker in self.born if worker.exitcode is not None]:
-                lived = time.monotonic() - self.born.pop(worker)
-                if self.stopping:
-                    failed |= worker.exitcode != 0
-                    continue
-                log.error("worker %d ended (exit code %s): starting another", worker.pid, worker.exitcode)
-                if lived < WORKER_MIN_LIFE_S:  # one that can't start: retried once a second, not in a spin
-                    time.sleep(WORKER_MIN_LIFE_S - lived)
-                if not self.stopping:
-                    self.start_worker()
-        return 1 if failed else 0
-
-
-def run_worker(settings: Settings, binds: list[str]) -> None:
-    """One worker process: the single-process server, on the parent's sockets."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a replacement worker is forked
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with the parent's handlers: not ours to run
-    config = hypercorn_config(settings)
-    config.bind = binds
-    trio.run(serve_until_signalled, create_app(settings), config)
+    trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
 
 
 # Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
@@ -2791,11 +2775,9 @@ async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None
     the kernel drops signals that process 1 has not asked for.
     """
 
-    # Receiving until the very end: a second signal (Ctrl-C reaches a worker from the
-    # terminal and from its parent; an impatient operator) must neither cut the
-    # goodbyes short nor turn a clean drain into a death by signal (exit status -15).
-    # Trio re-raises the signals still queued when the receiver closes: with the
-    # handlers it restores set to ignore them, those change nothing either.
+    # Asked for before Hypercorn listens: a SIGTERM just after "Running on" is a drain, not a kill.
+    # Ignored after the receiver closes: Trio re-raises the signals still queued in it then
+    # (a second one during the drain), and they must not turn a clean exit into a kill.
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
