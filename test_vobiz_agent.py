@@ -1950,7 +1950,7 @@ def no_traceback(caplog) -> bool:
 
 
 async def a_turn_is_answered(vobiz: SimulatedVobiz, ai: Providers, reply: str, seed: int) -> None:
-    """The caller speaks again and hears `reply`: the call went on."""
+    """The caller speaks again and hears `reply` (one piece: no comma or sentence end inside)."""
     said = vobiz.say(speech(0.8, seed=seed))
     await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, reply, start=said) > 0.9)
 
@@ -1974,9 +1974,8 @@ async def test_reasoning_is_never_spoken_whatever_shape_the_provider_streams_it_
     ai.openai.replies = [["Anything else?"]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
-        said = vobiz.say(speech(0.8, seed=90))
-        await vobiz.until(lambda: len(ai.spoken_texts()) >= 2)
-        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, ai.spoken_texts()[1], start=said) > 0.9)
+        vobiz.say(speech(0.8, seed=90))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # the first piece of the answer played
         await a_turn_is_answered(vobiz, ai, "Anything else?", seed=91)  # talks over it if it is long
     spoken = ai.spoken_texts()
     assert spoken[1].startswith(first_words), spoken
@@ -1989,13 +1988,14 @@ async def test_think_tags_split_across_chunks_are_not_spoken(nursery, caplog):
     # The shape Ollama and vLLM stream for R1/QwQ-style models, the tags cut at odd places.
     ai = await start_providers(nursery, ["Tell me a joke."])
     ai.openai.replies = [["<th", "ink>\nThe user wants a joke. A short", " one.</thi", "nk", ">\n\n",
-                          "Why did the chicken cross the road?"]]
+                          "Why did the chicken cross the road? To get to the other side."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(0.8, seed=92))
-        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
-        assert heard_sentence(vobiz, ai.openai, "Why did the chicken cross the road?", start=said) > 0.9
-    assert ai.spoken_texts() == ["Hello, how can I help?", "Why did the chicken cross the road?"]
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+        assert heard_sentence(vobiz, ai.openai, "To get to the other side.", start=said) > 0.9
+    assert ai.spoken_texts() == ["Hello, how can I help?", "Why did the chicken cross the road?",
+                                 "To get to the other side."]
     assert no_traceback(caplog)
 
 
@@ -2039,20 +2039,20 @@ async def test_a_reply_that_is_only_a_hang_up_call_still_says_goodbye(nursery, c
     assert ai.spoken_texts()[1] == vobiz_agent.GOODBYE
     assert heard_sentence(vobiz, ai.openai, vobiz_agent.GOODBYE, start=said) > 0.9
     stop = vobiz.event_ticks("stop")
-    assert stop and max(vobiz.agent_ticks(said)) < stop[0]  # every word played before the stop
+    assert stop and max(vobiz.agent_ticks(said)) <= stop[0]  # every word played before the stop
     assert no_traceback(caplog)
 
 
 async def test_a_goodbye_the_caller_talks_over_does_not_end_the_call_one_turn_late(nursery):
     ai = await start_providers(nursery, ["Bye for now.", "Wait, one more thing."])
     ai.openai.replies = [["Goodbye then, it was lovely to talk with you, and take good care of yourself.",
-                          HANG_UP], ["Of course, what else?"]]
+                          HANG_UP], ["Yes I am still listening."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(0.8, seed=96))
         await vobiz.until(lambda: len(vobiz.agent_ticks(said + 40)) >= 25)  # half a second of goodbye
         said = vobiz.say(speech(0.8, seed=97))  # the caller talks over it
-        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Of course, what else?", start=said) > 0.9)
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am still listening.", start=said) > 0.9)
         await vobiz.until(lambda: any(name.startswith("sentence") for name in vobiz.played_names[2:]))
         await vobiz.until_tick(vobiz.tick + 40)  # a stop would follow the acknowledgement at once
         assert vobiz.event_ticks("stop") == []
@@ -2106,14 +2106,14 @@ async def test_no_provider_content_ever_escapes_a_call(nursery, caplog):
     ai = await start_providers(nursery, ["Hello?", "Still there?"])
     ai.openai.recordings = [WORST_STREAM]
     ai.openai.replay_pieces = (1, 2, 3, 5, 8, 13, 4096)
-    ai.openai.replies = [["Yes."]]
+    ai.openai.replies = [["Yes I am."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(0.8, seed=101))
         await vobiz.until(lambda: len(vobiz.played_names) >= 2)
         assert heard_sentence(vobiz, ai.openai, "It still works.", start=said) > 0.9
-        await a_turn_is_answered(vobiz, ai, "Yes.", seed=102)
-    assert ai.spoken_texts() == ["Hello, how can I help?", "It still works.", "Yes."]
+        await a_turn_is_answered(vobiz, ai, "Yes I am.", seed=102)
+    assert ai.spoken_texts() == ["Hello, how can I help?", "It still works.", "Yes I am."]
     assert no_traceback(caplog)
 
 
@@ -2204,10 +2204,10 @@ async def test_deepgram_error_messages_are_logged_and_metadata_is_not(nursery, c
     metadata, error = recorded_lines("deepgram", "docs-metadata-and-error.jsonl")
     ai = await start_providers(nursery, ["Can you hear me?"],
                                deepgram_options={"replay": [(0.1, error), (0.2, metadata)]})
-    ai.openai.replies = [["Yes, I can."]]
+    ai.openai.replies = [["Yes I can hear you."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
-        await a_turn_is_answered(vobiz, ai, "Yes, I can.", seed=103)
+        await a_turn_is_answered(vobiz, ai, "Yes I can hear you.", seed=103)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [line for line in warnings if "speech-to-text" in line and json.loads(error)["description"] in line]
     assert not any("Metadata" in line or "not JSON" in line for line in warnings), warnings
@@ -2218,12 +2218,12 @@ async def test_a_final_that_never_comes_is_asked_for_with_finalize(nursery, capl
     # A noisy line: Deepgram's endpointing never fires, and no UtteranceEnd comes either.
     ai = await start_providers(nursery, ["Is anybody there?"],
                                deepgram_options={"endpointing_ms": 60_000, "utterance_end_ms": 60_000})
-    ai.openai.replies = [["Yes, I am here."]]
+    ai.openai.replies = [["Yes I am here."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(0.8, seed=104))
         with trio.fail_after(6):
-            await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes, I am here.", start=said) > 0.9)
+            await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am here.", start=said) > 0.9)
     assert ai.deepgram.finalizes == 1
     assert ai.user_messages(0) == ["Is anybody there?"]
     finals = [m for _, m in ai.deepgram.messages if m.get("from_finalize")]
@@ -2237,11 +2237,11 @@ async def test_an_utterance_end_while_words_are_pending_does_not_split_the_turn(
     frames = recorded_lines("deepgram", "nova3-librivox-frames.jsonl")
     replay = [(1.0, frames[2]), (1.3, frames[3]), (1.5, frames[4]), (2.5, frames[5])]
     ai = await start_providers(nursery, deepgram_options={"replay": replay, "simulate": False})
-    ai.openai.replies = [["Nice to meet you, Rupert."]]
+    ai.openai.replies = [["Nice to meet you Rupert."]]
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(2.4, seed=105))
-        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Nice to meet you, Rupert.", start=said) > 0.9)
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Nice to meet you Rupert.", start=said) > 0.9)
     assert [ai.user_messages(n) for n in range(len(ai.openai.chat_requests))] == [
         ["My name was Rupert Pennace. I came of an old family and had plenty of money for my needs."]]
     assert no_traceback(caplog)
@@ -2274,6 +2274,7 @@ async def test_audio_queued_for_deepgram_is_bounded_and_the_oldest_is_dropped(nu
         await greeted(vobiz)
         await ai.deepgram.wait_until(lambda: ai.deepgram.attempts >= 4)
         await a_turn_is_answered(vobiz, ai, "Hello!", seed=107)
+    await ai.server.app.switchboard.wait_until_empty()  # the call's last line is written
     accepted = [c for c in ai.deepgram.connections if c["accepted"]]
     # What reached Deepgram after the outage was at most the last few hundred ms, not seconds of it.
     assert accepted[0]["backlog_s"] <= vobiz_agent.DeepgramEars.BUFFER_S + 0.1, accepted[0]["backlog_s"]
