@@ -2052,7 +2052,7 @@ async def test_a_goodbye_the_caller_talks_over_does_not_end_the_call_one_turn_la
         said = vobiz.say(speech(0.8, seed=96))
         await vobiz.until(lambda: len(vobiz.agent_ticks(said + 40)) >= 25)  # half a second of goodbye
         said = vobiz.say(speech(0.8, seed=97))  # the caller talks over it
-        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am still listening.", start=said) > 0.9)
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am still listening.", said) > 0.9)
         await vobiz.until(lambda: any(name.startswith("sentence") for name in vobiz.played_names[2:]))
         await vobiz.until_tick(vobiz.tick + 40)  # a stop would follow the acknowledgement at once
         assert vobiz.event_ticks("stop") == []
@@ -2089,7 +2089,8 @@ WORST_STREAM = b"".join([
     b'data: {"choices": [{"index": 0, "delta": {"content": [null, 1, {"type": "text"}, {"type": "text",'
     b' "text": 5}, {"type": "thinking", "thinking": "secret"}, "raw"]}}]}\n\n',
     b'data: {"choices": [{"delta": {"tool_calls": "x"}}]}\n\n',
-    b'data: {"choices": [{"delta": {"tool_calls": [null, 1, {"function": "x"}, {"function": {"name": 7}}]}}]}\n\n',
+    b'data: {"choices": [{"delta": {"tool_calls": [null, 1, {"function": "x"},'
+    b' {"function": {"name": 7}}]}}]}\n\n',
     b'data: {"choices": [{"delta": {"reasoning_content": {"a": 1}, "reasoning": [1]}}]}\n\n',
     b'data: {"choices": [{"index": 1, "delta": {"content": "Another choice, never spoken. "}}]}\n\n',
     b'data: {"\xff\xfe": "not utf-8"}\n\n',
@@ -2163,9 +2164,9 @@ async def test_any_line_end_and_any_split_of_the_bytes_reads_the_same(nursery, c
 
 def test_reasoning_in_content_is_cut_wherever_the_chunks_split_the_tags():
     # The DeepSeek-R1 answer (HF router → Together), its content re-cut into pieces of 1, 2, 3 … characters.
-    chunks = [json.loads(line[len("data: "):]) for line in
-              recorded_lines("openai", "hf-router-together-deepseek-r1-think.sse") if line.startswith("data: {")]
-    content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    lines = recorded_lines("openai", "hf-router-together-deepseek-r1-think.sse")
+    chunks = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
     answer = content.split("</think>", 1)[1]
 
     async def spoken(pieces):
@@ -2209,7 +2210,8 @@ async def test_deepgram_error_messages_are_logged_and_metadata_is_not(nursery, c
         await greeted(vobiz)
         await a_turn_is_answered(vobiz, ai, "Yes I can hear you.", seed=103)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [line for line in warnings if "speech-to-text" in line and json.loads(error)["description"] in line]
+    description = json.loads(error)["description"]
+    assert [line for line in warnings if "speech-to-text error" in line and description in line], warnings
     assert not any("Metadata" in line or "not JSON" in line for line in warnings), warnings
     assert no_traceback(caplog)
 
@@ -2241,7 +2243,7 @@ async def test_an_utterance_end_while_words_are_pending_does_not_split_the_turn(
     async with vobiz_call(ai.server.url) as vobiz:
         await greeted(vobiz)
         said = vobiz.say(speech(2.4, seed=105))
-        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Nice to meet you Rupert.", start=said) > 0.9)
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Nice to meet you Rupert.", said) > 0.9)
     assert [ai.user_messages(n) for n in range(len(ai.openai.chat_requests))] == [
         ["My name was Rupert Pennace. I came of an old family and had plenty of money for my needs."]]
     assert no_traceback(caplog)
@@ -2283,3 +2285,33 @@ async def test_audio_queued_for_deepgram_is_bounded_and_the_oldest_is_dropped(nu
     assert len(behind) == 1, behind  # once per burst
     end = next(line for line in lines if "ended by" in line)
     assert re.search(r"; \d+ frames dropped on the way to speech-to-text", end), end
+
+
+# ── Pointing the brain and the mouth at different providers (issue 8) ──
+
+
+async def test_the_voice_can_come_from_another_server_than_the_model(nursery):
+    # Groq, Ollama, vLLM, LM Studio and OpenRouter have no /audio/speech that speaks pcm:
+    # the model runs there, the voice comes from OpenAI (here: a second stand-in).
+    voice = OpenAIStandIn()
+    voice_url = await nursery.start(voice.serve)
+    ai = await start_providers(nursery, ["Hello?"], tts_base_url=voice_url, tts_api_key="sk-voice")
+    ai.openai.replies = [["Hello from the model."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=109))
+        await vobiz.until(lambda: heard_sentence(vobiz, voice, "Hello from the model.", said) > 0.9)
+    assert ai.openai.tts_requests == [] and len(ai.openai.chat_requests) == 1
+    assert [r["body"]["input"] for r in voice.tts_requests] == ["Hello, how can I help?", "Hello from the model."]
+    assert voice.tts_requests[0]["headers"]["authorization"] == "Bearer sk-voice"
+    assert voice.chat_requests == []
+
+
+@pytest.mark.parametrize("variable, value", [("TTS_BASE_URL", "localhost:8000"), ("TTS_BASE_URL", "ftp://x")])
+async def test_a_bad_voice_url_stops_the_program_with_one_clear_line(variable, value):
+    env = {key: val for key, val in os.environ.items() if not key.endswith("_API_KEY")}
+    result = await trio.run_process([sys.executable, "vobiz_agent.py"], check=False, capture_stderr=True,
+                                    env={**env, "DEEPGRAM_API_KEY": "k", "OPENAI_API_KEY": "k", variable: value},
+                                    cwd=HERE)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and variable in lines[0], lines
