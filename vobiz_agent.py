@@ -115,6 +115,8 @@ class Settings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = "alloy"
+    tts_base_url: str = ""  # the voice's server, when it is not the model's (empty: OPENAI_BASE_URL)
+    tts_api_key: str = ""  # its key (empty: OPENAI_API_KEY)
     greeting: str = "Hello! How can I help you today?"
     # Trust and operations.
     vobiz_auth_id: str = ""
@@ -177,6 +179,9 @@ def _ai_settings(env: Mapping[str, str], defaults: Settings) -> dict:
         "system_prompt": env.get("SYSTEM_PROMPT") or defaults.system_prompt,
         "tts_model": env.get("TTS_MODEL") or defaults.tts_model,
         "tts_voice": env.get("TTS_VOICE") or defaults.tts_voice,
+        "tts_base_url": _url("TTS_BASE_URL", env.get("TTS_BASE_URL", ""), ("http", "https"),
+                          "https://api.openai.com/v1") or "",
+        "tts_api_key": env.get("TTS_API_KEY", ""),
         "greeting": env.get("GREETING") or defaults.greeting,
     }
 
@@ -1001,18 +1006,17 @@ class DeepgramEars:
         # Metadata (and anything new) carries nothing for the conversation.
 
     def _on_results(self, message: dict) -> None:
-        alternatives = _get(_get(message, "channel"), "alternatives")
-        best = alternatives[0] if isinstance(alternatives, list) and alternatives else None
-        text = str(_get(best, "transcript") or "").strip()
+        best = next(iter(_list(_get(_get(message, "channel"), "alternatives"))), None)
+        transcript = _get(best, "transcript")
+        text = transcript.strip() if isinstance(transcript, str) else ""
         if text:
             self._confirm_speech()  # words are speech, however short
         if message.get("is_final"):
             self.words_pending = False  # this stretch of audio is settled, words or none
             if text:
                 self.finals.append(text)
-                words = _get(best, "words")
-                last_word = words[-1] if isinstance(words, list) and words else None
-                end = _get(last_word, "end")
+                words = _list(_get(best, "words"))
+                end = _get(words[-1], "end") if words else None
                 self.final_end = end if isinstance(end, (int, float)) else None
         elif text:
             self.words_pending = True
@@ -1112,6 +1116,11 @@ def _get(value: object, key: str) -> object:
     return value.get(key) if isinstance(value, dict) else None
 
 
+def _list(value: object) -> list:
+    """value if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def _describe(error: BaseException) -> str:
     """A one-line reason for a failed connection."""
     status = getattr(error, "status_code", None)  # trio_websocket.ConnectionRejected
@@ -1194,7 +1203,7 @@ async def server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         text, kind = "\n".join(data), event
         event, data = "", []
         if kind == "error":
-            raise ProviderError(f"LLM: {_error_message(_json(text))}")
+            raise ProviderError(f"LLM: {_error_message(_json(text) or text)}")
         if text:
             yield text
 
@@ -1206,11 +1215,10 @@ def chat_delta(data: str, tools_called: set[str]) -> str:
     chunk = _json(data)
     if _get(chunk, "error"):
         raise ProviderError(f"LLM: {_error_message(chunk)}")
-    choices = _get(chunk, "choices")
-    first = [c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0] if isinstance(choices, list) else []
+    first = [choice for choice in _list(_get(chunk, "choices"))
+             if isinstance(choice, dict) and choice.get("index", 0) == 0]
     delta = _get(first[0], "delta") if first else None
-    calls = _get(delta, "tool_calls")
-    for call in calls if isinstance(calls, list) else []:
+    for call in _list(_get(delta, "tool_calls")):
         name = _get(_get(call, "function"), "name")
         if isinstance(name, str) and name:  # later chunks of the same call carry only its arguments
             tools_called.add(name)
@@ -1332,10 +1340,13 @@ TTS_RATE = 24000
 
 
 async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -> AsyncIterator[bytes]:
+    """The voice may live elsewhere than the model (TTS_BASE_URL): most chat servers have no speech."""
     body = {"model": settings.tts_model, "voice": settings.tts_voice, "input": text, "response_format": "pcm"}
+    base_url = settings.tts_base_url or settings.openai_base_url
+    key = settings.tts_api_key or settings.openai_api_key
     try:
-        async with client.stream("POST", f"{settings.openai_base_url}/audio/speech", json=body,
-                                 headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
+        async with client.stream("POST", f"{base_url}/audio/speech", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as response:
             await _check(response, "TTS")
             async for chunk in response.aiter_bytes():
                 yield chunk  # any size: the player carries an odd byte over to the next chunk
@@ -1450,9 +1461,11 @@ class AIResponder:
     async def _chat(self, messages: list[dict], tools_called: set[str]) -> AsyncIterator[str]:
         """The model's reply, offered the hang-up tool if the model takes tools. One that
         refuses them (HTTP 400) is asked again without, and never offered them again."""
-        tools = [HANG_UP_TOOL] if self.model.takes_tools else []
+        def stream(tools: list[dict]):
+            return aclosing(chat_tokens(self.client, self.settings, messages, tools_called, tools))
+
         try:
-            async with aclosing(chat_tokens(self.client, self.settings, messages, tools_called, tools)) as tokens:
+            async with stream([HANG_UP_TOOL] if self.model.takes_tools else []) as tokens:
                 async for token in tokens:
                     yield token
         except ToolsRefused as refusal:
@@ -1460,7 +1473,7 @@ class AIResponder:
                 self.model.takes_tools = False
                 self.log(logging.WARNING, "%s: asking without tools from now on (the model cannot end calls)",
                          refusal, error="llm_no_tools")
-            async with aclosing(chat_tokens(self.client, self.settings, messages, tools_called, [])) as tokens:
+            async with stream([]) as tokens:
                 async for token in tokens:
                     yield token
 
