@@ -950,6 +950,7 @@ class DeepgramEars:
         self.finals: list[str] = []
         self.final_end: float | None = None  # when the last final word ended, on Deepgram's clock
         self.words_pending = False  # interim words newer than the last final
+        self.words_at = 0.0  # when the last words came
 
     def hear(self, payload: bytes) -> None:
         pcm = self.format.to_pcm(payload)
@@ -966,7 +967,8 @@ class DeepgramEars:
         if self.vad.quiet_s == 0.0:
             self.finalize_sent = False  # speech again: a later silence may need its own Finalize
         elif (self.finals or self.words_pending) and not self.finalize_sent \
-                and self.vad.quiet_s >= self.finalize_after_s:
+                and self.vad.quiet_s >= self.finalize_after_s \
+                and trio.current_time() - self.words_at >= self.finalize_after_s:  # and no words either
             self.finalize_sent = self.finalize_due = True
             self.queued.set()
 
@@ -1011,6 +1013,7 @@ class DeepgramEars:
         text = transcript.strip() if isinstance(transcript, str) else ""
         if text:
             self._confirm_speech()  # words are speech, however short
+            self.words_at = trio.current_time()
         if message.get("is_final"):
             self.words_pending = False  # this stretch of audio is settled, words or none
             if text:
