@@ -964,11 +964,14 @@ class DeepgramEars:
         self.queued.set()
 
     def _finalize_if_silent(self) -> None:
+        """Words wait for a final, but neither our VAD nor Deepgram has heard anything for a
+        while: ask Deepgram to finalize, once per stretch of silence."""
         if self.vad.quiet_s == 0.0:
             self.finalize_sent = False  # speech again: a later silence may need its own Finalize
-        elif (self.finals or self.words_pending) and not self.finalize_sent \
-                and self.vad.quiet_s >= self.finalize_after_s \
-                and trio.current_time() - self.words_at >= self.finalize_after_s:  # and no words either
+            return
+        waiting = self.finals or self.words_pending
+        silent_s = min(self.vad.quiet_s, trio.current_time() - self.words_at)
+        if waiting and silent_s >= self.finalize_after_s and not self.finalize_sent:
             self.finalize_sent = self.finalize_due = True
             self.queued.set()
 
