@@ -2141,6 +2141,29 @@ def test_a_chunk_of_any_shape_gives_text_or_a_provider_error(value):
     assert all(isinstance(name, str) for name in tools)
 
 
+sse_lines = st.lists(st.one_of(
+    st.text(max_size=30), st.sampled_from(["", ": ping", "event: error", "event: message", "data: [DONE]"]),
+    json_values.map(lambda value: "data: " + json.dumps(value))), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=sse_lines)
+def test_any_lines_at_all_give_text_or_a_provider_error(lines):
+    async def read() -> list[str]:
+        async def stream():
+            for line in lines:
+                yield line
+        texts = []
+        try:
+            async for data in vobiz_agent.server_sent_events(stream()):
+                texts.append(vobiz_agent.chat_delta(data, set()))
+        except vobiz_agent.ProviderError:
+            pass
+        return texts
+
+    assert all(isinstance(text, str) for text in trio.run(read))
+
+
 def test_only_the_first_choice_is_spoken():
     # A real chunk (gpt-4o-mini) with a second choice put in front of it, as `n=2` streams them.
     line = next(line for line in recorded_lines("openai", "openai-gpt-4o-mini-text.sse") if "London" in line)
