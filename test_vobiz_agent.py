@@ -1042,11 +1042,14 @@ class DeepgramStandIn(_Watched):
         while replay and transcription.onset is not None and \
                 transcription.clock >= transcription.onset + replay[0][0] * transcription.rate:
             text = replay.popleft()[1]
-            message = json.loads(text)
-            transcript = None
-            if message.get("type") == "Results":
-                transcript = message["channel"]["alternatives"][0]["transcript"]
-            self.sent.append((transcription.seconds(), message.get("type"), transcript))
+            try:  # what it was, for the test's records; junk is sent as it is too
+                message = json.loads(text)
+                kind, transcript = message["type"], None
+                if kind == "Results":
+                    transcript = message["channel"]["alternatives"][0]["transcript"]
+            except (ValueError, RecursionError, LookupError, TypeError):
+                message, kind, transcript = {"junk": text[:100]}, None, None
+            self.sent.append((transcription.seconds(), kind, transcript))
             self.messages.append((transcription.seconds(), message))
             self._notify()
             await ws.send_message(text)  # the recorded bytes, not a re-serialization
@@ -2338,3 +2341,20 @@ async def test_a_bad_voice_url_stops_the_program_with_one_clear_line(variable, v
                                     cwd=HERE)
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and variable in lines[0], lines
+
+
+async def test_junk_from_deepgram_never_breaks_a_call(nursery, caplog):
+    # Our own junk, in the shapes a buggy proxy or a future API version might send.
+    junk = ["[]", "null", '"Results"', "not json", "[" * 100_000, '{"type": "Results", "channel": 5}',
+            '{"type": "Results", "channel": {"alternatives": "x"}}', '{"type": "Results", "channel": '
+            '{"alternatives": [{"transcript": ["a"], "words": 3}]}, "is_final": true, "speech_final": true}',
+            '{"type": "UtteranceEnd", "last_word_end": "soon"}', '{"type": "Error", "description": {"deep": 1}}',
+            '{"type": "SpeechStarted", "timestamp": null}', '{"type": "Metadata", "duration": "long"}']
+    ai = await start_providers(nursery, ["Are you still there?"],
+                               deepgram_options={"replay": [(0.05 + i / 100, text) for i, text in enumerate(junk)]})
+    ai.openai.replies = [["Yes I am still here."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "Yes I am still here.", seed=110)
+    assert ai.user_messages(0) == ["Are you still there?"]
+    assert no_traceback(caplog)
