@@ -2121,7 +2121,7 @@ async def test_no_provider_content_ever_escapes_a_call(nursery, caplog):
     assert no_traceback(caplog)
 
 
-json_values = st.recursive(
+chunk_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
         st.sampled_from(["choices", "delta", "content", "index", "type", "text", "tool_calls", "function",
@@ -2131,7 +2131,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=json_values)
+@given(value=chunk_values)
 def test_a_chunk_of_any_shape_gives_text_or_a_provider_error(value):
     tools: set[str] = set()
     for data in (json.dumps(value), json.dumps({"choices": [{"index": 0, "delta": value}]}),
@@ -2146,7 +2146,7 @@ def test_a_chunk_of_any_shape_gives_text_or_a_provider_error(value):
 
 sse_lines = st.lists(st.one_of(
     st.text(max_size=30), st.sampled_from(["", ": ping", "event: error", "event: message", "data: [DONE]"]),
-    json_values.map(lambda value: "data: " + json.dumps(value))), max_size=30)
+    chunk_values.map(lambda value: "data: " + json.dumps(value))), max_size=30)
 
 
 @settings(max_examples=200, deadline=None)
