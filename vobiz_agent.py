@@ -921,12 +921,12 @@ class DeepgramEars:
     spoken for `barge_in_min_s`, by our own energy measure, or once words arrive.
     """
 
-    BUFFER_S = 0.3
+    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram; older audio is dropped
     KEEPALIVE_S = 4.0  # Deepgram closes a stream that gets no audio for about 10 s
     BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     APOLOGY_AFTER_S = 2.0  # no usable connection this long: tell the caller rather than leave them in silence
     USABLE_AFTER_S = 2.0  # a connection that stayed up this long worked; a briefer one is part of the outage
-    FINALIZE_MARGIN_S = 0.5
+    FINALIZE_MARGIN_S = 0.5  # beyond the endpointing time, before we ask Deepgram for its final
 
     def __init__(self, settings: Settings, media_format: MediaFormat, listener: Listener, log: CallLog):
         self.url = deepgram_url(settings, media_format)
@@ -972,8 +972,7 @@ class DeepgramEars:
         waiting = self.finals or self.words_pending
         silent_s = min(self.vad.quiet_s, trio.current_time() - self.words_at)
         if waiting and silent_s >= self.finalize_after_s and not self.finalize_sent:
-            self.finalize_sent = self.finalize_due = True
-            self.queued.set()
+            self.finalize_sent = self.finalize_due = True  # the sender sends it after the audio queued now
 
     def _drop_oldest(self) -> None:
         self.outbox.popleft()
