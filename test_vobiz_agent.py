@@ -950,6 +950,7 @@ class _Transcription:
         self.standin = standin
         self.rate = rate
         self.clock = 0  # samples received
+        self.onset: int | None = None  # audio clock at the first speech on this connection
         self.utterance: _Utterance | None = None
         self.word_end: int | None = None  # end of the last final word still owed an UtteranceEnd
         # As Deepgram does, send only the events the query asked for.
@@ -976,6 +977,7 @@ class _Transcription:
         if audioop.rms(pcm, 2) > standin.threshold:
             if utterance is None:
                 utterance = self.utterance = _Utterance(start)
+                self.onset = start if self.onset is None else self.onset
                 if self.vad_events:
                     out.append({"type": "SpeechStarted", "channel": [0], "timestamp": self.seconds(start)})
             utterance.loud_end = self.clock
@@ -1054,12 +1056,19 @@ class DeepgramStandIn(_Watched):
     `refuse`: the first attempts to reject with HTTP 401, as Deepgram rejects a
     bad key (a missing key is rejected too). `drop_after_s`: end the first
     accepted connection after that much audio, with close code `drop_code`
-    (None: cut the TCP connection with no close frame)."""
+    (None: cut the TCP connection with no close frame). `close_every`:
+    (code, reason, after_s): close *every* accepted connection that way after
+    after_s of audio, as Deepgram does when it keeps failing.
+
+    `replay`: recorded messages, [(seconds, text)], each sent verbatim once the
+    connection's audio clock is that far past the caller's first speech on it.
+    With `simulate=False` only those are sent: the energy-driven script is off."""
 
     FRAME_S = 0.020  # speech is judged per 20 ms frame, however the client chunks its audio
 
     def __init__(self, transcripts=(), *, refuse=0, drop_after_s=None, drop_code=1011, endpointing_ms=300,
-                 utterance_end_ms=1000, interim_after_ms=300, threshold=500, split_final=False):
+                 utterance_end_ms=1000, interim_after_ms=300, threshold=500, split_final=False,
+                 close_every=None, replay=(), simulate=True):
         super().__init__()
         self.transcripts = deque(transcripts)
         self.refuse = refuse
@@ -1067,7 +1076,11 @@ class DeepgramStandIn(_Watched):
         self.endpointing_ms, self.utterance_end_ms = endpointing_ms, utterance_end_ms
         self.interim_after_ms, self.threshold = interim_after_ms, threshold
         self.split_final = split_final
-        self.connections: list[dict] = []  # per attempt: path, query, headers, accepted, close_code, dropped
+        self.close_every = close_every
+        self.replay, self.simulate = list(replay), simulate
+        # Per attempt: path, query, headers, accepted, close_code, dropped, and backlog_s: how far
+        # the audio received ran ahead of the wall clock since accepting (audio queued while down).
+        self.connections: list[dict] = []
         self.attempts = 0
         self.keepalives = 0
         self.close_streams = 0
@@ -1094,7 +1107,7 @@ class DeepgramStandIn(_Watched):
         query = dict(parse_qsl(split.query))
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
         record = {"path": request.path, "query": query, "headers": headers,
-                  "accepted": False, "close_code": None, "dropped": False}
+                  "accepted": False, "close_code": None, "dropped": False, "backlog_s": 0.0}
         self.connections.append(record)
         self._notify()
         ws = None
@@ -1145,6 +1158,8 @@ class DeepgramStandIn(_Watched):
         transcription = _Transcription(self, rate, query)
         drop_here = self.drop_after_s is not None and not self._dropped
         self._dropped |= drop_here  # only the first accepted connection is dropped
+        replay = deque(self.replay)
+        accepted_at = trio.current_time()
         pending = bytearray()  # audio short of a whole frame (a message may even split a sample)
         while True:
             message = await ws.get_message()
@@ -1157,10 +1172,18 @@ class DeepgramStandIn(_Watched):
                     del pending[:frame_bytes]
                     pcm = audioop.ulaw2lin(frame, 2) if mulaw else frame
                     for reply in transcription.feed(pcm):
-                        await self._send(ws, transcription, reply)
+                        if self.simulate:
+                            await self._send(ws, transcription, reply)
+                    await self._replay(ws, transcription, replay)
+                    ahead = transcription.clock / rate - (trio.current_time() - accepted_at)
+                    record["backlog_s"] = max(record["backlog_s"], round(ahead, 3))
                     if drop_here and transcription.clock >= self.drop_after_s * rate:
                         record["dropped"] = True
                         await self._drop(ws, record)
+                        return
+                    if self.close_every and transcription.clock >= self.close_every[2] * rate:
+                        record["close_code"] = self.close_every[0]
+                        await ws.aclose(*self.close_every[:2])
                         return
                 continue
             try:
@@ -1172,12 +1195,15 @@ class DeepgramStandIn(_Watched):
                 self._notify()
             elif kind == "Finalize":  # flush what was heard so far, marked from_finalize
                 self.finalizes += 1
+                self._notify()
                 for reply in transcription.finals(speech_final=False, from_finalize=True):
-                    await self._send(ws, transcription, reply)
+                    if self.simulate:
+                        await self._send(ws, transcription, reply)
             elif kind == "CloseStream":  # flush, summarise, and hang up politely
                 self.close_streams += 1
                 for reply in transcription.finals(speech_final=False):
-                    await self._send(ws, transcription, reply)
+                    if self.simulate:
+                        await self._send(ws, transcription, reply)
                 await self._send(ws, transcription, {
                     "type": "Metadata", "transaction_key": "deprecated", "request_id": "standin",
                     "sha256": "0" * 64, "created": "2024-01-01T00:00:00.000Z",
@@ -1202,6 +1228,23 @@ class DeepgramStandIn(_Watched):
         self.messages.append((transcription.seconds(), message))
         self._notify()
         await ws.send_message(json.dumps(message))
+
+    async def _replay(self, ws, transcription: _Transcription, replay: deque) -> None:
+        """Send the recorded messages that are due on this connection's audio clock."""
+        while replay and transcription.onset is not None and \
+                transcription.clock >= transcription.onset + replay[0][0] * transcription.rate:
+            text = replay.popleft()[1]
+            try:  # what it was, for the test's records; junk is sent as it is too
+                message = json.loads(text)
+                kind, transcript = message["type"], None
+                if kind == "Results":
+                    transcript = message["channel"]["alternatives"][0]["transcript"]
+            except (ValueError, RecursionError, LookupError, TypeError):
+                message, kind, transcript = {"junk": text[:100]}, None, None
+            self.sent.append((transcription.seconds(), kind, transcript))
+            self.messages.append((transcription.seconds(), message))
+            self._notify()
+            await ws.send_message(text)  # the recorded bytes, not a re-serialization
 
     async def _drop(self, ws: trio_websocket.WebSocketConnection, record: dict) -> None:
         record["close_code"] = self.drop_code or 1006  # 1006: what the client sees with no close frame
@@ -1256,9 +1299,29 @@ class _Exchange:
         await self.finish()
 
 
+def odd_pieces(data: bytes, sizes: tuple[int, ...]) -> list[bytes]:
+    """`data` cut into pieces of `sizes` bytes in turn, and also inside every multi-byte
+    UTF-8 character and between every \\r and \\n: the places a careless reader breaks."""
+    cuts, at, turn = set(), 0, 0
+    while at < len(data):
+        at += sizes[turn % len(sizes)]
+        turn += 1
+        cuts.add(at)
+    for i in range(1, len(data)):
+        if (0x80 <= data[i] < 0xC0 and data[i - 1] >= 0xC0) or data[i - 1 : i + 1] == b"\r\n":
+            cuts.add(i)
+    bounds = [0, *sorted(cut for cut in cuts if 0 < cut < len(data)), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 class OpenAIStandIn(_Watched):
     """An OpenAI-compatible API, scripted: streamed chat completions and streamed
     24 kHz PCM speech, with delays, errors and hangs set by the test.
+
+    `recordings`: recorded chat streams (bytes), one per request, replayed byte for
+    byte in `odd_pieces(recording, replay_pieces)`; once they run out, `replies`
+    are streamed. `refuse_tools`: (status, body) for every chat request that
+    carries `tools`, as servers answer when the model has no tool support.
 
     Every request (with a key) is recorded; `completed` and `disconnects` then
     say, as ("chat" | "tts", index into chat_requests | tts_requests), whether
@@ -1275,6 +1338,9 @@ class OpenAIStandIn(_Watched):
         self.token_interval = 0.0
         self.chat_status = 200
         self.chat_hang = False
+        self.recordings: list[bytes] = []
+        self.replay_pieces: tuple[int, ...] = (7,)
+        self.refuse_tools: tuple[int, bytes] | None = None
         self.tts_first_byte_delay = 0.0
         self.tts_status = 200
         self.tts_chunk_bytes = 4801  # odd, so a 16-bit sample is split across chunks
@@ -1390,6 +1456,19 @@ class OpenAIStandIn(_Watched):
             return
         if self.chat_hang:
             await trio.sleep_forever()  # until the client gives up (or the test ends)
+        if self.refuse_tools and request.get("tools"):
+            status, body = self.refuse_tools
+            await exchange.start(status, "application/json")
+            await exchange.write(body)
+            await exchange.finish()
+            return
+        if self.recordings:
+            await trio.sleep(self.first_token_delay)
+            await exchange.start(200, "text/event-stream; charset=utf-8")
+            for piece in odd_pieces(self.recordings.pop(0), self.replay_pieces):
+                await exchange.write(piece)
+            await exchange.finish()
+            return
         tokens = self.replies.pop(0) if self.replies else ["Okay."]
         model = request.get("model", "gpt-4o-mini")
         if not request.get("stream"):
@@ -3275,3 +3354,432 @@ def test_env_example_names_only_real_settings():
     with open(os.path.join(HERE, ".env.example"), encoding="utf-8") as example:
         named = re.findall(r"^(?:# )?([A-Z_]+)=", example.read(), re.MULTILINE)  # set or commented out
     assert len(named) > 10 and set(named) <= {setting.variable for setting in vobiz_agent.SETTINGS}
+
+
+# ── Real provider streams, replayed (issue 8) ──
+# The stand-ins replay recordings kept in fixtures/ (their sources: fixtures/SOURCES.md).
+# Every test asserts what the caller hears (the TTS requests' inputs are what is spoken),
+# what the operator reads (one clear log line, never a traceback) and that the call goes on.
+
+FIXTURES = os.path.join(HERE, "fixtures")
+
+
+def recording(*path: str) -> bytes:
+    with open(os.path.join(FIXTURES, *path), "rb") as file:
+        return file.read()
+
+
+def recorded_lines(*path: str) -> list[str]:
+    return recording(*path).decode("utf-8").splitlines()
+
+
+def no_traceback(caplog) -> bool:
+    return "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+async def a_turn_is_answered(vobiz: SimulatedVobiz, ai: Providers, reply: str, seed: int) -> None:
+    """The caller speaks again and hears `reply` (one piece: no comma or sentence end inside)."""
+    said = vobiz.say(speech(0.8, seed=seed))
+    await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, reply, start=said) > 0.9)
+
+
+REASONING_STREAMS = [  # (recording, the first words the caller must hear, words they must never hear)
+    ("vercel-mistral-reasoning.sse", "2 + 2 = 4", "The user is asking"),
+    ("mistral-magistral-thinking-parts.sse", "To cross the street safely,", "Okay, the user is asking"),
+    ("hf-router-together-deepseek-r1-think.sse", "Crossing the street safely", "Okay, the user asked"),
+    ("deepseek-reasoner-reasoning-content.sse", "Hello there!", "Hmm, the user just said"),
+    ("openrouter-reasoning-comments.sse", "2 + 2 = 4", "This is a simple arithmetic"),
+]
+
+
+@pytest.mark.parametrize("name, first_words, reasoning", REASONING_STREAMS)
+async def test_reasoning_is_never_spoken_whatever_shape_the_provider_streams_it_in(
+        nursery, caplog, name, first_words, reasoning):
+    ai = await start_providers(nursery, ["How do I cross the street?", "Thanks."])
+    data = recording("openai", name)
+    ai.openai.recordings = [data]
+    ai.openai.replay_pieces = (1,) if len(data) < 8000 else (7, 61, 997)  # small ones: one byte at a time
+    ai.openai.replies = [["Anything else?"]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=90))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # the first piece of the answer played
+        await a_turn_is_answered(vobiz, ai, "Anything else?", seed=91)  # talks over it if it is long
+    spoken = ai.spoken_texts()
+    assert spoken[1].startswith(first_words), spoken
+    assert not any(reasoning in text or "think>" in text for text in spoken), spoken
+    assert vobiz_agent.LLM_APOLOGY not in spoken
+    assert no_traceback(caplog)
+
+
+async def test_think_tags_split_across_chunks_are_not_spoken(nursery, caplog):
+    # The shape Ollama and vLLM stream for R1/QwQ-style models, the tags cut at odd places.
+    ai = await start_providers(nursery, ["Tell me a joke."])
+    ai.openai.replies = [["<th", "ink>\nThe user wants a joke. A short", " one.</thi", "nk", ">\n\n",
+                          "Why did the chicken cross the road? To get to the other side."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=92))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+        assert heard_sentence(vobiz, ai.openai, "To get to the other side.", start=said) > 0.9
+    assert ai.spoken_texts() == ["Hello, how can I help?", "Why did the chicken cross the road?",
+                                 "To get to the other side."]
+    assert no_traceback(caplog)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("openrouter-error-in-chunk.sse", "Token limit reached"),  # an `error` object inside a chunk
+    ("groq-event-error.sse", "Tool choice is required, but model did not call a tool"),  # `event: error`
+])
+async def test_an_error_sent_inside_the_stream_is_logged_and_the_caller_hears_an_apology(
+        nursery, caplog, name, message):
+    ai = await start_providers(nursery, ["Hello?", "Hello again?"])
+    ai.openai.recordings = [recording("openai", name)]
+    ai.openai.replay_pieces = (5, 3)
+    ai.openai.replies = [["Now I can answer."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=93))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.LLM_APOLOGY, start=said) > 0.9
+        await a_turn_is_answered(vobiz, ai, "Now I can answer.", seed=94)
+    assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.LLM_APOLOGY, "Now I can answer."]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [line for line in warnings if "LLM" in line and message in line], warnings
+    assert not any("the reply was empty" in line for line in warnings)
+    assert no_traceback(caplog)
+
+
+@pytest.mark.parametrize("name, tool", [
+    ("openai-gpt-4o-mini-tool-call-only.sse", b"get_capital"),  # arguments spread over six chunks
+    ("vercel-groq-tool-call.sse", b"weather"),  # the whole call in one chunk
+])
+async def test_a_reply_that_is_only_a_hang_up_call_still_says_goodbye(nursery, caplog, name, tool):
+    ai = await start_providers(nursery, ["That's all, bye."])
+    # The recorded call, renamed to our tool: the only change to the recorded bytes.
+    ai.openai.recordings = [recording("openai", name).replace(b'"' + tool + b'"', b'"hang_up"')]
+    ai.openai.replay_pieces = (3, 11)
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=95))
+        await vobiz.closed.wait()  # the agent ended the call
+    assert len(ai.spoken_texts()) == 2, ai.spoken_texts()  # the greeting, then one goodbye
+    assert ai.spoken_texts()[1] == vobiz_agent.GOODBYE
+    assert heard_sentence(vobiz, ai.openai, vobiz_agent.GOODBYE, start=said) > 0.9
+    stop = vobiz.event_ticks("stop")
+    assert stop and max(vobiz.agent_ticks(said)) <= stop[0]  # every word played before the stop
+    assert no_traceback(caplog)
+
+
+async def test_a_goodbye_the_caller_talks_over_does_not_end_the_call_one_turn_late(nursery):
+    ai = await start_providers(nursery, ["Bye for now.", "Wait, one more thing."])
+    ai.openai.replies = [["Goodbye then, it was lovely to talk with you, and take good care of yourself.",
+                          HANG_UP], ["Yes I am still listening."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=96))
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 40)) >= 25)  # half a second of goodbye
+        said = vobiz.say(speech(0.8, seed=97))  # the caller talks over it
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am still listening.", said) > 0.9)
+        await vobiz.until(lambda: any(name.startswith("sentence") for name in vobiz.played_names[2:]))
+        await vobiz.until_tick(vobiz.tick + 40)  # a stop would follow the acknowledgement at once
+        assert vobiz.event_ticks("stop") == []
+        assert not vobiz.closed.is_set()
+
+
+async def test_a_model_that_refuses_tools_is_asked_again_without_them_and_that_is_remembered(nursery, caplog):
+    ai = await start_providers(nursery, ["Hi.", "Are you there?", "Hello again."])
+    ai.openai.refuse_tools = (400, recording("ollama", "no-tools-400.json"))  # what Ollama answers
+    ai.openai.replies = [["Hello there."], ["Still here."], ["A new call."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "Hello there.", seed=98)
+        await a_turn_is_answered(vobiz, ai, "Still here.", seed=99)
+    async with vobiz_call(ai.server.url, call_id="a-second-call", stream_id="stream-2") as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "A new call.", seed=100)
+    assert ["tools" in request["body"] for request in ai.openai.chat_requests] == [True, False, False, False]
+    assert vobiz_agent.LLM_APOLOGY not in ai.spoken_texts()
+    lines = [r.getMessage() for r in caplog.records if "does not support tools" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line for the process, naming the provider's reason
+    assert no_traceback(caplog)
+
+
+# The worst stream we could put together: every malformed shape we could think of, mixed with
+# recorded chunks. Nothing in it may escape as an exception; the well-formed text is still spoken.
+WORST_STREAM = b"".join([
+    b": keep-alive comment\n\n",
+    b"event: ping\ndata: {}\n\n",
+    b"data: [1, 2, 3]\n\n", b'data: "a string"\n\n', b"data: null\n\n", b"data: 12\n\n",
+    b"data: {not json\n\n", b"data:\n\n", b"no colon at all\n\n", b"id: 7\nretry: soon\n\n",
+    b'data: {"choices": null}\n\n', b'data: {"choices": "abc"}\n\n', b'data: {"choices": [null, 3, "x"]}\n\n',
+    b'data: {"choices": [{"delta": "hi"}]}\n\n', b'data: {"choices": [{"delta": {"content": 42}}]}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"content": [null, 1, {"type": "text"}, {"type": "text",'
+    b' "text": 5}, {"type": "thinking", "thinking": "secret"}, "raw"]}}]}\n\n',
+    b'data: {"choices": [{"delta": {"tool_calls": "x"}}]}\n\n',
+    b'data: {"choices": [{"delta": {"tool_calls": [null, 1, {"function": "x"},'
+    b' {"function": {"name": 7}}]}}]}\n\n',
+    b'data: {"choices": [{"delta": {"reasoning_content": {"a": 1}, "reasoning": [1]}}]}\n\n',
+    b'data: {"choices": [{"index": 1, "delta": {"content": "Another choice, never spoken. "}}]}\n\n',
+    b'data: {"\xff\xfe": "not utf-8"}\n\n',
+    b'data: {"nul": "\x00"}\n\n',
+    b"data: " + b"[" * 100_000 + b"\n\n",  # nested too deep for the JSON parser's recursion
+    b'data: {"choices": [{"index": 0, "delta": {"content": "It still "}}]}\n\n',
+    b'data: {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "works."}]}}]}\n\n',
+    b"data: [DONE]\n\n",
+    b'data: {"choices": [{"index": 0, "delta": {"content": "After the end."}}]}\n\n',
+])
+
+
+async def test_no_provider_content_ever_escapes_a_call(nursery, caplog):
+    ai = await start_providers(nursery, ["Hello?", "Still there?"])
+    ai.openai.recordings = [WORST_STREAM]
+    ai.openai.replay_pieces = (1, 2, 3, 5, 8, 13, 4096)
+    ai.openai.replies = [["Yes I am."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=101))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, "It still works.", start=said) > 0.9
+        await a_turn_is_answered(vobiz, ai, "Yes I am.", seed=102)
+    assert ai.spoken_texts() == ["Hello, how can I help?", "It still works.", "Yes I am."]
+    assert no_traceback(caplog)
+
+
+chunk_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["choices", "delta", "content", "index", "type", "text", "tool_calls", "function",
+                         "name", "error", "message", "reasoning", "reasoning_content"]) | st.text(max_size=4),
+        children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=chunk_values)
+def test_a_chunk_of_any_shape_gives_text_or_a_provider_error(value):
+    tools: set[str] = set()
+    for data in (json.dumps(value), json.dumps({"choices": [{"index": 0, "delta": value}]}),
+                 json.dumps({"choices": [{"index": 0, "delta": {"content": value, "tool_calls": value}}]})):
+        try:
+            text = vobiz_agent.chat_delta(data, tools)
+        except vobiz_agent.ProviderError:
+            continue
+        assert isinstance(text, str)
+    assert all(isinstance(name, str) for name in tools)
+
+
+sse_lines = st.lists(st.one_of(
+    st.text(max_size=30), st.sampled_from(["", ": ping", "event: error", "event: message", "data: [DONE]"]),
+    chunk_values.map(lambda value: "data: " + json.dumps(value))), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=sse_lines)
+def test_any_lines_at_all_give_text_or_a_provider_error(lines):
+    async def read() -> list[str]:
+        async def stream():
+            for line in lines:
+                yield line
+        texts = []
+        try:
+            async for data in vobiz_agent.server_sent_events(stream()):
+                texts.append(vobiz_agent.chat_delta(data, set()))
+        except vobiz_agent.ProviderError:
+            pass
+        return texts
+
+    assert all(isinstance(text, str) for text in trio.run(read))
+
+
+def test_only_the_first_choice_is_spoken():
+    # A real chunk (gpt-4o-mini) with a second choice put in front of it, as `n=2` streams them.
+    line = next(line for line in recorded_lines("openai", "openai-gpt-4o-mini-text.sse") if "London" in line)
+    chunk = json.loads(line[len("data: "):])
+    chunk["choices"].insert(0, {"index": 1, "delta": {"content": "Paris"}, "finish_reason": None})
+    assert vobiz_agent.chat_delta(json.dumps(chunk), set()) == chunk["choices"][1]["delta"]["content"]
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])  # all three are SSE line ends
+async def test_any_line_end_and_any_split_of_the_bytes_reads_the_same(nursery, caplog, line_end):
+    ai = await start_providers(nursery, ["What is the capital of the UK?"])
+    ai.openai.recordings = [recording("openai", "openai-gpt-4o-mini-text.sse").replace(b"\n", line_end)]
+    ai.openai.replay_pieces = (1,)  # one byte at a time: every \r cut from its \n
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        vobiz.say(speech(0.8, seed=108))
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert ai.spoken_texts() == ["Hello, how can I help?", "The capital of the UK is London."]
+    assert no_traceback(caplog)
+
+
+def test_reasoning_in_content_is_cut_wherever_the_chunks_split_the_tags():
+    # The DeepSeek-R1 answer (HF router → Together), its content re-cut into pieces of 1, 2, 3 … characters.
+    lines = recorded_lines("openai", "hf-router-together-deepseek-r1-think.sse")
+    chunks = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    answer = content.split("</think>", 1)[1]
+
+    async def spoken(pieces):
+        async def tokens():
+            for piece in pieces:
+                yield piece
+        return "".join([text async for text in vobiz_agent.without_reasoning(tokens())])
+
+    for size in (1, 2, 3, 7, 8, 9):
+        pieces = [content[i : i + size] for i in range(0, len(content), size)]
+        assert trio.run(spoken, pieces) == answer.lstrip()
+    assert trio.run(spoken, ["Just an answer, <think> in the middle stays."]) == \
+        "Just an answer, <think> in the middle stays."
+    assert trio.run(spoken, ["  <think>", "never closed"]) == ""
+
+
+# ── Deepgram, as it really behaves (issue 8) ──
+
+
+@pytest.mark.parametrize("code, reason", [(1011, "NET-0001"), (1008, "DATA-0000")])  # documented shapes
+async def test_deepgram_closing_every_stream_gets_the_caller_an_apology(nursery, caplog, code, reason):
+    ai = await start_providers(nursery, deepgram_options={"close_every": (code, reason, 0.1)})
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.tick
+        with trio.fail_after(6):  # APOLOGY_AFTER_S of no usable connection, however many reconnects
+            await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+        assert heard_sentence(vobiz, ai.openai, vobiz_agent.EARS_APOLOGY, start=said) > 0.9
+        assert ai.deepgram.attempts <= 8  # backing off, not hammering
+    lines = [r.getMessage() for r in caplog.records if "speech-to-text is down" in r.getMessage()]
+    assert lines and all(f"{code} {reason}" in line for line in lines), lines
+    assert no_traceback(caplog)
+
+
+async def test_deepgram_error_messages_are_logged_and_metadata_is_not(nursery, caplog):
+    metadata, error = recorded_lines("deepgram", "docs-metadata-and-error.jsonl")
+    ai = await start_providers(nursery, ["Can you hear me?"],
+                               deepgram_options={"replay": [(0.1, error), (0.2, metadata)]})
+    ai.openai.replies = [["Yes I can hear you."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "Yes I can hear you.", seed=103)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    description = json.loads(error)["description"]
+    assert [line for line in warnings if "speech-to-text error" in line and description in line], warnings
+    assert not any("Metadata" in line or "not JSON" in line for line in warnings), warnings
+    assert no_traceback(caplog)
+
+
+async def test_a_final_that_never_comes_is_asked_for_with_finalize(nursery, caplog):
+    # A noisy line: Deepgram's endpointing never fires, and no UtteranceEnd comes either.
+    ai = await start_providers(nursery, ["Is anybody there?"],
+                               deepgram_options={"endpointing_ms": 60_000, "utterance_end_ms": 60_000})
+    ai.openai.replies = [["Yes I am here."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=104))
+        with trio.fail_after(6):
+            await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Yes I am here.", start=said) > 0.9)
+    assert ai.deepgram.finalizes == 1
+    assert ai.user_messages(0) == ["Is anybody there?"]
+    finals = [m for _, m in ai.deepgram.messages if m.get("from_finalize")]
+    assert finals and not any(m["speech_final"] for m in finals)  # from_finalize alone ended the turn
+    assert no_traceback(caplog)
+
+
+async def test_an_utterance_end_while_words_are_pending_does_not_split_the_turn(nursery, caplog):
+    # Recorded nova-3 frames: a segment final, an interim for the next words, a (late) UtteranceEnd,
+    # then the speech_final: one sentence, one turn. The timing is ours, the frames are Deepgram's.
+    frames = recorded_lines("deepgram", "nova3-librivox-frames.jsonl")
+    replay = [(1.0, frames[2]), (1.3, frames[3]), (1.5, frames[4]), (2.5, frames[5])]
+    ai = await start_providers(nursery, deepgram_options={"replay": replay, "simulate": False})
+    ai.openai.replies = [["Nice to meet you Rupert."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(2.4, seed=105))
+        await vobiz.until(lambda: heard_sentence(vobiz, ai.openai, "Nice to meet you Rupert.", said) > 0.9)
+    assert [ai.user_messages(n) for n in range(len(ai.openai.chat_requests))] == [
+        ["My name was Rupert Pennace. I came of an old family and had plenty of money for my needs."]]
+    assert no_traceback(caplog)
+
+
+@pytest.mark.parametrize("replay, said", [
+    ([(0.5, 0), (1.1, 1)], "Paris at a moment's notice."),  # nova-3: an interim, then speech_final
+    ([(1.0, None)], "Ensure domestic tranquility."),  # a final from a mulaw 8 kHz stream
+])
+async def test_recorded_deepgram_results_end_a_turn(nursery, replay, said):
+    frames = recorded_lines("deepgram", "nova3-librivox-frames.jsonl")
+    mulaw_final = recording("deepgram", "deepgram-python-sdk-mulaw-8k-final.json").decode()
+    replay = [(at, mulaw_final if line is None else frames[line]) for at, line in replay]
+    ai = await start_providers(nursery, deepgram_options={"replay": replay, "simulate": False})
+    ai.openai.replies = [["Got it."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "Got it.", seed=106)
+    assert ai.user_messages(0) == [said]
+
+
+# ── Speech-to-text never lags (issue 12, item 3) ──
+
+
+async def test_audio_queued_for_deepgram_is_bounded_and_the_oldest_is_dropped(nursery, caplog):
+    caplog.set_level(logging.INFO, logger="vobiz_agent")
+    ai = await start_providers(nursery, ["Hello?"], deepgram_options={"refuse": 3})  # down for ~1.8 s
+    ai.openai.replies = [["Hello!"]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await ai.deepgram.wait_until(lambda: ai.deepgram.attempts >= 4)
+        await a_turn_is_answered(vobiz, ai, "Hello!", seed=107)
+    await ai.server.app.switchboard.wait_until_empty()  # the call's last line is written
+    accepted = [c for c in ai.deepgram.connections if c["accepted"]]
+    # What reached Deepgram after the outage was at most the last few hundred ms, not seconds of it.
+    assert accepted[0]["backlog_s"] <= vobiz_agent.DeepgramEars.BUFFER_S + 0.1, accepted[0]["backlog_s"]
+    lines = [r.getMessage() for r in caplog.records]
+    behind = [line for line in lines if "dropping the oldest" in line]
+    assert len(behind) == 1, behind  # once per burst
+    end = next(line for line in lines if "ended by" in line)
+    assert re.search(r"; \d+ frames dropped on the way to speech-to-text", end), end
+
+
+# ── Pointing the brain and the mouth at different providers (issue 8) ──
+
+
+async def test_the_voice_can_come_from_another_server_than_the_model(nursery):
+    # Groq, Ollama, vLLM, LM Studio and OpenRouter have no /audio/speech that speaks pcm:
+    # the model runs there, the voice comes from OpenAI (here: a second stand-in).
+    voice = OpenAIStandIn()
+    voice_url = await nursery.start(voice.serve)
+    ai = await start_providers(nursery, ["Hello?"], tts_base_url=voice_url, tts_api_key="sk-voice")
+    ai.openai.replies = [["Hello from the model."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(speech(0.8, seed=109))
+        await vobiz.until(lambda: heard_sentence(vobiz, voice, "Hello from the model.", said) > 0.9)
+    assert ai.openai.tts_requests == [] and len(ai.openai.chat_requests) == 1
+    assert [r["body"]["input"] for r in voice.tts_requests] == ["Hello, how can I help?", "Hello from the model."]
+    assert voice.tts_requests[0]["headers"]["authorization"] == "Bearer sk-voice"
+    assert voice.chat_requests == []
+
+
+@pytest.mark.parametrize("variable, value", [("TTS_BASE_URL", "localhost:8000"), ("TTS_BASE_URL", "ftp://x")])
+async def test_a_bad_voice_url_stops_the_program_with_one_clear_line(variable, value):
+    env = {key: val for key, val in os.environ.items() if not key.endswith("_API_KEY")}
+    result = await trio.run_process([sys.executable, "vobiz_agent.py"], check=False, capture_stderr=True,
+                                    env={**env, "DEEPGRAM_API_KEY": "k", "OPENAI_API_KEY": "k", variable: value},
+                                    cwd=HERE)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and variable in lines[0], lines
+
+
+async def test_junk_from_deepgram_never_breaks_a_call(nursery, caplog):
+    # Our own junk, in the shapes a buggy proxy or a future API version might send.
+    junk = ["[]", "null", '"Results"', "not json", "[" * 100_000, '{"type": "Results", "channel": 5}',
+            '{"type": "Results", "channel": {"alternatives": "x"}}', '{"type": "Results", "channel": '
+            '{"alternatives": [{"transcript": ["a"], "words": 3}]}, "is_final": true, "speech_final": true}',
+            '{"type": "UtteranceEnd", "last_word_end": "soon"}', '{"type": "Error", "description": {"deep": 1}}',
+            '{"type": "SpeechStarted", "timestamp": null}', '{"type": "Metadata", "duration": "long"}']
+    ai = await start_providers(nursery, ["Are you still there?"],
+                               deepgram_options={"replay": [(0.05 + i / 100, text) for i, text in enumerate(junk)]})
+    ai.openai.replies = [["Yes I am still here."]]
+    async with vobiz_call(ai.server.url) as vobiz:
+        await greeted(vobiz)
+        await a_turn_is_answered(vobiz, ai, "Yes I am still here.", seed=110)
+    assert ai.user_messages(0) == ["Are you still there?"]
+    assert no_traceback(caplog)

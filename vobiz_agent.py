@@ -126,6 +126,8 @@ class Settings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = "alloy"
+    tts_base_url: str = ""  # the voice's server, when it is not the model's (empty: OPENAI_BASE_URL)
+    tts_api_key: str = ""  # its key (empty: OPENAI_API_KEY)
     greeting: str = "Hello! How can I help you today?"
     # Trust and operations.
     vobiz_auth_id: str = ""
@@ -278,6 +280,9 @@ SETTINGS = (
     Setting("SYSTEM_PROMPT", "short spoken sentences, no markdown", shown="a phone-assistant prompt"),
     Setting("TTS_MODEL", "the text-to-speech model"),
     Setting("TTS_VOICE", "the text-to-speech voice"),
+    Setting("TTS_BASE_URL", "the voice's server, when it is not the model's (Groq, Ollama, vLLM and LM Studio "
+            "speak no `pcm`)", _url, choices=WEB, shown="OPENAI_BASE_URL", example="https://api.openai.com/v1"),
+    Setting("TTS_API_KEY", "the voice server's key", shown="OPENAI_API_KEY"),
     Setting("GREETING", "spoken when the caller's audio starts flowing"),
     Setting("VOBIZ_AUTH_ID", "your account id (`MA_…`), for outbound calls and transfers"),
     Setting("VOBIZ_AUTH_TOKEN", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and transfers; "
@@ -941,10 +946,8 @@ class Ears(Protocol):
         """The ears' own task, for ears that need one (a speech-to-text socket)."""
 
 
-HANG_UP = "hang_up"  # the tools a reply can end with
-TRANSFER_CALL = "transfer_call"
-
-
+HANG_UP = "hang_up"  # a reply ended with this: say goodbye and end the call
+TRANSFER_CALL = "transfer_call"  # or with this: hand the call to a person
 class Responder(Protocol):
     """The brain and mouth of one call: they speak by awaiting `play(utterance)`."""
 
@@ -1156,18 +1159,26 @@ def deepgram_url(settings: Settings, media_format: MediaFormat) -> str:
 class DeepgramEars:
     """Speech-to-text with Deepgram, and turn-taking from what it reports.
 
-    hear() never waits: payloads go into a bounded buffer that a sender task
-    drains into Deepgram's socket, so a slow Deepgram can never delay reading
-    Vobiz's frames (if the buffer fills, frames are dropped and counted).
-    A turn ends at `speech_final`, or at `UtteranceEnd` if finals are pending.
+    hear() never waits: payloads go into a short queue that a sender task drains
+    into Deepgram's socket, so a slow Deepgram can never delay reading Vobiz's
+    frames. The queue holds BUFFER_S of audio: a transcript of older audio would
+    end the turn that much late, so when it is full (Deepgram slow, or away) the
+    oldest frame is dropped, counted, and logged once per burst.
+
+    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd`
+    when finals are pending and no newer words are. If our own VAD has heard
+    silence for the endpointing time plus FINALIZE_MARGIN_S and no final came
+    (noise can keep Deepgram's endpointing from firing), we send `Finalize`.
     A possible barge-in (SpeechStarted) is confirmed only once the caller has
     spoken for `barge_in_min_s`, by our own energy measure, or once words arrive.
     """
 
-    BUFFER_FRAMES = 250  # 5 s of 20 ms frames
+    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram; older audio is dropped
     KEEPALIVE_S = 4.0  # Deepgram closes a stream that gets no audio for about 10 s
     BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-    APOLOGY_AFTER_S = 2.0  # ears down this long: tell the caller rather than leave them in silence
+    APOLOGY_AFTER_S = 2.0  # no usable connection this long: tell the caller rather than leave them in silence
+    USABLE_AFTER_S = 2.0  # a connection that stayed up this long worked; a briefer one is part of the outage
+    FINALIZE_MARGIN_S = 0.5  # beyond the endpointing time, before we ask Deepgram for its final
 
     def __init__(self, settings: Settings, media_format: MediaFormat, listener: Listener, log: CallLog):
         self.url = deepgram_url(settings, media_format)
@@ -1176,22 +1187,52 @@ class DeepgramEars:
         self.listener = listener
         self.log = log
         self.barge_in_min_s = settings.barge_in_min_ms / 1000
-        self.audio_in, self.audio_out = trio.open_memory_channel[bytes](self.BUFFER_FRAMES)
+        self.finalize_after_s = settings.deepgram_endpointing_ms / 1000 + self.FINALIZE_MARGIN_S
+        self.outbox: deque[bytes] = deque()  # audio for Deepgram, at most BUFFER_S of it
+        self.outbox_frames = max(1, round(self.BUFFER_S / FRAME_SECONDS))
+        self.queued = trio.Event()  # set when the outbox has something for the sender
         self.dropped = 0
+        self.dropping = False  # in a burst of drops (logged once)
+        self.finalize_due = False  # the sender owes Deepgram a Finalize, after the audio queued before it
+        self.finalize_sent = False  # for the current stretch of silence
+        self.apologized = False  # for the current outage
         self.vad = VoiceActivity()
         self.maybe_speaking = False  # SpeechStarted came; not yet confirmed
         self.speaking = False  # confirmed: reported to the listener
         self.finals: list[str] = []
+        self.final_end: float | None = None  # when the last final word ended, on Deepgram's clock
+        self.words_pending = False  # interim words newer than the last final
+        self.words_at = 0.0  # when the last words came
 
     def hear(self, payload: bytes) -> None:
         pcm = self.format.to_pcm(payload)
         self.vad.voiced(pcm, len(pcm) / 2 / self.format.rate)
         if self.maybe_speaking and self.vad.run_s >= self.barge_in_min_s:
             self._confirm_speech()
-        try:
-            self.audio_in.send_nowait(payload)
-        except trio.WouldBlock:
-            self.dropped += 1
+        self._finalize_if_silent()
+        if len(self.outbox) >= self.outbox_frames:
+            self._drop_oldest()
+        self.outbox.append(payload)
+        self.queued.set()
+
+    def _finalize_if_silent(self) -> None:
+        """Words wait for a final, but neither our VAD nor Deepgram has heard anything for a
+        while: ask Deepgram to finalize, once per stretch of silence."""
+        if self.vad.quiet_s == 0.0:
+            self.finalize_sent = False  # speech again: a later silence may need its own Finalize
+            return
+        waiting = self.finals or self.words_pending
+        silent_s = min(self.vad.quiet_s, trio.current_time() - self.words_at)
+        if waiting and silent_s >= self.finalize_after_s and not self.finalize_sent:
+            self.finalize_sent = self.finalize_due = True  # the sender sends it after the audio queued now
+
+    def _drop_oldest(self) -> None:
+        self.outbox.popleft()
+        self.dropped += 1
+        if not self.dropping:
+            self.dropping = True
+            self.log(logging.WARNING, "speech-to-text is behind: dropping the oldest caller audio, "
+                     "keeping the last %.1f s", self.BUFFER_S, error="stt_behind")
 
     def _confirm_speech(self) -> None:
         self.maybe_speaking = False
@@ -1206,49 +1247,81 @@ class DeepgramEars:
             if self.vad.run_s >= self.barge_in_min_s:
                 self._confirm_speech()
         elif kind == "Results":
-            alternatives = message.get("channel", {}).get("alternatives") or [{}]
-            text = str(alternatives[0].get("transcript") or "").strip()
-            if text:
-                self._confirm_speech()  # words are speech, however short
-                if message.get("is_final"):
-                    self.finals.append(text)
-            if message.get("speech_final") and self.finals:
+            self._on_results(message)
+        elif kind == "UtteranceEnd":
+            # Only when nothing newer is pending: an UtteranceEnd that overtakes words still being
+            # recognised, or a late one about words before the last final, must not cut a turn in two.
+            last_word_end = message.get("last_word_end")
+            late = isinstance(last_word_end, (int, float)) and self.final_end is not None \
+                and last_word_end < self.final_end - 0.05
+            if self.finals and not self.words_pending and not late:
                 self._end_turn()
-        elif kind == "UtteranceEnd" and self.finals:
+        elif kind == "Error":
+            description = message.get("description") or message.get("message") or message
+            self.log(logging.WARNING, "speech-to-text error: %s", _clean(description, 200), error="stt")
+        # Metadata (and anything new) carries nothing for the conversation.
+
+    def _on_results(self, message: dict) -> None:
+        best = next(iter(_list(_get(_get(message, "channel"), "alternatives"))), None)
+        transcript = _get(best, "transcript")
+        text = transcript.strip() if isinstance(transcript, str) else ""
+        if text:
+            self._confirm_speech()  # words are speech, however short
+            self.words_at = trio.current_time()
+        if message.get("is_final"):
+            self.words_pending = False  # this stretch of audio is settled, words or none
+            if text:
+                self.finals.append(text)
+                words = _list(_get(best, "words"))
+                end = _get(words[-1], "end") if words else None
+                self.final_end = end if isinstance(end, (int, float)) else None
+        elif text:
+            self.words_pending = True
+        if self.finals and (message.get("speech_final") or message.get("from_finalize")):
             self._end_turn()
 
     def _end_turn(self) -> None:
         turn = Turn(text=" ".join(self.finals), speech_ended=self.vad.last_voiced)
         turn.mark("stt_final")
         self.finals, self.speaking, self.maybe_speaking = [], False, False
+        self.final_end, self.words_pending, self.finalize_due = None, False, False
         self.listener.turn_ended(turn)
 
     async def run(self) -> None:
-        """Stay connected for the whole call, reconnecting with backoff."""
-        failures, down_since, apologized = 0, None, False
+        """Stay connected for the whole call, reconnecting with backoff.
+
+        An outage lasts until a connection has stayed up USABLE_AFTER_S: a Deepgram
+        that accepts and then closes every stream is as down as one that refuses,
+        so its reconnects back off too, and the caller hears the apology."""
+        failures, down_since = 0, trio.current_time()  # no usable connection yet
         while True:
-            problem = await self._stream(failures)
+            problem, lasted = await self._stream(failures)
             now = trio.current_time()
-            if problem is None:  # it was up, then closed: a new outage starts now
-                failures, down_since, apologized = 0, None, False
-                problem = "Deepgram closed the stream"
-            down_since = now if down_since is None else down_since
-            if not apologized and now - down_since >= self.APOLOGY_AFTER_S:
-                apologized = True  # once per outage, so the caller knows why nobody answers
-                self.listener.turn_ended(Turn(kind="ears-down"))
+            if lasted >= self.USABLE_AFTER_S:  # it worked; a new outage starts now
+                failures, down_since, self.apologized = 0, now, False
             delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
             self.log(logging.WARNING, "speech-to-text is down (%s); reconnecting in %.2f s", problem, delay,
                      error="stt")
             failures += 1
-            await trio.sleep(delay)
+            await self._back_off(delay, down_since)
 
-    async def _stream(self, failures: int) -> str | None:
-        """One connection to Deepgram; returns why it failed to connect, or None if it was up."""
-        problem = None
+    async def _back_off(self, delay: float, down_since: float) -> None:
+        """Wait before reconnecting; once the outage reaches APOLOGY_AFTER_S, tell the caller (once)."""
+        wake, apology_at = trio.current_time() + delay, down_since + self.APOLOGY_AFTER_S
+        if not self.apologized and apology_at < wake:
+            await trio.sleep_until(apology_at)
+            self.apologized = True  # so the caller knows why nobody answers
+            self.listener.turn_ended(Turn(kind="ears-down"))
+        await trio.sleep_until(wake)
+
+    async def _stream(self, failures: int) -> tuple[str, float]:
+        """One connection to Deepgram, until it ends: returns why it ended, and how long it was up."""
+        opened = None
         try:
             async with trio_websocket.open_websocket_url(
                 self.url, extra_headers=self.headers, connect_timeout=5, disconnect_timeout=1
             ) as socket:
+                opened = trio.current_time()
                 self.log(logging.INFO, "speech-to-text connected%s",
                          f" after {failures} failed attempts" if failures else "")
                 try:
@@ -1261,17 +1334,26 @@ class DeepgramEars:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.5), \
                             suppress(trio_websocket.ConnectionClosed):
                         await socket.send_message(json.dumps({"type": "CloseStream"}))
+                problem = _closed_by(socket.closed)
         except* (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as group:
             problem = _describe(group.exceptions[0])
-        return problem
+        return problem, 0.0 if opened is None else trio.current_time() - opened
 
     async def _send_audio(self, socket: trio_websocket.WebSocketConnection) -> None:
         with suppress(trio_websocket.ConnectionClosed):
             while True:
-                with trio.move_on_after(self.KEEPALIVE_S):
-                    await socket.send_message(await self.audio_out.receive())
+                with trio.move_on_after(self.KEEPALIVE_S) as idle:
+                    await self.queued.wait()
+                if idle.cancelled_caught:
+                    await socket.send_message(json.dumps({"type": "KeepAlive"}))
                     continue
-                await socket.send_message(json.dumps({"type": "KeepAlive"}))
+                self.queued = trio.Event()
+                while self.outbox:
+                    await socket.send_message(self.outbox.popleft())
+                self.dropping = False  # caught up: a later overflow is a new burst
+                if self.finalize_due:
+                    self.finalize_due = False
+                    await socket.send_message(json.dumps({"type": "Finalize"}))
 
     async def _receive(self, socket: trio_websocket.WebSocketConnection) -> None:
         with suppress(trio_websocket.ConnectionClosed):
@@ -1279,11 +1361,21 @@ class DeepgramEars:
                 message = await socket.get_message()
                 try:
                     data = json.loads(message)
-                except ValueError:
+                except (ValueError, RecursionError):
                     self.log(logging.WARNING, "speech-to-text sent something that is not JSON")
                     continue
                 if isinstance(data, dict):
                     self.on_message(data)
+
+
+def _get(value: object, key: str) -> object:
+    """value[key] if value is a JSON object that has it, else None: providers send every shape."""
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _list(value: object) -> list:
+    """value if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
 
 
 def _describe(error: BaseException) -> str:
@@ -1292,16 +1384,34 @@ def _describe(error: BaseException) -> str:
     return f"refused with HTTP {status}" if status else f"{type(error).__name__} {error}".strip()
 
 
+def _closed_by(reason: trio_websocket.CloseReason | None) -> str:
+    """Why a connection that was up ended: Deepgram says so in its close frame (e.g. 1011 NET-0001)."""
+    if reason is None:
+        return "Deepgram closed the stream"
+    return f"Deepgram closed the stream with {reason.code} {_clean(reason.reason or reason.name)}"
+
+
 # The AI agent's brain: an OpenAI-compatible chat model, streamed.
 
 
 class ProviderError(Exception):
-    """A provider (LLM or TTS) failed: bad status, timeout, or network error."""
+    """A provider (LLM or TTS) failed: bad status, timeout, network error, or an error in its stream."""
+
+
+class ToolsRefused(ProviderError):
+    """The chat server refused a request because it offered tools (a model without tool support)."""
+
+
+@dataclass
+class ChatModel:
+    """What this process has learnt about its chat server."""
+
+    takes_tools: bool = True  # until it refuses them; then never offered again
 
 
 # The model may end the call: it calls this tool after saying goodbye.
 HANG_UP_TOOL = {"type": "function", "function": {
-    "name": "hang_up",
+    "name": HANG_UP,
     "description": "End the phone call. Use it only after the caller says goodbye and you have said goodbye too.",
     "parameters": {"type": "object", "properties": {}},
 }}
@@ -1318,40 +1428,139 @@ TRANSFER_TOOL = {"type": "function", "function": {
 
 
 async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict],
-                      tools_called: set[str]) -> AsyncIterator[str]:
-    """Stream a chat completion: server-sent events, one `data: {...}` line each.
-    Text comes out as it arrives; the names of tools the model calls go into `tools_called`."""
-    tools = [HANG_UP_TOOL, TRANSFER_TOOL] if settings.transfer_number else [HANG_UP_TOOL]
-    body = {"model": settings.openai_model, "messages": messages, "stream": True, "tools": tools}
+                      tools_called: set[str], tools: list[dict]) -> AsyncIterator[str]:
+    """Stream a chat completion: server-sent events, one JSON chunk each. Text comes out
+    as it arrives; the names of tools the model calls go into `tools_called`."""
+    body = {"model": settings.openai_model, "messages": messages, "stream": True}
+    if tools:
+        body["tools"] = tools
     try:
         async with client.stream("POST", f"{settings.openai_base_url}/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
+            if tools and response.status_code == 400:
+                detail = await _error_detail(response)
+                if "tool" in detail.lower() or "function" in detail.lower():
+                    raise ToolsRefused(f"LLM: HTTP 400 {detail}")
             await _check(response, "LLM")
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, keep-alives
-                data = line[5:].strip()
+            async for data in server_sent_events(response.aiter_lines()):
                 if data == "[DONE]":
                     return
-                try:
-                    choice = json.loads(data)["choices"][0]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    continue  # e.g. a usage-only chunk with no choices
-                delta = choice.get("delta") or {}
-                for call in delta.get("tool_calls") or []:
-                    name = (call.get("function") or {}).get("name")
-                    if name:  # later chunks of the same call carry only its arguments
-                        tools_called.add(name)
-                if delta.get("content"):
-                    yield delta["content"]
+                if text := chat_delta(data, tools_called):
+                    yield text
     except httpx.HTTPError as error:
         raise ProviderError(f"LLM: {type(error).__name__} {error}".strip()) from None
 
 
+async def server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r).
+
+    An event is `field: value` lines ended by a blank line; lines starting with ":"
+    are comments (keep-alives such as ": OPENROUTER PROCESSING"). `event: error` is
+    the provider reporting a failure mid-stream (Groq does), so it becomes a ProviderError."""
+    event, data = "", []
+    async for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+            continue
+        text, kind = "\n".join(data), event
+        event, data = "", []
+        if kind == "error":
+            raise ProviderError(f"LLM: {_error_message(_json(text) or text)}")
+        if text:
+            yield text
+
+
+def chat_delta(data: str, tools_called: set[str]) -> str:
+    """The text one streamed chunk adds to the reply (of choice 0); the names of tools it
+    calls go into `tools_called`. An error object in the chunk (OpenRouter sends them)
+    raises ProviderError. Any other shape, however odd, adds nothing: it never breaks a call."""
+    chunk = _json(data)
+    if _get(chunk, "error"):
+        raise ProviderError(f"LLM: {_error_message(chunk)}")
+    first = [choice for choice in _list(_get(chunk, "choices"))
+             if isinstance(choice, dict) and choice.get("index", 0) == 0]
+    delta = _get(first[0], "delta") if first else None
+    for call in _list(_get(delta, "tool_calls")):
+        name = _get(_get(call, "function"), "name")
+        if isinstance(name, str) and name:  # later chunks of the same call carry only its arguments
+            tools_called.add(name)
+    return _spoken_content(_get(delta, "content"))
+
+
+def _spoken_content(content: object) -> str:
+    """`content` is a string, null, or (Mistral's reasoning models) a list of typed parts,
+    of which only the `text` parts are the answer. Reasoning fields are never read."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if _get(part, "type") == "text" and isinstance(part.get("text"), str))
+    return ""
+
+
+def _json(data: str | bytes) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+        return None
+
+
+def _error_message(body: object) -> str:
+    """The provider's own words from an error body: {"error": {"message": …}}, {"error": "…"}, …"""
+    error = _get(body, "error") or body
+    message = _get(error, "message") or error
+    return _clean(message if isinstance(message, str) else json.dumps(message), 200)
+
+
+async def _error_detail(response: httpx.Response) -> str:
+    body = (await response.aread())[:2000]
+    parsed = _json(body)
+    return _error_message(parsed) if parsed is not None else _clean(body.decode("utf-8", "replace"), 200)
+
+
 async def _check(response: httpx.Response, who: str) -> None:
     if response.status_code != 200:
-        detail = (await response.aread())[:200].decode("utf-8", "replace")
-        raise ProviderError(f"{who}: HTTP {response.status_code} {_clean(detail)}")
+        raise ProviderError(f"{who}: HTTP {response.status_code} {await _error_detail(response)}")
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+async def without_reasoning(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Leave out the reasoning that R1/QwQ-style models write at the start of their
+    content as <think>…</think> (Together, the Hugging Face router, Ollama and vLLM
+    pass it on), however the chunks cut the tags. A reply that opens otherwise is
+    passed on untouched, held back only while it could still be the opening tag."""
+    state, held = "opening", ""  # opening → (thinking → after) → answer
+    async for token in tokens:
+        if state == "answer":
+            yield token
+            continue
+        held += token
+        if state == "opening":
+            start = held.lstrip()
+            if THINK_OPEN.startswith(start):
+                continue  # "", "<", "<th"…: could still be the tag
+            if not start.startswith(THINK_OPEN):
+                state = "answer"
+                yield held
+                continue
+            state, held = "thinking", start[len(THINK_OPEN):]
+        if state == "thinking":
+            end = held.find(THINK_CLOSE)
+            if end < 0:
+                held = held[-len(THINK_CLOSE):]  # drop the reasoning; keep what may be a cut tag
+                continue
+            state, held = "after", held[end + len(THINK_CLOSE):]
+        held = held.lstrip()  # the blank lines between the reasoning and the answer
+        if held:
+            state = "answer"
+            yield held
 
 
 SENTENCE_ENDS = ".!?"
@@ -1398,10 +1607,13 @@ TTS_RATE = 24000
 
 
 async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -> AsyncIterator[bytes]:
+    """The voice may live elsewhere than the model (TTS_BASE_URL): most chat servers have no speech."""
     body = {"model": settings.tts_model, "voice": settings.tts_voice, "input": text, "response_format": "pcm"}
+    base_url = settings.tts_base_url or settings.openai_base_url
+    key = settings.tts_api_key or settings.openai_api_key
     try:
-        async with client.stream("POST", f"{settings.openai_base_url}/audio/speech", json=body,
-                                 headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
+        async with client.stream("POST", f"{base_url}/audio/speech", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as response:
             await _check(response, "TTS")
             async for chunk in response.aiter_bytes():
                 yield chunk  # any size: the player carries an odd byte over to the next chunk
@@ -1427,6 +1639,7 @@ TRANSFER_APOLOGY = "Sorry, I couldn't connect you to a person just now. Let's ca
 EARS_APOLOGY = "Sorry, I'm having trouble hearing you. Please hold on a moment."
 FAREWELL = "Sorry, I have to end our call now. Goodbye!"
 CUT_OFF = "Sorry, we were cut off. Could you tell me again what you need?"
+GOODBYE = "Thank you for calling. Goodbye!"  # when the model hangs up without a word
 INTERRUPTED = "[the caller interrupted]"
 
 
@@ -1445,12 +1658,12 @@ class AIResponder:
 
     PREFETCH = 1  # sentences synthesized ahead of the one playing
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient, log: CallLog):
+    def __init__(self, settings: Settings, client: httpx.AsyncClient, log: CallLog, model: ChatModel):
         self.settings = settings
         self.client = client
         self.log = log
+        self.model = model
         self.history: list[tuple[str, str | list[Utterance]]] = []
-        self.tools_called: set[str] = set()
 
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
@@ -1462,21 +1675,25 @@ class AIResponder:
         if turn.kind == "ears-down":
             await self._speak("apology", EARS_APOLOGY, play, turn)
             return None
-        self.tools_called.clear()  # this reply's tools, not an earlier one's
         messages = self._conversation(turn.text)
+        tools_called: set[str] = set()  # this reply's only: a goodbye talked over ends nothing later
         async with trio.open_nursery() as nursery:
             ready_in, ready_out = trio.open_memory_channel[Utterance](self.PREFETCH)
-            nursery.start_soon(self._think, messages, turn, ready_in, nursery)
+            nursery.start_soon(self._think, messages, turn, ready_in, nursery, tools_called)
             async for utterance in ready_out:
                 await play(utterance)
-        return next((tool for tool in (TRANSFER_CALL, HANG_UP) if tool in self.tools_called), None)
+        return next((tool for tool in (TRANSFER_CALL, HANG_UP) if tool in tools_called), None)
 
     async def announce(self, label: str, text: str, play: Play) -> None:
         await self._speak(label, text, play, Turn())
 
     async def farewell(self, reason: str, play: Play) -> None:
-        if reason != "agent":  # the model said its own goodbye before hanging up
+        if reason != "agent":
             await self._speak("goodbye", FAREWELL, play, Turn())
+        elif not self.history or not self.history[-1][1]:
+            # The model hung up without a word (a reply that is only the tool call): a call
+            # never ends in silence. Otherwise the model said its own goodbye first.
+            await self._speak("goodbye", GOODBYE, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
         """Fixed words (the greeting, an apology): synthesized and played."""
@@ -1500,22 +1717,45 @@ class AIResponder:
         return messages
 
     async def _think(self, messages: list[dict], turn: Turn, ready: trio.MemorySendChannel[Utterance],
-                     nursery: trio.Nursery) -> None:
+                     nursery: trio.Nursery, tools_called: set[str]) -> None:
         spoken: list[Utterance] = []
         self.history.append(("assistant", spoken))
         async with ready:
             try:
-                tokens = _marking(chat_tokens(self.client, self.settings, messages, self.tools_called), turn)
+                tokens = _marking(without_reasoning(self._chat(messages, tools_called)), turn)
                 async with aclosing(speakable_pieces(tokens)) as pieces:
                     async for piece in pieces:
                         turn.mark("first_sentence")
                         await ready.send(self._utterance(piece, turn, nursery, spoken))
-                if not spoken and not self.tools_called:
+                if not spoken and not tools_called & {HANG_UP, TRANSFER_CALL}:
                     raise ProviderError("LLM: the reply was empty")
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error, error="llm")
                 if not spoken:  # never leave the caller in silence
                     await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken, "apology"))
+
+    async def _chat(self, messages: list[dict], tools_called: set[str]) -> AsyncIterator[str]:
+        """The model's reply, offered our tools if the model takes tools. One that
+        refuses them (HTTP 400) is asked again without, and never offered them again."""
+        def stream(tools: list[dict]):
+            return aclosing(chat_tokens(self.client, self.settings, messages, tools_called, tools))
+
+        try:
+            async with stream(self._tools() if self.model.takes_tools else []) as tokens:
+                async for token in tokens:
+                    yield token
+        except ToolsRefused as refusal:
+            if self.model.takes_tools:
+                self.model.takes_tools = False
+                self.log(logging.WARNING, "%s: asking without tools from now on (the model cannot end calls)",
+                         refusal, error="llm_no_tools")
+            async with stream([]) as tokens:
+                async for token in tokens:
+                    yield token
+
+    def _tools(self) -> list[dict]:
+        """What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it."""
+        return [HANG_UP_TOOL, TRANSFER_TOOL] if self.settings.transfer_number else [HANG_UP_TOOL]
 
     def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, spoken: list[Utterance],
                    label: str = "sentence") -> Utterance:
@@ -1561,12 +1801,13 @@ class AIAgent:
         self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
         # One client for the process: its connection pool keeps TLS sessions warm between turns.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s))
+        self.model = ChatModel()  # shared by every call: what one call learns, the next knows
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
         return DeepgramEars(self.settings, media_format, listener, log)
 
     def responder(self, log: CallLog) -> Responder:
-        return AIResponder(self.settings, self.client, log)
+        return AIResponder(self.settings, self.client, log, self.model)
 
     async def aclose(self) -> None:
         await self.client.aclose()
