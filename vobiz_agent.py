@@ -124,6 +124,10 @@ class Settings:
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     max_calls: int = 50
+    # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
+    load_max_lag_ms: int = 100  # the event loop woke a timer this late, within the last few seconds
+    load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
+    load_max_behind_ms: int = 250  # a call reads its caller's audio this far behind real time
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
@@ -147,6 +151,9 @@ class Settings:
             **_ai_settings(env, defaults),
             **_trust_settings(env, defaults),
             max_calls=_number("MAX_CALLS", env, defaults.max_calls, 1, 100_000),
+            load_max_lag_ms=_number("LOAD_MAX_LAG_MS", env, defaults.load_max_lag_ms, 1, 60_000),
+            load_max_cpu=_number("LOAD_MAX_CPU", env, defaults.load_max_cpu, 0.01, 64.0),
+            load_max_behind_ms=_number("LOAD_MAX_BEHIND_MS", env, defaults.load_max_behind_ms, 1, 60_000),
             offline_max_turns=_number("OFFLINE_MAX_TURNS", env, defaults.offline_max_turns, 1, 10_000),
             offline_silence_s=_number("OFFLINE_SILENCE_S", env, defaults.offline_silence_s, 1, 86_400),
             idle_timeout_s=_number("IDLE_TIMEOUT_S", env, defaults.idle_timeout_s, 1, 3600),
@@ -1278,7 +1285,13 @@ class AIAgent:
         self.settings = settings
         self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
         # One client for the process: its connection pool keeps TLS sessions warm between turns.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s))
+        # Sized to the calls: each may stream one LLM reply and two sentences of speech at once
+        # (httpx's default of 100, shared, makes the 34th call's speech wait for a connection),
+        # and keeps that many warm (the default keeps 20: the rest redo TCP and TLS every turn).
+        streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s),
+                                        limits=httpx.Limits(max_connections=streams,
+                                                            max_keepalive_connections=streams))
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
         return DeepgramEars(self.settings, media_format, listener, log)
@@ -1306,9 +1319,16 @@ class Socket(Protocol):
 
 
 class Call:
-    # Keep about 80 ms queued at Vobiz: enough to ride out network jitter, and
-    # little enough that a barge-in has almost nothing to flush.
+    # Keep at least 80 ms queued at Vobiz: enough to ride out network jitter.
+    # When our own wake-ups come late (a busy event loop), the lead grows to
+    # cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
+    # excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
+    # flushes whatever is queued with one clearAudio, so a larger lead does
+    # not mean the agent talks over the caller for longer.
     LEAD_S = 0.08
+    LEAD_MAX_S = 0.40
+    LEAD_HALF_LIFE_S = 2.0
+    LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
@@ -1330,6 +1350,9 @@ class Call:
         self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
         self.play_clock = 0.0  # when Vobiz will have played everything we sent
+        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
+        self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
+        self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
         self.turn: Turn | None = None  # the turn being answered, for its latency marks
         self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
         self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
@@ -1411,6 +1434,7 @@ class Call:
         self.start = start
         self.responder, self.resumed = self.switchboard.conversation(start.call_id, self.log)
         self.outbound = Outbound(start.stream_id)
+        self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
@@ -1424,6 +1448,15 @@ class Call:
             raise BadFrame("length", f"media payload of {len(payload)} bytes is not whole samples")
         self.ears.hear(payload)
         self.media_flowing.set()
+        self.caller_audio_s += len(payload) / self.caller_bytes_per_s
+        self.caller_audio_origin = min(self.caller_audio_origin, self.last_frame - self.caller_audio_s)
+
+    def behind_s(self) -> float:
+        """How far behind real time we read the caller's audio (Vobiz sends it in real
+        time, so the best time we ever read it at is the on-time mark)."""
+        if not self.caller_audio_s:
+            return 0.0
+        return self.last_frame - self.caller_audio_s - self.caller_audio_origin
 
     # What the ears report (the Listener side of the seam).
 
@@ -1543,7 +1576,7 @@ class Call:
             if waited.cancelled_caught:
                 self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
                 self.cleared.set()
-        # Real time with a small lead: Vobiz queues what we send, and everything
+        # Real time with a lead: Vobiz queues what we send, and everything
         # queued is what a barge-in must flush, so don't send in a burst.
         starts = max(self.play_clock, trio.current_time())
         self.play_clock = starts + FRAME_SECONDS
@@ -1552,7 +1585,19 @@ class Call:
             self.turn.mark("first_frame_sent")
             self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
         self.counts["frames"] += 1
-        await trio.sleep_until(self.play_clock - self.LEAD_S)
+        await self._pace()
+
+    async def _pace(self) -> None:
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per
+        wake-up (half the timers of one per frame), and how late the wake-up
+        comes sets the lead: the next stall of that size is covered."""
+        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
+        wake = self.play_clock - self.lead
+        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
+            return  # less than lead + 1.5 frames queued: send the next frame now
+        await trio.sleep_until(wake)
+        late = trio.current_time() - wake
+        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + late))
 
     async def send(self, message: str) -> None:
         try:
@@ -1621,12 +1666,16 @@ class Metrics:
 
     def __init__(self) -> None:
         self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.gauges: dict[str, float] = {}
         self.latency_buckets = [0] * len(self.LATENCY_BUCKETS_S)
         self.latency_sum = 0.0
         self.latency_count = 0
 
     def count(self, name: str, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += 1
+
+    def set_gauge(self, name: str, value: float) -> None:
+        self.gauges[name] = value
 
     def observe_turn_latency(self, seconds: float) -> None:
         for i, bound in enumerate(self.LATENCY_BUCKETS_S):
@@ -1640,6 +1689,8 @@ class Metrics:
             "# TYPE vobiz_agent_calls_live gauge", f"vobiz_agent_calls_live {live_calls}",
             "# TYPE vobiz_agent_draining gauge", f"vobiz_agent_draining {int(draining)}",
         ]
+        for name, value in sorted(self.gauges.items()):
+            lines += [f"# TYPE vobiz_agent_{name} gauge", f"vobiz_agent_{name} {value:.6g}"]
         for name in sorted({name for name, _ in self.counters}):
             lines.append(f"# TYPE vobiz_agent_{name} counter")
             for (each, labels), value in sorted(self.counters.items()):
@@ -1660,6 +1711,74 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
+class LoadMonitor:
+    """How loaded this process is, measured: what admission decides on, and /health shows.
+
+    Past one core's capacity every live call degrades at once (gappy audio,
+    late replies), so a new call must be refused *before* that. Three measures:
+    - lag: a tiny task asks to wake every TICK_S and notes how late it woke.
+      Every call's timers and frames wait in the same queue, so they are that
+      late too. The figure is the worst of the last WINDOW_S.
+    - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
+      as a share of one core.
+    - behind: how far the slowest call is behind in reading its caller's audio
+      (Vobiz sends it in real time, so a backlog means we are not keeping up).
+    """
+
+    TICK_S = 0.05
+    WINDOW_S = 3.0
+
+    def __init__(self, settings: Settings, calls: set[Call], metrics: Metrics):
+        self.settings, self.calls, self.metrics = settings, calls, metrics
+        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
+        self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
+        self.lag_s = self.cpu = self.behind_s = 0.0
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self.scope:
+            next_sample = trio.current_time()
+            while True:
+                due = trio.current_time() + self.TICK_S
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                self.wakes.append((now, now - due))
+                if now >= next_sample:
+                    self.sample(now)
+                    next_sample = now + 0.5
+
+    def sample(self, now: float) -> None:
+        """Bring the figures up to date (twice a second) and publish them as gauges."""
+        while self.wakes and self.wakes[0][0] < now - self.WINDOW_S:
+            self.wakes.popleft()
+        self.lag_s = max((late for _, late in self.wakes), default=0.0)
+        self.cpu_samples.append((now, time.process_time()))
+        while self.cpu_samples[0][0] < now - self.WINDOW_S:
+            self.cpu_samples.popleft()
+        (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
+        self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
+        self.behind_s = max((call.behind_s() for call in self.calls), default=0.0)
+        self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
+        self.metrics.set_gauge("cpu_share", self.cpu)
+        self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
+
+    def overload(self) -> str | None:
+        """Why the measured load leaves no room for one more call, or None."""
+        settings, calls = self.settings, len(self.calls)
+        if self.lag_s * 1000 > settings.load_max_lag_ms:
+            return "overloaded: event loop late"
+        # What one more call would add: the live calls' average share.
+        if self.cpu * (calls + 1) / max(calls, 1) > settings.load_max_cpu:
+            return "overloaded: CPU"
+        if self.behind_s * 1000 > settings.load_max_behind_ms:
+            return "overloaded: calls behind"
+        return None
+
+    def figures(self) -> dict[str, float]:
+        return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
+                "inbound_behind_ms": round(self.behind_s * 1000, 1)}
+
+
 class Switchboard:
     """What the calls of one process share: the agent, the live calls, their
     conversations (kept a while after a socket closes, so a Vobiz reconnect
@@ -1675,6 +1794,7 @@ class Switchboard:
         self.emptied.set()
         self.conversations: dict[str, tuple[Responder, float]] = {}  # callId → (responder, last seen)
         self.metrics = Metrics()
+        self.load = LoadMonitor(settings, self.calls, self.metrics)
         self.draining = False
 
     def __len__(self) -> int:
@@ -1718,7 +1838,7 @@ class Switchboard:
             return "draining"
         if len(self.calls) >= self.settings.max_calls:
             return "busy"
-        return None
+        return self.load.overload()
 
     async def drain(self) -> None:
         """Stop taking calls, let live ones finish, then end the rest politely."""
@@ -1756,6 +1876,7 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
     app.add_websocket("/ws/<call_id>/<token>", view_func=media_stream)
+    app.before_serving(start_load_monitor)
     app.after_serving(release_agent)
     return app
 
@@ -1812,9 +1933,11 @@ async def stream_status() -> Response:
 
 async def health() -> tuple[dict, int]:
     switchboard = current_app.switchboard
+    # Overloaded is still 200: the process is healthy, it only takes no new calls for now.
+    load = {**switchboard.load.figures(), "refusing": switchboard.load.overload()}
     if switchboard.draining:
-        return {"status": "draining", "calls": len(switchboard)}, 503
-    return {"status": "ok", "calls": len(switchboard)}, 200
+        return {"status": "draining", "calls": len(switchboard), "load": load}, 503
+    return {"status": "ok", "calls": len(switchboard), "load": load}, 200
 
 
 async def prometheus_metrics() -> Response:
@@ -1823,7 +1946,12 @@ async def prometheus_metrics() -> Response:
     return Response(text, content_type="text/plain; version=0.0.4")
 
 
+async def start_load_monitor() -> None:
+    current_app.add_background_task(current_app.switchboard.load.run)
+
+
 async def release_agent() -> None:
+    current_app.switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
     await current_app.switchboard.agent.aclose()
 
 
