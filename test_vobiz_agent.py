@@ -119,6 +119,7 @@ class SimulatedVobiz:
         self.tick = 0
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
+        self.utterance_ends: list[int] = []  # len(audio_arrivals) when each checkpoint arrived
         self.to_say: deque[bytes] = deque()  # caller PCM, one 20 ms frame each
         self.said_ticks: list[int] = []  # ticks that carried caller speech
         self.queue: deque[bytes | str] = deque()  # playAudio frames and checkpoint names
@@ -163,6 +164,30 @@ class SimulatedVobiz:
 
     def event_ticks(self, name: str) -> list[int]:
         return [tick for tick, message in self.events if message.get("event") == name]
+
+    # Playout in real time, read off arrival times: what a phone hears even when this
+    # process (the simulator too) was stalled and its tick clock had to catch up.
+
+    JITTER_BUFFER_S = TICK  # playing an utterance starts this long after its first frame arrives
+
+    def utterances(self) -> list[list[float]]:
+        """Arrival times of the frames of each utterance the agent finished (sent its checkpoint)."""
+        starts = [0, *self.utterance_ends]
+        return [self.audio_arrivals[a:b] for a, b in zip(starts, self.utterance_ends) if b > a]
+
+    def playout(self, arrivals: list[float]) -> list[tuple[float, float]]:
+        """(arrived, seconds already queued ahead of it) per frame; queued < 0: an underrun,
+        the caller heard a gap before this frame."""
+        played_until, result = arrivals[0] + self.JITTER_BUFFER_S, []
+        for arrived in arrivals:
+            result.append((arrived, played_until - arrived))
+            played_until = max(played_until, arrived) + TICK
+        return result
+
+    def underruns(self, since: float = 0.0) -> int:
+        """Frames (arrived after `since`) that came after everything before them had played."""
+        return sum(queued < 0 and arrived > since
+                   for frames in self.utterances() for arrived, queued in self.playout(frames))
 
     # The wire.
 
@@ -258,8 +283,10 @@ class SimulatedVobiz:
             return
         self.events.append((self.tick, message))
         if event == "checkpoint":
+            self.utterance_ends.append(len(self.audio_arrivals))
             self.queue.append(message["name"])
         elif event == "clearAudio":
+            self.utterance_ends.append(len(self.audio_arrivals))  # what was cut short is one, too
             self.queue.clear()  # queued audio and checkpoints are void: never played, never acked
             if self.answers_clear:
                 self.clearing = True
@@ -1852,3 +1879,83 @@ async def test_the_offline_agent_says_goodbye_to_a_silent_line(nursery, caplog):
     assert [name.split("-")[0] for name in vobiz.played_names] == ["greeting", "goodbye"]
     assert vobiz.event_ticks("stop")
     assert any("ended by agent" in r.getMessage() for r in caplog.records)
+
+
+# ── Load: admission by measured load, a playout that rides out a busy loop (issue 12) ──
+
+
+def hog_the_loop(seconds: float) -> None:
+    """A real busy loop: nothing else in this process (server, simulator) runs meanwhile."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def health_until(server: Server, predicate, stall_s: float) -> dict:
+    """Stall the loop for `stall_s` at a time until /health's load satisfies `predicate`."""
+    with trio.fail_after(15):
+        while not predicate((health := (await server.get("/health")).json())["load"]):
+            hog_the_loop(stall_s)
+            await trio.sleep(0)
+    return health
+
+
+@pytest.mark.parametrize("setting, stall_s, pause_s, reason", [
+    ({"load_max_lag_ms": 40}, 0.1, 0.0, "overloaded: event loop late"),
+    ({"load_max_lag_ms": 60_000, "load_max_cpu": 0.3}, 0.03, 0.005, "overloaded: CPU"),
+])
+async def test_over_the_load_threshold_new_calls_hear_busy_and_the_reason_is_counted(
+        nursery, setting, stall_s, pause_s, reason):
+    server = await start_server(nursery, **setting)
+    assert (await server.get("/health")).json()["load"]["refusing"] is None
+    with trio.fail_after(15):
+        while (await server.get("/health")).json()["load"]["refusing"] != reason:
+            hog_the_loop(stall_s)  # busy most of the time: late timers, a core's worth of CPU
+            await trio.sleep(pause_s)
+        response = await server.post("/answer", data={"CallUUID": "one-too-many"})
+    assert response.content == vobiz_agent.busy_xml()
+    metrics = (await server.get("/metrics")).text
+    assert f'vobiz_agent_calls_refused_total{{reason="{reason}"}} 1' in metrics
+    assert "vobiz_agent_event_loop_lag_seconds " in metrics and "vobiz_agent_cpu_share " in metrics
+    load = (await server.get("/health")).json()["load"]
+    assert load["event_loop_lag_ms"] > 0 and load["cpu"] > 0.3
+
+
+async def test_the_lead_grows_while_the_loop_stalls_so_playout_has_no_gaps_then_shrinks(server):
+    words = speech(4.0, seed=90)
+    async with vobiz_call(server.url, limit_s=40) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(words)
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 200)) >= 10)  # the echo is playing
+        hog_the_loop(0.15)
+        first_stall_over = trio.current_time()
+        for _ in range(4):  # more stalls of the same size, while the echo goes on
+            await trio.sleep(0.6)
+            hog_the_loop(0.15)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # the echo ended
+        grown = max(queued for frames in vobiz.utterances()[1:] for _, queued in vobiz.playout(frames))
+        said = vobiz.say(speech(3.0, seed=91))  # a second echo, on a loop that is on time again
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+    assert vobiz.underruns(since=first_stall_over + 0.05) == 0  # the first stall alone may be heard
+    assert grown >= 0.15  # the lead covered a stall of that size
+    last_second = vobiz.playout(vobiz.utterances()[-1])[-50:]
+    assert max(queued for _, queued in last_second) < grown - 0.06  # it shrank back (towards 80-120 ms)
+
+
+async def test_barge_in_still_clears_at_once_with_a_grown_lead(server):
+    long_words, interruption = speech(4.0, seed=92), speech(0.6, seed=93)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(long_words)
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 200)) >= 10)
+        for _ in range(2):
+            hog_the_loop(0.2)
+            await trio.sleep(0.3)
+        onset = vobiz.say(interruption)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2 and vobiz.played_names[-1].startswith("echo"))
+    grown = max(queued for frames in vobiz.utterances()[1:2] for _, queued in vobiz.playout(frames))
+    cleared_at = vobiz.event_ticks("clearAudio")[0]
+    assert grown >= 0.2  # a lead of more than 200 ms was queued at Vobiz ...
+    assert len([t for t in vobiz.agent_ticks(onset) if t <= cleared_at]) <= 20  # ... and flushed at detection
+    assert vobiz.agent_ticks(cleared_at + 1)[0] > cleared_at + 5  # nothing of it played after clearAudio
+    assert resemblance(vobiz.agent_audio(cleared_at + 1, vobiz.tick), interruption) > 0.8

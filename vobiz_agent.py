@@ -1327,7 +1327,7 @@ class Call:
     # not mean the agent talks over the caller for longer.
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
-    LEAD_HALF_LIFE_S = 2.0
+    LEAD_HALF_LIFE_S = 1.0
     LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
@@ -1596,8 +1596,9 @@ class Call:
         if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
             return  # less than lead + 1.5 frames queued: send the next frame now
         await trio.sleep_until(wake)
+        # A stall delays the wake-up due in it by some of its length: cover half as much again.
         late = trio.current_time() - wake
-        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + late))
+        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
     async def send(self, message: str) -> None:
         try:
