@@ -70,6 +70,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -234,11 +235,13 @@ OFFLINE_ENV = {"DEEPGRAM_API_KEY": "", "OPENAI_API_KEY": ""}
 
 
 @contextmanager
-def server_process(**env: str) -> Iterator[tuple[int, str]]:
-    """vobiz_agent.py serving on loopback, pinned to SERVER_CORE: yields (pid, base URL)."""
+def server_process(traced: bool = False, **env: str) -> Iterator[tuple[int, str]]:
+    """vobiz_agent.py serving on loopback, pinned to SERVER_CORE: yields (pid, base URL).
+    `traced`: under tracemalloc, dumping a snapshot to SNAPSHOT_PATH.<n> at each SIGUSR1."""
     port = free_port()
     env = {**os.environ, "MAX_CALLS": "10000", "OFFLINE_MAX_TURNS": "10000", "IDLE_TIMEOUT_S": "60", **env}
-    command = ["taskset", "-c", str(SERVER_CORE), sys.executable, SERVER_SCRIPT,  # taskset execs: same pid
+    python = [sys.executable, "-X", "tracemalloc=12", "-c", TRACED_SERVER] if traced else [sys.executable]
+    command = ["taskset", "-c", str(SERVER_CORE), *python, SERVER_SCRIPT,  # taskset execs: same pid
                "--host", "127.0.0.1", "--port", str(port)]
     with open(SERVER_LOG, "wb") as log_file:  # the last server's log
         process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log_file)
@@ -653,12 +656,25 @@ def capacity() -> None:
             trio.run(offered, [2 * found], seconds, {}, single, False)
 
 
-MEMORY_CALLS = (10, 100, 250, 500, 1000)  # RSS is read after this many calls
-MEMORY_PARALLEL = 10
+MEMORY_CALLS = (17, 100, 300, 600)  # RSS is read after this many calls
+MEMORY_PARALLEL = 17
+SNAPSHOT_PATH = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_memory.snapshot")
+# The server under tracemalloc: the script, with a SIGUSR1 handler that writes a snapshot.
+TRACED_SERVER = """
+import gc, runpy, signal, sys, tracemalloc
+dumps = iter(range(1000))
+def dump(number, frame):
+    gc.collect()
+    tracemalloc.take_snapshot().dump(f"{SNAPSHOT_PATH}.{next(dumps)}")
+signal.signal(signal.SIGUSR1, dump)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""".replace("{SNAPSHOT_PATH}", SNAPSHOT_PATH.replace("\\", "/"))
 
 
 async def short_call(client: httpx.AsyncClient, url: str) -> bool:
-    """Answer, connect, start, five media frames, the greeting's first frame back, hang up."""
+    """Answer, connect, start, five media frames, the greeting's first frame back, hang up
+    (close the socket, then post to /hangup, as Vobiz does)."""
     vobiz = LoadedVobiz(client)
     media_url = await vobiz.answer(url)
     async with trio_websocket.open_websocket_url(media_url) as ws:
@@ -666,13 +682,28 @@ async def short_call(client: httpx.AsyncClient, url: str) -> bool:
         vobiz.ws = ws
         for vobiz.tick in range(1, 6):
             await vobiz._send_media()  # line noise, as the simulated Vobiz sends it
+        greeted = False
         with trio.move_on_after(5):
-            return json.loads(await ws.get_message())["event"] == "playAudio"
-    return False
+            greeted = json.loads(await ws.get_message())["event"] == "playAudio"
+    # Vobiz then tells the hangup URL that the call is over.
+    await client.post(url + "/hangup", data={"CallUUID": vobiz.call_id, "Event": "Hangup", "Duration": "1"})
+    return greeted
 
 
-async def rss_over_calls(pid: int, url: str) -> tuple[dict[int, float], int]:
-    """RSS (MB) after each count in MEMORY_CALLS of short calls, MEMORY_PARALLEL at a time; failures."""
+async def snapshot(pid: int, number: int) -> None:
+    """Ask the traced server for snapshot `number`, and wait until it is written."""
+    path = f"{SNAPSHOT_PATH}.{number}"
+    with suppress(FileNotFoundError):
+        os.remove(path)
+    os.kill(pid, signal.SIGUSR1)
+    with trio.fail_after(60):
+        while not os.path.exists(path) or time.time() - os.path.getmtime(path) < 1:
+            await trio.sleep(0.2)
+
+
+async def rss_over_calls(pid: int, url: str, traced: bool) -> tuple[dict[int, float], int]:
+    """RSS (MB) after each count in MEMORY_CALLS of short calls, MEMORY_PARALLEL at a time; failures.
+    Traced: a tracemalloc snapshot at each count too."""
     rss, outcomes = {}, []
 
     async def one(client: httpx.AsyncClient) -> None:
@@ -689,19 +720,38 @@ async def rss_over_calls(pid: int, url: str) -> tuple[dict[int, float], int]:
                         nursery.start_soon(one, client)
             await until_idle(url, client)
             rss[target] = rss_mb(pid)
+            if traced:
+                await snapshot(pid, MEMORY_CALLS.index(target))
     return rss, outcomes.count(False)
 
 
+def print_growth(first: int, last: int) -> None:
+    """Where traced memory grew between two snapshots, by allocating line (with its callers)."""
+    import tracemalloc
+    old, new = (tracemalloc.Snapshot.load(f"{SNAPSHOT_PATH}.{MEMORY_CALLS.index(n)}") for n in (first, last))
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>")]
+    old, new = old.filter_traces(ignore), new.filter_traces(ignore)
+    total = sum(s.size for s in new.statistics("filename")) - sum(s.size for s in old.statistics("filename"))
+    print(f"   traced (Python objects) from {first} to {last} calls: {total / 1024:+.0f} kB; the largest growth:")
+    for stat in new.compare_to(old, "traceback")[:8]:
+        frames = [f"{os.path.basename(frame.filename)}:{frame.lineno}" for frame in reversed(stat.traceback)]
+        print(f"   {stat.size_diff / 1024:+8.1f} kB {stat.count_diff:+6d} blocks  " + " ← ".join(frames[:4]))
+
+
 def memory() -> None:
+    traced = "--trace" in sys.argv
     print(f"== memory: server RSS over {MEMORY_CALLS[-1]:,} short calls to the offline agent "
-          f"({MEMORY_PARALLEL} at a time: answer, start, 5 media frames, first greeting frame, hang-up)")
-    with server_process(**OFFLINE_ENV) as (pid, url):
+          f"({MEMORY_PARALLEL} at a time: answer, start, 5 media frames, first greeting frame, hang-up)"
+          + (", under tracemalloc" if traced else ""))
+    with server_process(traced, **OFFLINE_ENV, **ADMISSION_OFF) as (pid, url):
         started = rss_mb(pid)
-        rss, failed = trio.run(rss_over_calls, pid, url)
+        rss, failed = trio.run(rss_over_calls, pid, url, traced)
     print(f"   at start {started:.1f} MB; " + ", ".join(f"after {n:,}: {mb:.1f} MB" for n, mb in rss.items()))
     first, last = MEMORY_CALLS[0], MEMORY_CALLS[-1]
     print(f"   growth from {first} to {last:,} calls: {rss[last] - rss[first]:+.1f} MB "
           f"({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); failed calls: {failed}")
+    if traced:
+        print_growth(MEMORY_CALLS[1], last)
 
 
 PROFILE_CALLS, PROFILE_SECONDS, PROFILE_RATE = 25, 10, 100

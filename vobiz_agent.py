@@ -1432,7 +1432,9 @@ class Call:
             self.nursery.cancel_scope.cancel()
             return
         self.start = start
-        self.responder, self.resumed = self.switchboard.conversation(start.call_id, self.log)
+        # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
+        detached_log = partial(log_for_call, self.label, self.switchboard.metrics)
+        self.responder, self.resumed = self.switchboard.conversation(start.call_id, detached_log)
         self.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
@@ -1610,9 +1612,7 @@ class Call:
 
     def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
-        log.log(level, "call %s: " + message, self.label, *args)
-        if error:
-            self.switchboard.metrics.count("errors_total", kind=error)
+        log_for_call(self.label, self.switchboard.metrics, level, message, *args, error=error)
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
@@ -1648,6 +1648,13 @@ class Call:
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
                  self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
+
+
+def log_for_call(label: str, metrics: Metrics, level: int, message: str, *args: object,
+                 error: str | None = None) -> None:
+    log.log(level, "call %s: " + message, label, *args)
+    if error:
+        metrics.count("errors_total", kind=error)
 
 
 def _clean(value: object, limit: int = 120) -> str:
@@ -1794,6 +1801,7 @@ class Switchboard:
         self.emptied = trio.Event()
         self.emptied.set()
         self.conversations: dict[str, tuple[Responder, float]] = {}  # callId → (responder, last seen)
+        self.hung_up: set[str] = set()  # live calls Vobiz has told us are over
         self.metrics = Metrics()
         self.load = LoadMonitor(settings, self.calls, self.metrics)
         self.draining = False
@@ -1808,10 +1816,34 @@ class Switchboard:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
-        if call.responder is not None:
-            self.conversations[call.call_id] = (call.responder, trio.current_time())
+        now = trio.current_time()
+        self._forget_stale(now)
+        # Only a socket that closed on us may come back; a call we ended, that a stop ended,
+        # or that Vobiz already said is over (its hangup webhook may come first) may not.
+        over = call.call_id in self.hung_up
+        self.hung_up.discard(call.call_id)
+        if call.responder is not None and call.ended_by == "hang-up" and not over:
+            self.conversations[call.call_id] = (call.responder, now)
+        else:
+            self.forget(call.call_id)
         if not self.calls:
             self.emptied.set()
+
+    def forget(self, call_id: str) -> None:
+        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
+        if any(c.call_id == call_id for c in self.calls):
+            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
+        else:
+            self.conversations.pop(call_id, None)
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop conversations unseen for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
+        live = {c.call_id for c in self.calls}
+        for old_id, (_, seen) in list(self.conversations.items()):
+            if seen >= now - self.RESUME_WINDOW_S:
+                break
+            if old_id not in live:
+                del self.conversations[old_id]
 
     async def wait_until_empty(self) -> None:
         await self.emptied.wait()
@@ -1822,11 +1854,9 @@ class Switchboard:
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
         """The call's responder: the one it had before a reconnect, or a new one."""
         now = trio.current_time()
-        for old_id, (_, seen) in list(self.conversations.items()):
-            if seen < now - self.RESUME_WINDOW_S and not any(c.call_id == old_id for c in self.calls):
-                del self.conversations[old_id]
+        self._forget_stale(now)
         if call_id in self.conversations:
-            responder, _ = self.conversations[call_id]
+            responder, _ = self.conversations.pop(call_id)  # re-inserted last: the dict stays in time order
             resumed = True
         else:
             responder, resumed = self.agent.responder(log), False
@@ -1901,6 +1931,7 @@ async def answer() -> Response:
     switchboard, params = current_app.switchboard, await _webhook_params()
     if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
         _log_hangup(params)
+        switchboard.forget(params.get("CallUUID", ""))
         return _xml(empty_xml())
     call_id = params.get("CallUUID", "")
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
@@ -1920,7 +1951,9 @@ async def answer() -> Response:
 
 
 async def hangup() -> Response:
-    _log_hangup(await _webhook_params())
+    params = await _webhook_params()
+    _log_hangup(params)
+    current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
     return Response("", 200)
 
 
