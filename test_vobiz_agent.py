@@ -119,7 +119,8 @@ class SimulatedVobiz:
         self.tick = 0
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
-        self.utterance_ends: list[int] = []  # len(audio_arrivals) when each checkpoint arrived
+        self.utterance_ends: list[int] = []  # len(audio_arrivals) at each checkpoint (and clearAudio)
+        self.clears: list[int] = []  # len(audio_arrivals) at each clearAudio
         self.to_say: deque[bytes] = deque()  # caller PCM, one 20 ms frame each
         self.said_ticks: list[int] = []  # ticks that carried caller speech
         self.queue: deque[bytes | str] = deque()  # playAudio frames and checkpoint names
@@ -170,24 +171,29 @@ class SimulatedVobiz:
 
     JITTER_BUFFER_S = TICK  # playing an utterance starts this long after its first frame arrives
 
-    def utterances(self) -> list[list[float]]:
-        """Arrival times of the frames of each utterance the agent finished (sent its checkpoint)."""
-        starts = [0, *self.utterance_ends]
-        return [self.audio_arrivals[a:b] for a, b in zip(starts, self.utterance_ends) if b > a]
-
-    def playout(self, arrivals: list[float]) -> list[tuple[float, float]]:
-        """(arrived, seconds already queued ahead of it) per frame; queued < 0: an underrun,
-        the caller heard a gap before this frame."""
-        played_until, result = arrivals[0] + self.JITTER_BUFFER_S, []
-        for arrived in arrivals:
+    def playout(self) -> list[tuple[float, float]]:
+        """(arrived, seconds of audio queued ahead of it) for every agent frame. Utterances play
+        back to back; one that finds the queue empty starts JITTER_BUFFER_S after its first
+        frame arrives; clearAudio empties the queue. queued < 0: an underrun, the caller heard
+        a gap before this frame, in the middle of an utterance."""
+        starts, clears = {0, *self.utterance_ends}, set(self.clears)
+        played_until, result = -math.inf, []
+        for i, arrived in enumerate(self.audio_arrivals):
+            if i in clears:
+                played_until = -math.inf
+            if i in starts and played_until < arrived:
+                played_until = arrived + self.JITTER_BUFFER_S
             result.append((arrived, played_until - arrived))
             played_until = max(played_until, arrived) + TICK
         return result
 
     def underruns(self, since: float = 0.0) -> int:
         """Frames (arrived after `since`) that came after everything before them had played."""
-        return sum(queued < 0 and arrived > since
-                   for frames in self.utterances() for arrived, queued in self.playout(frames))
+        return sum(queued < 0 and arrived > since for arrived, queued in self.playout())
+
+    def queued(self, start: float, end: float = math.inf) -> list[float]:
+        """Seconds queued ahead of each frame that arrived between `start` and `end`."""
+        return [queued for arrived, queued in self.playout() if start <= arrived <= end]
 
     # The wire.
 
@@ -287,6 +293,7 @@ class SimulatedVobiz:
             self.queue.append(message["name"])
         elif event == "clearAudio":
             self.utterance_ends.append(len(self.audio_arrivals))  # what was cut short is one, too
+            self.clears.append(len(self.audio_arrivals))
             self.queue.clear()  # queued audio and checkpoints are void: never played, never acked
             if self.answers_clear:
                 self.clearing = True
@@ -1933,13 +1940,13 @@ async def test_the_lead_grows_while_the_loop_stalls_so_playout_has_no_gaps_then_
             await trio.sleep(0.6)
             hog_the_loop(0.15)
         await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # the echo ended
-        grown = max(queued for frames in vobiz.utterances()[1:] for _, queued in vobiz.playout(frames))
         said = vobiz.say(speech(3.0, seed=91))  # a second echo, on a loop that is on time again
         await vobiz.until(lambda: len(vobiz.played_names) >= 3)
     assert vobiz.underruns(since=first_stall_over + 0.05) == 0  # the first stall alone may be heard
+    grown = max(vobiz.queued(first_stall_over))
     assert grown >= 0.15  # the lead covered a stall of that size
-    last_second = vobiz.playout(vobiz.utterances()[-1])[-50:]
-    assert max(queued for _, queued in last_second) < grown - 0.06  # it shrank back (towards 80-120 ms)
+    last_second = vobiz.queued(vobiz.audio_arrivals[-50])
+    assert max(last_second) < grown - 0.06  # it shrank back (towards 80-120 ms)
 
 
 async def test_barge_in_still_clears_at_once_with_a_grown_lead(server):
@@ -1953,8 +1960,8 @@ async def test_barge_in_still_clears_at_once_with_a_grown_lead(server):
             await trio.sleep(0.3)
         onset = vobiz.say(interruption)
         await vobiz.until(lambda: len(vobiz.played_names) >= 2 and vobiz.played_names[-1].startswith("echo"))
-    grown = max(queued for frames in vobiz.utterances()[1:2] for _, queued in vobiz.playout(frames))
     cleared_at = vobiz.event_ticks("clearAudio")[0]
+    grown = max(vobiz.queued(0, vobiz.audio_arrivals[vobiz.clears[0] - 1]))
     assert grown >= 0.2  # a lead of more than 200 ms was queued at Vobiz ...
     assert len([t for t in vobiz.agent_ticks(onset) if t <= cleared_at]) <= 20  # ... and flushed at detection
     assert vobiz.agent_ticks(cleared_at + 1)[0] > cleared_at + 5  # nothing of it played after clearAudio
