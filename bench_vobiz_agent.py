@@ -521,10 +521,19 @@ async def cpu_window(pid: int, start: float, stop: float, figures: dict) -> None
     figures.update(server_cpu=server, load_cpu=own, others=others)
 
 
+async def server_lag(client: httpx.AsyncClient, base_url: str, start: float, lags: list[float]) -> None:
+    """The server's own event-loop lag (its load monitor's, worst of the last seconds), from /health."""
+    await trio.sleep_until(start)
+    while True:
+        with suppress(httpx.HTTPError, KeyError, ValueError):
+            lags.append((await client.get(base_url + "/health")).json()["load"]["event_loop_lag_ms"] / 1000)
+        await trio.sleep(1.0)
+
+
 async def load_step(base_url: str, pid: int, calls: int, seconds: float, deepgram: TimedDeepgram) -> dict:
     """`calls` callers offered over RAMP_S, talking for about `seconds` more; the figures of what they heard.
     CPU is measured while all of them are in their calls: from the end of the ramp to `seconds` later."""
-    load, lags, figures = Load(), [], {"calls": calls}
+    load, lags, server_lags, figures = Load(), [], [], {"calls": calls}
     deepgram.delays, deepgram.known = load.inbound, load.known
     began = trio.current_time()
     stop = began + RAMP_S + seconds
@@ -534,12 +543,13 @@ async def load_step(base_url: str, pid: int, calls: int, seconds: float, deepgra
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop_lag, lags, load.stalls)
             nursery.start_soon(cpu_window, pid, began + RAMP_S, stop, figures)
+            nursery.start_soon(server_lag, client, base_url, began + RAMP_S + 1, server_lags)
             async with trio.open_nursery() as callers:
                 for n in range(calls):
                     callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls, stop, load,
                                        random.Random(n))  # the same phrases and pauses every run
             nursery.cancel_scope.cancel()
-        figures.update(load_lag=max(lags), **load_figures(load))
+        figures.update(load_lag=max(lags), server_lag=max(server_lags, default=math.nan), **load_figures(load))
         figures["refusals"] = refusals((await client.get(base_url + "/metrics")).text)
         await until_idle(base_url, client)
     return figures
@@ -627,7 +637,7 @@ async def offered(steps: list[int], seconds: float, admission: dict[str, str], s
 
 
 CAPACITY_HEADER = ("offered admitted refused  turns missed failed  underruns (calls)  turn p50   p90  "
-                   "inbound p50   p99   max   server CPU  per call-s  generator CPU, lag")
+                   "inbound p50   p99   max   server CPU  per call-s  lag  generator CPU, lag")
 
 
 def print_row(row: dict, passed: bool) -> None:
@@ -637,7 +647,7 @@ def print_row(row: dict, passed: bool) -> None:
     print(f"{row['calls']:7d} {row['admitted']:8d} {row['refused']:7d} {row['turns']:6d} {row['missed']:6d}"
           f" {row['failed']:6d} {row['underruns']:10d} ({row['underrun_calls']:3d})  {ms['turn_p50']:8.0f}"
           f" {ms['turn_p90']:5.0f}  {ms['in_p50']:11.0f} {ms['in_p99']:5.0f} {ms['in_max']:5.0f}"
-          f"   {row['server_cpu']:9.0%}  {per_call:6.1f} ms  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
+          f"   {row['server_cpu']:9.0%}  {per_call:6.1f} ms {row['server_lag'] * 1000:4.0f}  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
           f"  {'pass' if passed else 'FAIL'}"
           + ("  ← generator saturated" if row["load_cpu"] >= 0.9 else "")
           + (f"  (+{row['generator_underruns']} underruns read while the generator stalled)"

@@ -1728,7 +1728,10 @@ class LoadMonitor:
       Every call's timers and frames wait in the same queue, so they are that
       late too. The figure is the worst of the last WINDOW_S.
     - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
-      as a share of one core.
+      as a share of one core. A new call is admitted only if the CPU with
+      it, at the live calls' measured cost each, stays under the threshold.
+      Calls that began within the window have cost only part of it, so a
+      burst of new calls does not look cheap.
     - behind: how far the slowest call is behind in reading its caller's audio
       (Vobiz sends it in real time, so a backlog means we are not keeping up).
     """
@@ -1741,6 +1744,7 @@ class LoadMonitor:
         self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
         self.lag_s = self.cpu = self.behind_s = 0.0
+        self.cpu_per_call = 1 / settings.max_calls  # until measured: MAX_CALLS calls fill a core
         self.scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -1765,6 +1769,10 @@ class LoadMonitor:
             self.cpu_samples.popleft()
         (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
         self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
+        # How many calls the window's CPU was spent on: a call that began a second ago counts 1/3.
+        calls_in_window = sum(min(now - call.began, self.WINDOW_S) for call in self.calls) / self.WINDOW_S
+        if calls_in_window >= 1:
+            self.cpu_per_call = self.cpu / calls_in_window
         self.behind_s = max((call.behind_s() for call in self.calls), default=0.0)
         self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
         self.metrics.set_gauge("cpu_share", self.cpu)
@@ -1775,8 +1783,8 @@ class LoadMonitor:
         settings, calls = self.settings, len(self.calls)
         if self.lag_s * 1000 > settings.load_max_lag_ms:
             return "overloaded: event loop late"
-        # What one more call would add: the live calls' average share.
-        if self.cpu * (calls + 1) / max(calls, 1) > settings.load_max_cpu:
+        # The CPU now, or what the live calls will cost once none of them is new, plus one more call.
+        if max(self.cpu, self.cpu_per_call * calls) + self.cpu_per_call > settings.load_max_cpu:
             return "overloaded: CPU"
         if self.behind_s * 1000 > settings.load_max_behind_ms:
             return "overloaded: calls behind"
@@ -1784,7 +1792,7 @@ class LoadMonitor:
 
     def figures(self) -> dict[str, float]:
         return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
-                "inbound_behind_ms": round(self.behind_s * 1000, 1)}
+                "cpu_per_call": round(self.cpu_per_call, 4), "inbound_behind_ms": round(self.behind_s * 1000, 1)}
 
 
 class Switchboard:
