@@ -1729,9 +1729,10 @@ class LoadMonitor:
       late too. The figure is the worst of the last WINDOW_S.
     - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
       as a share of one core. A new call is admitted only if the CPU with
-      it, at the live calls' measured cost each, stays under the threshold.
-      Calls that began within the window have cost only part of it, so a
-      burst of new calls does not look cheap.
+      it stays under the threshold, counting every live call at the cost
+      per call last measured while most calls were settled (a call that
+      began within the window has cost only part of it): so a burst of new
+      calls does not look cheap. Until measured, MAX_CALLS calls fill a core.
     - behind: how far the slowest call is behind in reading its caller's audio
       (Vobiz sends it in real time, so a backlog means we are not keeping up).
     """
@@ -1745,6 +1746,7 @@ class LoadMonitor:
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
         self.lag_s = self.cpu = self.behind_s = 0.0
         self.cpu_per_call = 1 / settings.max_calls  # until measured: MAX_CALLS calls fill a core
+        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
         self.scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -1769,14 +1771,21 @@ class LoadMonitor:
             self.cpu_samples.popleft()
         (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
         self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
-        # How many calls the window's CPU was spent on: a call that began a second ago counts 1/3.
-        calls_in_window = sum(min(now - call.began, self.WINDOW_S) for call in self.calls) / self.WINDOW_S
-        if calls_in_window >= 1:
+        # How many calls the window's CPU was spent on: one live for a second of it counts 1/3.
+        while self.ended and self.ended[0][1] < now - self.WINDOW_S:
+            self.ended.popleft()
+        spans = [(call.began, now) for call in self.calls] + list(self.ended)
+        calls_in_window = sum(end - max(began, now - self.WINDOW_S) for began, end in spans) / self.WINDOW_S
+        new = sum(call.began > now - self.WINDOW_S for call in self.calls)
+        if calls_in_window >= 1 and new <= len(self.calls) / 4:  # new calls cost more at first
             self.cpu_per_call = self.cpu / calls_in_window
         self.behind_s = max((call.behind_s() for call in self.calls), default=0.0)
         self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
         self.metrics.set_gauge("cpu_share", self.cpu)
         self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
+
+    def call_ended(self, call: Call) -> None:
+        self.ended.append((call.began, trio.current_time()))
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
@@ -1824,6 +1833,7 @@ class Switchboard:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
+        self.load.call_ended(call)
         now = trio.current_time()
         self._forget_stale(now)
         # Only a socket that closed on us may come back; a call we ended, that a stop ended,
