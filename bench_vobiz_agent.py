@@ -3,11 +3,11 @@
     python bench_vobiz_agent.py            # audio, latency, capacity and memory (about 5 minutes)
     python bench_vobiz_agent.py audio      # just the audio chain
     python bench_vobiz_agent.py latency    # just the AI agent's turn latency and barge-in
-    python bench_vobiz_agent.py capacity   # concurrent calls per core, offline and AI agents
-    python bench_vobiz_agent.py memory     # server RSS over 1,000 short calls
-    python bench_vobiz_agent.py profile    # where the server's CPU goes under 40 calls (needs py-spy)
+    python bench_vobiz_agent.py capacity   # concurrent AI calls per core within the SLO, then overload
+    python bench_vobiz_agent.py memory     # server RSS over 600 short calls (--trace: tracemalloc)
+    python bench_vobiz_agent.py profile    # where the server's CPU goes under 25 AI calls (needs py-spy)
 
---quick (or BENCH_QUICK=1) shortens the capacity steps from 8 s to 4 s of calls.
+--quick (or BENCH_QUICK=1) shortens the capacity steps from 16 s to 8 s of calls.
 BENCH_SERVER_SCRIPT=/path/to/vobiz_agent.py measures another copy (capacity,
 memory, profile), to compare a change.
 
@@ -20,42 +20,40 @@ OpenAI stand-ins, all on loopback in one process. A turn's latency runs from
 the end of the caller's speech (the last voiced 20 ms frame Vobiz sent) to the
 first agent frame *heard*: played out at the simulated Vobiz.
 
-Capacity: `python vobiz_agent.py` as its own process, pinned to core 0
-(taskset); this process, pinned to core 1, is the load: N simulated Vobiz
-calls (the test suite's, 50 media frames a second each way), and for the AI
-agent the Deepgram and OpenAI stand-ins too, with no delays (the server gets
-their loopback URLs in DEEPGRAM_URL and OPENAI_BASE_URL). Each caller hears
-the greeting, then over and over: says a 1 s phrase, waits to hear the whole
-reply (offline: its own words; AI: the TTS tone of a one-sentence answer),
-pauses 0.2-1.5 s. N steps up (10, 20, 40, ...) until two steps in a row fail
-or one fails clearly. Per step, read off the agent frames' *arrival* times at
-the simulated Vobiz, utterance by utterance (an utterance's frames end at its
-checkpoint):
-  gap        the time between two consecutive frames of one utterance (p50,
-             p90, p99, max); paced at 20 ms, after a first burst of 80 ms.
-  underrun   a frame that arrives after Vobiz would have finished playing all
-             the frames before it: the caller hears a gap. The model: Vobiz
-             starts playing an utterance one frame (20 ms, JITTER_BUFFER_S)
-             after its first frame arrives, and plays 20 ms per frame; frame k
-             plays from max(its arrival, the end of frame k-1), and arriving
-             after the end of frame k-1 is an underrun. Counted in frames.
-             With the server's 80 ms lead, a frame must be some 100 ms behind
-             its schedule to underrun (40 ms for the first burst).
-  missed     turns with no reply heard within 10 s; failed: calls that raised,
-             broke the protocol, were hung up on, or heard no greeting or reply.
-  CPU        user + system time from /proc/<pid>/stat over the step, as a
-             share of one core: the server's, and this process's own (the
-             generator: if it nears 100% the figures are the generator's,
-             not the server's). "lag" is how late this process's event loop
-             woke a 5 ms sleeper at worst: arrival times are that uncertain.
-A step passes with gap p90 < 50 ms, no underrun and no failed call; the
-largest N whose step and all smaller ones passed is the capacity per core.
+Capacity: `python vobiz_agent.py` (the AI agent) as its own process, pinned to core 0
+(taskset); this process, pinned to core 1, is the load: N simulated Vobiz calls (the test
+suite's, 50 media frames a second each way) and the Deepgram and OpenAI stand-ins, with the
+issue's realistic delays: endpointing 300 ms, LLM first token 300 ms then 50 tokens/s, TTS
+first byte 150 ms, then 100 ms chunks of speech at twice real time (BENCH_TTS_CHUNK_S). A
+reply is three pieces (a first clause, two sentences: 5 s of speech). Each caller hears the
+greeting, then over and over: says a 1 s phrase, hears the whole reply, pauses 0.5-2 s. N
+steps up (1, 10, 20, 30, ...; BENCH_STEPS=1,25 to choose) with admission by load off, until
+two steps in a row fail the SLO. Per step:
+  admitted/refused  calls the server took, and those that heard "busy" (and why, from /metrics)
+  underruns  frames that reached Vobiz after everything before them had played: a gap the
+             caller hears (Vobiz's playout modelled as in the tests' simulator: utterances
+             play back to back, one that finds the queue empty starts 20 ms after its first
+             frame; BENCH_JITTER_MS). Frames read while this process's own loop was stalled
+             over 30 ms are counted apart (they may be the generator's fault, not the server's).
+  turn       end of the caller's speech (its last voiced frame sent) → the first reply frame
+             heard: p50 and p90. Floor: 750 ms of provider delays.
+  inbound    a caller frame sent by the simulated Vobiz → the same frame at the stand-in
+             speech-to-text (each call's line noise is its own, so frames are recognised).
+  CPU        server user + system time (/proc) while all callers are in, as a share of one
+             core and per call-second; "lag" is the server's own event-loop lag (its /health);
+             the generator's CPU and lag: if it nears 100% the figures are the generator's.
+The SLO (the issue's): no underrun in any call, inbound p99 ≤ 250 ms, turn p50 within +500 ms
+of a single call's, no failed call or missed reply. The largest N whose step and all smaller
+ones pass is the capacity per core. Then an overload step on a fresh server with admission by
+load at its default thresholds: half the capacity first (the server learns what a call costs),
+then twice the capacity offered at once; the admitted calls should stay within the SLO.
 
-Memory: the offline server as its own process; 1,000 short calls, 10 at a
-time (answer, connect, start, 5 media frames, the greeting's first frame,
-hang up); VmRSS from /proc/<pid>/status after 10, 100, 250, 500 and 1,000.
+Memory: the offline server as its own process; 600 short calls, 17 at a time (answer,
+connect, start, 5 media frames, the greeting's first frame, hang up and post /hangup);
+VmRSS from /proc/<pid>/status after 17, 100, 300 and 600. `memory --trace` runs the server
+under tracemalloc and prints where Python objects grew from 100 to 600 calls.
 
-Profile: py-spy samples the server (offline agent, 40 calls of the capacity
+Profile: py-spy samples the server (AI agent, 25 calls of the capacity
 load) for 10 s: own time by module and by function, and the time spent in
 vobiz_agent's per-message functions with everything they call.
 """
@@ -381,7 +379,7 @@ class _TimedSocket:
             self.tick += (residue - self.tick) % NOISE_PERIOD
         sent = self.vobiz.sent_at.get(self.tick) if self.vobiz else None
         start, end = self.deepgram.window
-        if sent is not None and sent > self.opened and start <= sent <= end:  # not audio queued while connecting
+        if sent is not None and sent > self.opened and start <= sent <= end:  # not audio queued at connect
             self.deepgram.delays.append(now - sent)
         self.tick += 1
 
@@ -549,7 +547,8 @@ async def load_step(base_url: str, pid: int, calls: int, seconds: float, deepgra
                     callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls, stop, load,
                                        random.Random(n))  # the same phrases and pauses every run
             nursery.cancel_scope.cancel()
-        figures.update(load_lag=max(lags), server_lag=max(server_lags, default=math.nan), **load_figures(load))
+        figures.update(load_lag=max(lags), server_lag=max(server_lags, default=math.nan),
+                       **load_figures(load))
         figures["refusals"] = refusals((await client.get(base_url + "/metrics")).text)
         await until_idle(base_url, client)
     return figures
@@ -647,7 +646,8 @@ def print_row(row: dict, passed: bool) -> None:
     print(f"{row['calls']:7d} {row['admitted']:8d} {row['refused']:7d} {row['turns']:6d} {row['missed']:6d}"
           f" {row['failed']:6d} {row['underruns']:10d} ({row['underrun_calls']:3d})  {ms['turn_p50']:8.0f}"
           f" {ms['turn_p90']:5.0f}  {ms['in_p50']:11.0f} {ms['in_p99']:5.0f} {ms['in_max']:5.0f}"
-          f"   {row['server_cpu']:9.0%}  {per_call:6.1f} ms {row['server_lag'] * 1000:4.0f}  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
+          f"   {row['server_cpu']:9.0%}  {per_call:6.1f} ms {row['server_lag'] * 1000:4.0f}"
+          f"  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
           f"  {'pass' if passed else 'FAIL'}"
           + ("  ← generator saturated" if row["load_cpu"] >= 0.9 else "")
           + (f"  (+{row['generator_underruns']} underruns read while the generator stalled)"

@@ -127,7 +127,7 @@ class Settings:
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
     load_max_lag_ms: int = 100  # the event loop woke a timer this late, within the last few seconds
     load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 250  # a call reads its caller's audio this far behind real time
+    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
@@ -1733,8 +1733,9 @@ class LoadMonitor:
       per call last measured while most calls were settled (a call that
       began within the window has cost only part of it): so a burst of new
       calls does not look cheap. Until measured, MAX_CALLS calls fill a core.
-    - behind: how far the slowest call is behind in reading its caller's audio
-      (Vobiz sends it in real time, so a backlog means we are not keeping up).
+    - behind: how far the calls are behind in reading their callers' audio
+      (Vobiz sends it in real time, so a backlog means we are not keeping up);
+      the median call's, so that one caller's bad network does not count.
     """
 
     TICK_S = 0.05
@@ -1779,9 +1780,11 @@ class LoadMonitor:
         new = sum(call.began > now - self.WINDOW_S for call in self.calls)
         if calls_in_window >= 1 and new <= len(self.calls) / 4:  # new calls cost more at first
             self.cpu_per_call = self.cpu / calls_in_window
-        self.behind_s = max((call.behind_s() for call in self.calls), default=0.0)
+        behind = sorted(call.behind_s() for call in self.calls)
+        self.behind_s = behind[len(behind) // 2] if behind else 0.0
         self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
         self.metrics.set_gauge("cpu_share", self.cpu)
+        self.metrics.set_gauge("cpu_share_per_call", self.cpu_per_call)
         self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
 
     def call_ended(self, call: Call) -> None:
@@ -1801,7 +1804,8 @@ class LoadMonitor:
 
     def figures(self) -> dict[str, float]:
         return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
-                "cpu_per_call": round(self.cpu_per_call, 4), "inbound_behind_ms": round(self.behind_s * 1000, 1)}
+                "cpu_per_call": round(self.cpu_per_call, 4),
+                "inbound_behind_ms": round(self.behind_s * 1000, 1)}
 
 
 class Switchboard:
