@@ -69,6 +69,7 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,11 +80,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 
 import httpx
 import trio
 import trio_websocket
+
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 
 import vobiz_agent
 from test_vobiz_agent import (
@@ -601,10 +605,44 @@ def passes(row: dict, single: dict) -> bool:
             and not row["missed"] and row["turn_p50"] <= single["turn_p50"] + TURN_P50_MARGIN_S)
 
 
+TLS = bool(os.environ.get("BENCH_TLS"))  # the stand-ins on wss:// and https://, as the real providers are
+
+
+@cache
+def tls_files() -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key: (certificate, key) paths."""
+    folder = tempfile.mkdtemp(prefix="bench_vobiz_agent_tls")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TlsDeepgram(TimedDeepgram):
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls_files())
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, context))
+            task_status.started(f"wss://127.0.0.1:{server.port}/v1/listen")
+
+
+class TlsOpenAI(OpenAIStandIn):
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        config.certfile, config.keyfile = tls_files()
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(serve, self._asgi, config, mode="asgi"))
+            task_status.started(urls[0] + "/v1")
+
+
 async def stand_ins(nursery: trio.Nursery) -> tuple[dict[str, str], TimedDeepgram]:
     """The Deepgram and OpenAI stand-ins with the realistic delays, in this process: the server's env."""
-    deepgram = TimedDeepgram([], endpointing_ms=ENDPOINTING_MS)
-    openai = OpenAIStandIn()
+    deepgram = (TlsDeepgram if TLS else TimedDeepgram)([], endpointing_ms=ENDPOINTING_MS)
+    openai = TlsOpenAI() if TLS else OpenAIStandIn()
     openai.replies = [AI_REPLY] * 100_000
     openai.first_token_delay, openai.token_interval = FIRST_TOKEN_S, TOKEN_S
     openai.tts_first_byte_delay = TTS_FIRST_BYTE_S
@@ -612,6 +650,8 @@ async def stand_ins(nursery: trio.Nursery) -> tuple[dict[str, str], TimedDeepgra
     openai.tts_interval = TTS_CHUNK_S / TTS_SPEED
     env = {"DEEPGRAM_API_KEY": "dg-bench", "DEEPGRAM_URL": await nursery.start(deepgram.serve),
            "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": await nursery.start(openai.serve)}
+    if TLS:
+        env["SSL_CERT_FILE"] = tls_files()[0]  # the server trusts the stand-ins' certificate
     return env, deepgram
 
 
