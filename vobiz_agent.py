@@ -125,9 +125,9 @@ class Settings:
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
     max_calls: int = 50
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
-    load_max_lag_ms: int = 100  # the event loop woke a timer this late, within the last few seconds
+    load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
     load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
+    load_max_behind_ms: int = 100  # the median call reads its caller's audio this far behind real time
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
@@ -1740,6 +1740,7 @@ class LoadMonitor:
 
     TICK_S = 0.05
     WINDOW_S = 3.0
+    LEARN_FROM_CALLS = 5
 
     def __init__(self, settings: Settings, calls: set[Call], metrics: Metrics):
         self.settings, self.calls, self.metrics = settings, calls, metrics
@@ -1775,11 +1776,15 @@ class LoadMonitor:
         # How many calls the window's CPU was spent on: one live for a second of it counts 1/3.
         while self.ended and self.ended[0][1] < now - self.WINDOW_S:
             self.ended.popleft()
-        spans = [(call.began, now) for call in self.calls] + list(self.ended)
-        calls_in_window = sum(end - max(began, now - self.WINDOW_S) for began, end in spans) / self.WINDOW_S
-        new = sum(call.began > now - self.WINDOW_S for call in self.calls)
-        if calls_in_window >= 1 and new <= len(self.calls) / 4:  # new calls cost more at first
-            self.cpu_per_call = self.cpu / calls_in_window
+        start = now - self.WINDOW_S
+        live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
+        gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
+        new = sum(call.began > start for call in self.calls)
+        # Learnt only from a window of settled calls: new ones cost more at first, a window of
+        # calls that have gone is mostly idle time, and a handful would each carry the process's
+        # own upkeep.
+        if live >= self.LEARN_FROM_CALLS and new <= len(self.calls) / 4 and gone <= live / 4:
+            self.cpu_per_call = self.cpu / (live + gone)
         behind = sorted(call.behind_s() for call in self.calls)
         self.behind_s = behind[len(behind) // 2] if behind else 0.0
         self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
