@@ -1580,9 +1580,11 @@ class Call:
                 self.cleared.set()
         # Real time with a lead: Vobiz queues what we send, and everything
         # queued is what a barge-in must flush, so don't send in a burst.
-        starts = max(self.play_clock, trio.current_time())
+        now = trio.current_time()
+        starts = max(self.play_clock, now)
         self.play_clock = starts + FRAME_SECONDS
         await self.send(self.outbound.play_audio(frame))
+        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
         if self.turn is not None and "first_frame_sent" not in self.turn.marks:
             self.turn.mark("first_frame_sent")
             self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
@@ -1598,8 +1600,10 @@ class Call:
         if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
             return  # less than lead + 1.5 frames queued: send the next frame now
         await trio.sleep_until(wake)
-        # A stall delays the wake-up due in it by some of its length: cover half as much again.
-        late = trio.current_time() - wake
+        self._follow_lateness(trio.current_time() - wake)
+
+    def _follow_lateness(self, late: float) -> None:
+        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
         self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
     async def send(self, message: str) -> None:
