@@ -3,11 +3,11 @@
     python bench_vobiz_agent.py            # audio, latency, capacity and memory (about 5 minutes)
     python bench_vobiz_agent.py audio      # just the audio chain
     python bench_vobiz_agent.py latency    # just the AI agent's turn latency and barge-in
-    python bench_vobiz_agent.py capacity   # concurrent calls per core, offline and AI agents
-    python bench_vobiz_agent.py memory     # server RSS over 1,000 short calls
-    python bench_vobiz_agent.py profile    # where the server's CPU goes under 40 calls (needs py-spy)
+    python bench_vobiz_agent.py capacity   # concurrent AI calls per core within the SLO, then overload
+    python bench_vobiz_agent.py memory     # server RSS over 600 short calls (--trace: tracemalloc)
+    python bench_vobiz_agent.py profile    # where the server's CPU goes under 25 AI calls (needs py-spy)
 
---quick (or BENCH_QUICK=1) shortens the capacity steps from 8 s to 4 s of calls.
+--quick (or BENCH_QUICK=1) shortens the capacity steps from 16 s to 8 s of calls.
 BENCH_SERVER_SCRIPT=/path/to/vobiz_agent.py measures another copy (capacity,
 memory, profile), to compare a change.
 
@@ -20,48 +20,47 @@ OpenAI stand-ins, all on loopback in one process. A turn's latency runs from
 the end of the caller's speech (the last voiced 20 ms frame Vobiz sent) to the
 first agent frame *heard*: played out at the simulated Vobiz.
 
-Capacity: `python vobiz_agent.py` as its own process, pinned to core 0
-(taskset); this process, pinned to core 1, is the load: N simulated Vobiz
-calls (the test suite's, 50 media frames a second each way), and for the AI
-agent the Deepgram and OpenAI stand-ins too, with no delays (the server gets
-their loopback URLs in DEEPGRAM_URL and OPENAI_BASE_URL). Each caller hears
-the greeting, then over and over: says a 1 s phrase, waits to hear the whole
-reply (offline: its own words; AI: the TTS tone of a one-sentence answer),
-pauses 0.2-1.5 s. N steps up (10, 20, 40, ...) until two steps in a row fail
-or one fails clearly. Per step, read off the agent frames' *arrival* times at
-the simulated Vobiz, utterance by utterance (an utterance's frames end at its
-checkpoint):
-  gap        the time between two consecutive frames of one utterance (p50,
-             p90, p99, max); paced at 20 ms, after a first burst of 80 ms.
-  underrun   a frame that arrives after Vobiz would have finished playing all
-             the frames before it: the caller hears a gap. The model: Vobiz
-             starts playing an utterance one frame (20 ms, JITTER_BUFFER_S)
-             after its first frame arrives, and plays 20 ms per frame; frame k
-             plays from max(its arrival, the end of frame k-1), and arriving
-             after the end of frame k-1 is an underrun. Counted in frames.
-             With the server's 80 ms lead, a frame must be some 100 ms behind
-             its schedule to underrun (40 ms for the first burst).
-  missed     turns with no reply heard within 10 s; failed: calls that raised,
-             broke the protocol, were hung up on, or heard no greeting or reply.
-  CPU        user + system time from /proc/<pid>/stat over the step, as a
-             share of one core: the server's, and this process's own (the
-             generator: if it nears 100% the figures are the generator's,
-             not the server's). "lag" is how late this process's event loop
-             woke a 5 ms sleeper at worst: arrival times are that uncertain.
-A step passes with gap p90 < 50 ms, no underrun and no failed call; the
-largest N whose step and all smaller ones passed is the capacity per core.
+Capacity: `python vobiz_agent.py` (the AI agent) as its own process, pinned to core 0
+(taskset); this process, pinned to core 1, is the load: N simulated Vobiz calls (the test
+suite's, 50 media frames a second each way) and the Deepgram and OpenAI stand-ins, with the
+issue's realistic delays: endpointing 300 ms, LLM first token 300 ms then 50 tokens/s, TTS
+first byte 150 ms, then 100 ms chunks of speech at twice real time (BENCH_TTS_CHUNK_S). A
+reply is three pieces (a first clause, two sentences: 5 s of speech). Each caller hears the
+greeting, then over and over: says a 1 s phrase, hears the whole reply, pauses 0.5-2 s. N
+steps up (1, 10, 20, 30, ...; BENCH_STEPS=1,25 to choose) with admission by load off, until
+two steps in a row fail the SLO. Per step:
+  admitted/refused  calls the server took, and those that heard "busy" (and why, from /metrics)
+  underruns  frames that reached Vobiz after everything before them had played: a gap the
+             caller hears (Vobiz's playout modelled as in the tests' simulator: utterances
+             play back to back, one that finds the queue empty starts 20 ms after its first
+             frame; BENCH_JITTER_MS). Frames read while this process's own loop was stalled
+             over 30 ms are counted apart (they may be the generator's fault, not the server's).
+  turn       end of the caller's speech (its last voiced frame sent) → the first reply frame
+             heard: p50 and p90. Floor: 750 ms of provider delays.
+  inbound    a caller frame sent by the simulated Vobiz → the same frame at the stand-in
+             speech-to-text (each call's line noise is its own, so frames are recognised).
+  CPU        server user + system time (/proc) while all callers are in, as a share of one
+             core and per call-second; "lag" is the server's own event-loop lag (its /health);
+             the generator's CPU and lag: if it nears 100% the figures are the generator's.
+The SLO (the issue's): no underrun in any call, inbound p99 ≤ 250 ms, turn p50 within +500 ms
+of a single call's, no failed call or missed reply. The largest N whose step and all smaller
+ones pass is the capacity per core. Then an overload step on a fresh server with admission by
+load at its default thresholds: half the capacity first (the server learns what a call costs),
+then twice the capacity offered at once; the admitted calls should stay within the SLO.
 
-Memory: the offline server as its own process; 1,000 short calls, 10 at a
-time (answer, connect, start, 5 media frames, the greeting's first frame,
-hang up); VmRSS from /proc/<pid>/status after 10, 100, 250, 500 and 1,000.
+Memory: the offline server as its own process; 600 short calls, 17 at a time (answer,
+connect, start, 5 media frames, the greeting's first frame, hang up and post /hangup);
+VmRSS from /proc/<pid>/status after 17, 100, 300 and 600. `memory --trace` runs the server
+under tracemalloc and prints where Python objects grew from 100 to 600 calls.
 
-Profile: py-spy samples the server (offline agent, 40 calls of the capacity
+Profile: py-spy samples the server (AI agent, 25 calls of the capacity
 load) for 10 s: own time by module and by function, and the time spent in
 vobiz_agent's per-message functions with everything they call.
 """
 
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import logging
@@ -69,6 +68,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,11 +80,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 
 import httpx
 import trio
 import trio_websocket
+
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 
 import vobiz_agent
 from test_vobiz_agent import (
@@ -233,11 +237,13 @@ OFFLINE_ENV = {"DEEPGRAM_API_KEY": "", "OPENAI_API_KEY": ""}
 
 
 @contextmanager
-def server_process(**env: str) -> Iterator[tuple[int, str]]:
-    """vobiz_agent.py serving on loopback, pinned to SERVER_CORE: yields (pid, base URL)."""
+def server_process(traced: bool = False, **env: str) -> Iterator[tuple[int, str]]:
+    """vobiz_agent.py serving on loopback, pinned to SERVER_CORE: yields (pid, base URL).
+    `traced`: under tracemalloc, dumping a snapshot to SNAPSHOT_PATH.<n> at each SIGUSR1."""
     port = free_port()
     env = {**os.environ, "MAX_CALLS": "10000", "OFFLINE_MAX_TURNS": "10000", "IDLE_TIMEOUT_S": "60", **env}
-    command = ["taskset", "-c", str(SERVER_CORE), sys.executable, SERVER_SCRIPT,  # taskset execs: same pid
+    python = [sys.executable, "-X", "tracemalloc=12", "-c", TRACED_SERVER] if traced else [sys.executable]
+    command = ["taskset", "-c", str(SERVER_CORE), *python, SERVER_SCRIPT,  # taskset execs: same pid
                "--host", "127.0.0.1", "--port", str(port)]
     with open(SERVER_LOG, "wb") as log_file:  # the last server's log
         process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log_file)
@@ -292,39 +298,102 @@ async def until_idle(url: str, client: httpx.AsyncClient, limit_s: float = 30) -
 
 
 CALL_NUMBERS = itertools.count()  # every call of a run gets its own CallUUID: no "reconnects"
+NOISE_PERIOD = 99  # the simulator's line noise repeats every 99 ticks (32,000 bytes, 320 a tick)
 
 
 class LoadedVobiz(SimulatedVobiz):
     """The test suite's simulated Vobiz as one call of many: it answers through a shared
-    HTTP client (a new client costs some 40 ms of CPU) and notes where utterances end."""
+    HTTP client (a new client costs some 40 ms of CPU), hears "busy" as a refusal, notes
+    when it sent each tick's media, and has line noise of its own, so that the stand-in
+    speech-to-text can tell which call a frame of audio came from."""
 
-    def __init__(self, client: httpx.AsyncClient):
+    # A phone starts playing an utterance this long after its first frame arrives when its
+    # queue is empty (the tests' simulator: one frame, 20 ms); BENCH_JITTER_MS to try others.
+    JITTER_BUFFER_S = float(os.environ.get("BENCH_JITTER_MS", "20")) / 1000
+
+    def __init__(self, client: httpx.AsyncClient, known: dict | None = None):
         number = next(CALL_NUMBERS)
         super().__init__(call_id=f"bench-{os.getpid()}-{number}", stream_id=f"stream-{number}")
         self.client = client
-        self.utterance_ends: list[int] = []  # len(audio_arrivals) when each checkpoint arrived
+        self.sent_at: dict[int, float] = {}  # tick → when its media frame went out
+        if known is not None:  # this call's noise, made known to the stand-in speech-to-text
+            noise = random.Random(number)
+            self.noise = array.array("h", (noise.randint(-40, 40) for _ in range(8000 * 2))).tobytes()
+            known.update(self.noise_frames())
 
-    async def answer(self, base_url: str, method: str = "POST") -> str:
+    async def answer(self, base_url: str, method: str = "POST") -> str | None:
+        """The media URL, or None when the server answered that it is busy."""
         fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
                   "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
         response = await self.client.post(base_url + "/answer", data=fields)
         return self.run_xml(ET.fromstring(response.content))
 
-    def _on_message(self, message: dict, nursery: trio.Nursery) -> None:
-        if message.get("event") == "checkpoint":
-            self.utterance_ends.append(len(self.audio_arrivals))
-        super()._on_message(message, nursery)
+    async def _send_media(self) -> None:
+        self.sent_at[self.tick] = trio.current_time()
+        await super()._send_media()
 
-    def utterances(self) -> list[list[float]]:
-        """Arrival times of the frames of each utterance the agent finished (sent its checkpoint)."""
-        starts = [0, *self.utterance_ends]
-        return [self.audio_arrivals[a:b] for a, b in zip(starts, self.utterance_ends) if b > a]
+    def noise_frames(self) -> dict[bytes, tuple[LoadedVobiz, int]]:
+        """Each μ-law frame of this call's line noise → (this call, tick modulo NOISE_PERIOD)."""
+        frames = {}
+        for tick in range(NOISE_PERIOD):
+            start = (tick * 320) % (len(self.noise) - 320)
+            frames[audioop.lin2ulaw(self.noise[start : start + 320], 2)] = (self, tick)
+        return frames
+
+
+class TimedDeepgram(DeepgramStandIn):
+    """The Deepgram stand-in, noting how late each frame of caller audio reaches it:
+    from the moment the simulated Vobiz sent it to the moment it arrives here."""
+
+    def __init__(self, delays: list[float], **options):
+        super().__init__(**options)
+        self.delays = delays
+        self.window = (0.0, math.inf)  # only frames sent meanwhile count (not those of a step's ramp or end)
+        self.known: dict[bytes, tuple[LoadedVobiz, int]] = {}  # every call's noise frames
+
+    async def _transcribe(self, ws, query, record) -> None:
+        await super()._transcribe(_TimedSocket(ws, self), query, record)
+
+
+class _TimedSocket:
+    """One stand-in connection's socket; get_message() times the audio as it arrives."""
+
+    def __init__(self, ws, deepgram: TimedDeepgram):
+        self.ws, self.deepgram = ws, deepgram
+        self.opened = trio.current_time()
+        self.vobiz: LoadedVobiz | None = None
+        self.tick = 0  # the tick of the next frame expected
+
+    def __getattr__(self, name):
+        return getattr(self.ws, name)
+
+    async def get_message(self):
+        message = await self.ws.get_message()
+        if isinstance(message, bytes):
+            now = trio.current_time()
+            for i in range(0, len(message) - 159, 160):
+                self._arrived(message[i : i + 160], now)
+        return message
+
+    def _arrived(self, frame: bytes, now: float) -> None:
+        vobiz, residue = self.deepgram.known.get(frame, (None, None))
+        if vobiz is not None and (self.vobiz is None or vobiz is self.vobiz):
+            self.vobiz = vobiz  # line noise tells the call and the tick (frames may have been dropped)
+            self.tick += (residue - self.tick) % NOISE_PERIOD
+        sent = self.vobiz.sent_at.get(self.tick) if self.vobiz else None
+        start, end = self.deepgram.window
+        if sent is not None and sent > self.opened and start <= sent <= end:  # not audio queued at connect
+            self.deepgram.delays.append(now - sent)
+        self.tick += 1
 
 
 @asynccontextmanager
-async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[LoadedVobiz]:
-    """vobiz_call's steps, for a LoadedVobiz: answer, media socket, clock; leaving hangs up."""
-    await vobiz.answer(base_url)
+async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[LoadedVobiz | None]:
+    """vobiz_call's steps, for a LoadedVobiz: answer, media socket, clock; leaving hangs up.
+    Yields None if the server answered busy."""
+    if await vobiz.answer(base_url) is None:
+        yield None
+        return
     async with trio.open_nursery() as nursery:
         await nursery.start(vobiz.run)
         yield vobiz
@@ -334,8 +403,17 @@ async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[Loaded
 
 
 RAMP_S = 2.0  # the calls of a step start spread over this long
-REPLY_TIMEOUT_S = 10.0
-AI_REPLY = ["Here is ", "the answer ", "you asked ", "for today."]  # one sentence: one utterance, 1.95 s
+REPLY_TIMEOUT_S = 15.0
+# The issue's realistic provider delays (and the latency bench's): endpointing 300 ms,
+# LLM first token 300 ms then 50 tokens/s, TTS first byte 150 ms. TTS audio then
+# streams in 100 ms chunks at twice real time, as a streaming voice does.
+ENDPOINTING_MS, FIRST_TOKEN_S, TOKEN_S, TTS_FIRST_BYTE_S = 300, 0.300, 0.020, 0.150
+TTS_CHUNK_S, TTS_SPEED = float(os.environ.get("BENCH_TTS_CHUNK_S", "0.1")), 2.0
+# A typical spoken answer: three pieces (a first clause, then sentences), 5 s of speech.
+AI_REPLY = ("Sure, I can help with that. Your order left our warehouse this morning and "
+            "should arrive by Friday.").split(" ")
+AI_REPLY = [word + " " for word in AI_REPLY[:-1]] + AI_REPLY[-1:]
+AI_REPLY_UTTERANCES = 3
 
 
 @cache
@@ -345,36 +423,63 @@ def phrases() -> list[bytes]:
 
 @dataclass
 class Load:
-    """What the callers of one capacity step saw."""
+    """What the callers of one step saw."""
 
-    calls: list[LoadedVobiz] = field(default_factory=list)
+    calls: list[LoadedVobiz] = field(default_factory=list)  # the admitted ones
+    refused: int = 0  # answered busy
     failed: list[str] = field(default_factory=list)  # why, for each call that failed
     turns: int = 0
-    missed: int = 0  # turns that got no reply within REPLY_TIMEOUT_S
+    missed: int = 0  # turns that got no whole reply within REPLY_TIMEOUT_S
+    latencies: list[float] = field(default_factory=list)  # end of speech → first reply frame heard
+    inbound: list[float] = field(default_factory=list)  # frame sent → frame at the stand-in STT
+    known: dict = field(default_factory=dict)  # the callers' noise frames, for the stand-in STT
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # when this process itself was late
+
+
+def heard_at(vobiz: LoadedVobiz, after: float) -> float | None:
+    """When the caller heard the first agent frame that arrived after `after`: real-time
+    playout from arrival times (JITTER_BUFFER_S after an utterance's first frame)."""
+    arrival = next((t for t in vobiz.audio_arrivals if t > after), None)
+    return None if arrival is None else arrival + vobiz.JITTER_BUFFER_S
+
+
+async def conversation(vobiz: LoadedVobiz, stop: float, load: Load, rng: random.Random) -> int:
+    """Hear the greeting, then say a phrase, hear the whole reply, pause, until `stop`; the replies heard."""
+    replies = 0
+    with trio.move_on_after(REPLY_TIMEOUT_S):
+        await greeted(vobiz)
+    await trio.sleep(rng.uniform(0, 1.5))  # callers out of step, as real ones are
+    while vobiz.played_names and trio.current_time() < stop and not vobiz.closed.is_set():
+        played = len(vobiz.played_names)
+        words = rng.choice(phrases())
+        first = vobiz.say(words)
+        load.turns += 1
+        with trio.move_on_after(REPLY_TIMEOUT_S):
+            await vobiz.until(lambda: len(vobiz.played_names) >= played + AI_REPLY_UTTERANCES)  # noqa: B023
+        whole = len(vobiz.played_names) >= played + AI_REPLY_UTTERANCES
+        spoke_until = vobiz.sent_at.get(first + last_voiced_frame(words))
+        heard = heard_at(vobiz, spoke_until) if spoke_until else None
+        if whole and heard:
+            load.latencies.append(heard - spoke_until)
+        replies += whole
+        load.missed += not whole
+        await trio.sleep(rng.uniform(0.5, 2.0))  # the caller thinks, then talks again
+    return replies
 
 
 async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: float, load: Load,
                  rng: random.Random) -> None:
-    """One call: hear the greeting, then speak, hear the reply, pause, until `stop`; then hang up."""
+    """One call, answered or refused; a failed call is a figure, not a crash."""
     await trio.sleep_until(start)
-    vobiz = LoadedVobiz(client)
-    load.calls.append(vobiz)
-    replies = 0
+    vobiz = LoadedVobiz(client, load.known)
     try:
-        async with loaded_call(vobiz, base_url):
-            with trio.move_on_after(REPLY_TIMEOUT_S):
-                await greeted(vobiz)
-            await trio.sleep(rng.uniform(0, 1.5))  # callers out of step, as real ones are
-            while vobiz.played_names and trio.current_time() < stop and not vobiz.closed.is_set():
-                played = len(vobiz.played_names)
-                vobiz.say(rng.choice(phrases()))
-                load.turns += 1
-                with trio.move_on_after(REPLY_TIMEOUT_S):
-                    await vobiz.until(lambda: len(vobiz.played_names) > played)  # noqa: B023
-                replies += len(vobiz.played_names) > played
-                load.missed += len(vobiz.played_names) == played
-                await trio.sleep(rng.uniform(0.2, 1.5))
-    except Exception as error:  # noqa: BLE001  (a failed call is a figure, not a crash)
+        async with loaded_call(vobiz, base_url) as admitted:
+            if admitted is None:
+                load.refused += 1
+                return
+            load.calls.append(vobiz)
+            replies = await conversation(vobiz, stop, load, rng)
+    except Exception as error:  # noqa: BLE001
         load.failed.append(f"{type(error).__name__} {error}"[:100])
         return
     problem = (vobiz.protocol_errors[:1] or (["no greeting"] if not vobiz.played_names else [])
@@ -383,13 +488,18 @@ async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: f
     load.failed += problem
 
 
-async def loop_lag(lags: list[float]) -> None:
+GENERATOR_STALL_S = 0.030  # this process woke this late: arrival times read meanwhile are that late too
+
+
+async def loop_lag(lags: list[float], stalls: list[tuple[float, float]]) -> None:
     """How late this process's own event loop wakes a 5 ms sleeper: a busy generator shows here,
     and would show in the arrival times too."""
     while True:
         due = trio.current_time() + 0.005
         await trio.sleep_until(due)
         lags.append(trio.current_time() - due)
+        if lags[-1] > GENERATOR_STALL_S:
+            stalls.append((due, trio.current_time()))
 
 
 def core_busy(core: int) -> float:
@@ -413,127 +523,228 @@ async def cpu_window(pid: int, start: float, stop: float, figures: dict) -> None
     figures.update(server_cpu=server, load_cpu=own, others=others)
 
 
-async def load_step(base_url: str, pid: int, calls: int, seconds: float) -> dict:
-    """`calls` concurrent callers for about `seconds` after the ramp; the figures of what they heard.
+async def server_lag(client: httpx.AsyncClient, base_url: str, start: float, lags: list[float]) -> None:
+    """The server's own event-loop lag (its load monitor's, worst of the last seconds), from /health."""
+    await trio.sleep_until(start)
+    while True:
+        with suppress(httpx.HTTPError, KeyError, ValueError):
+            lags.append((await client.get(base_url + "/health")).json()["load"]["event_loop_lag_ms"] / 1000)
+        await trio.sleep(1.0)
+
+
+async def load_step(base_url: str, pid: int, calls: int, seconds: float, deepgram: TimedDeepgram) -> dict:
+    """`calls` callers offered over RAMP_S, talking for about `seconds` more; the figures of what they heard.
     CPU is measured while all of them are in their calls: from the end of the ramp to `seconds` later."""
-    load, lags, figures = Load(), [], {"calls": calls}
+    load, lags, server_lags, figures = Load(), [], [], {"calls": calls}
+    deepgram.delays, deepgram.known = load.inbound, load.known
     began = trio.current_time()
     stop = began + RAMP_S + seconds
+    deepgram.window = (began + RAMP_S, stop)  # while every caller is in, as for the CPU
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(loop_lag, lags)
+            nursery.start_soon(loop_lag, lags, load.stalls)
             nursery.start_soon(cpu_window, pid, began + RAMP_S, stop, figures)
+            nursery.start_soon(server_lag, client, base_url, began + RAMP_S + 1, server_lags)
             async with trio.open_nursery() as callers:
                 for n in range(calls):
                     callers.start_soon(caller, client, base_url, began + RAMP_S * n / calls, stop, load,
                                        random.Random(n))  # the same phrases and pauses every run
             nursery.cancel_scope.cancel()
-        figures.update(load_lag=max(lags), **load_figures(load))
+        figures.update(load_lag=max(lags), server_lag=max(server_lags, default=math.nan),
+                       **load_figures(load))
+        figures["refusals"] = refusals((await client.get(base_url + "/metrics")).text)
         await until_idle(base_url, client)
     return figures
 
 
-JITTER_BUFFER_S = TICK  # Vobiz starts playing an utterance this long after its first frame arrives
+def refusals(metrics: str) -> Counter:
+    """calls_refused_total by reason, from /metrics."""
+    found = Counter()
+    for line in metrics.splitlines():
+        if line.startswith("vobiz_agent_calls_refused_total{"):
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('reason="', 1)[1].rsplit('"', 1)[0]] = int(float(value))
+    return found
 
 
-def underruns(arrivals: list[float]) -> int:
-    """Frames of one utterance that came after Vobiz had played out all the frames before them."""
-    count, played_until = 0, arrivals[0] + JITTER_BUFFER_S
-    for arrived in arrivals:
-        count += arrived > played_until
-        played_until = max(played_until, arrived) + TICK
-    return count
+def quantile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else math.nan
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def underruns(vobiz: LoadedVobiz, stalls: list[tuple[float, float]]) -> tuple[int, int]:
+    """(underruns, those read while this process was stalled): a frame read late by a
+    stalled generator looks like a frame sent late; those are counted apart, not passed over."""
+    late = [arrived for arrived, queued in vobiz.playout() if queued < 0]
+    ours = sum(any(start <= arrived <= end + TICK for start, end in stalls) for arrived in late)
+    return len(late) - ours, ours
 
 
 def load_figures(load: Load) -> dict:
-    gaps, dry, utterances = [], 0, 0
-    for vobiz in load.calls:
-        for arrivals in vobiz.utterances():
-            utterances += 1
-            gaps += [b - a for a, b in itertools.pairwise(arrivals)]
-            dry += underruns(arrivals)
-    cut = statistics.quantiles(gaps, n=100, method="inclusive") if len(gaps) > 1 else [math.nan] * 99
-    return {"turns": load.turns, "missed": load.missed, "failed": len(load.failed), "why": load.failed[:3],
-            "utterances": utterances, "p50": statistics.median(gaps) if gaps else math.nan,
-            "p90": cut[89], "p99": cut[98], "max": max(gaps, default=math.nan), "underruns": dry}
+    counts = [underruns(vobiz, load.stalls) for vobiz in load.calls]
+    dry, dry_calls = sum(n for n, _ in counts), sum(bool(n) for n, _ in counts)
+    return {"admitted": len(load.calls), "refused": load.refused, "turns": load.turns, "missed": load.missed,
+            "failed": len(load.failed), "why": load.failed[:3], "underruns": dry, "underrun_calls": dry_calls,
+            "generator_underruns": sum(n for _, n in counts),
+            "turn_p50": quantile(load.latencies, 50), "turn_p90": quantile(load.latencies, 90),
+            "in_p50": quantile(load.inbound, 50), "in_p99": quantile(load.inbound, 99),
+            "in_max": max(load.inbound, default=math.nan)}
 
 
-CAPACITY_STEPS = (10, 20, 40, 60, 80, 100, 120)
-P90_LIMIT_S = 0.050
+CAPACITY_STEPS = (1, 10, 20, 30, 40, 50, 60, 70, 80)
+INBOUND_P99_LIMIT_S = 0.250
+TURN_P50_MARGIN_S = 0.500  # over a single call's
 
 
-def passes(row: dict) -> bool:
-    return row["p90"] < P90_LIMIT_S and not row["underruns"] and not row["failed"]
+def passes(row: dict, single: dict) -> bool:
+    """The SLO: no underrun in any call, inbound p99 ≤ 250 ms, turn p50 within +500 ms of one call's,
+    every call in and answered (a refusal in a capacity step means admission was not off)."""
+    return (not row["underruns"] and row["in_p99"] <= INBOUND_P99_LIMIT_S and not row["failed"]
+            and not row["missed"] and row["turn_p50"] <= single["turn_p50"] + TURN_P50_MARGIN_S)
 
 
-def saturated(rows: list[dict]) -> bool:
-    """Clearly past capacity: the last two steps failed, or the last one by far."""
-    last = rows[-1]
-    return (len(rows) >= 2 and not passes(rows[-2]) and not passes(last)) or last["p90"] >= P90_LIMIT_S \
-        or last["failed"] > last["calls"] / 10 or last["server_cpu"] >= 0.97
+TLS = bool(os.environ.get("BENCH_TLS"))  # the stand-ins on wss:// and https://, as the real providers are
 
 
-async def stand_ins(nursery: trio.Nursery) -> dict[str, str]:
-    """The Deepgram and OpenAI stand-ins, with no delays, in this process: the server's env for them."""
-    deepgram = DeepgramStandIn(endpointing_ms=GAP_ENDPOINTING_MS)
-    openai = OpenAIStandIn()
+@cache
+def tls_files() -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key: (certificate, key) paths."""
+    folder = tempfile.mkdtemp(prefix="bench_vobiz_agent_tls")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TlsDeepgram(TimedDeepgram):
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls_files())
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, context))
+            task_status.started(f"wss://127.0.0.1:{server.port}/v1/listen")
+
+
+class TlsOpenAI(OpenAIStandIn):
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        config.certfile, config.keyfile = tls_files()
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(partial(serve, self._asgi, config, mode="asgi"))
+            task_status.started(urls[0] + "/v1")
+
+
+async def stand_ins(nursery: trio.Nursery) -> tuple[dict[str, str], TimedDeepgram]:
+    """The Deepgram and OpenAI stand-ins with the realistic delays, in this process: the server's env."""
+    deepgram = (TlsDeepgram if TLS else TimedDeepgram)([], endpointing_ms=ENDPOINTING_MS)
+    openai = TlsOpenAI() if TLS else OpenAIStandIn()
     openai.replies = [AI_REPLY] * 100_000
-    return {"DEEPGRAM_API_KEY": "dg-bench", "DEEPGRAM_URL": await nursery.start(deepgram.serve),
-            "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": await nursery.start(openai.serve)}
+    openai.first_token_delay, openai.token_interval = FIRST_TOKEN_S, TOKEN_S
+    openai.tts_first_byte_delay = TTS_FIRST_BYTE_S
+    openai.tts_chunk_bytes = int(TTS_CHUNK_S * OpenAIStandIn.RATE) * 2
+    openai.tts_interval = TTS_CHUNK_S / TTS_SPEED
+    env = {"DEEPGRAM_API_KEY": "dg-bench", "DEEPGRAM_URL": await nursery.start(deepgram.serve),
+           "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": await nursery.start(openai.serve)}
+    if TLS:
+        env["SSL_CERT_FILE"] = tls_files()[0]  # the server trusts the stand-ins' certificate
+    return env, deepgram
 
 
-async def capacity_of(ai: bool, seconds: float) -> list[dict]:
+ADMISSION_OFF = {"LOAD_MAX_LAG_MS": "60000", "LOAD_MAX_CPU": "64", "LOAD_MAX_BEHIND_MS": "60000"}
+
+
+async def offered(steps: list[int], seconds: float, admission: dict[str, str], single: dict | None = None,
+                  stop_early: bool = True) -> list[dict]:
+    """Steps of offered calls against one server; stops after two failing steps in a row."""
     rows = []
     async with trio.open_nursery() as nursery:
-        env = await stand_ins(nursery) if ai else OFFLINE_ENV
-        with server_process(**env) as (pid, url):
-            for calls in CAPACITY_STEPS:
-                rows.append(await load_step(url, pid, calls, seconds))
-                print_row(rows[-1])
-                if saturated(rows):
+        env, deepgram = await stand_ins(nursery)
+        with server_process(**env, **admission) as (pid, url):
+            for calls in steps:
+                rows.append(await load_step(url, pid, calls, seconds, deepgram))
+                single = single or rows[0]
+                print_row(rows[-1], passes(rows[-1], single))
+                if stop_early and len(rows) >= 2 and not any(passes(row, single) for row in rows[-2:]):
                     break
         nursery.cancel_scope.cancel()
     return rows
 
 
-CAPACITY_HEADER = ("calls  turns missed failed  utt.  gap p50   p90   p99    max  underruns  "
-                   "server CPU  generator CPU, lag")
+CAPACITY_HEADER = ("offered admitted refused  turns missed failed  underruns (calls)  turn p50   p90  "
+                   "inbound p50   p99   max   server CPU  per call-s  lag  generator CPU, lag")
 
 
-def print_row(row: dict) -> None:
-    ms = {key: row[key] * 1000 for key in ("p50", "p90", "p99", "max")}
-    print(f"{row['calls']:5d} {row['turns']:6d} {row['missed']:6d} {row['failed']:6d} {row['utterances']:5d}"
-          f"  {ms['p50']:5.1f} {ms['p90']:5.1f} {ms['p99']:5.1f} {ms['max']:6.0f} {row['underruns']:10d}"
-          f"  {row['server_cpu']:9.0%}  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
+def print_row(row: dict, passed: bool) -> None:
+    ms = {key: row[key] * 1000 for key in ("turn_p50", "turn_p90", "in_p50", "in_p99", "in_max")}
+    per_call = row["server_cpu"] / max(row["admitted"], 1) * 1000
+    reasons = ", ".join(f"{reason} ×{n}" for reason, n in row["refusals"].items())
+    print(f"{row['calls']:7d} {row['admitted']:8d} {row['refused']:7d} {row['turns']:6d} {row['missed']:6d}"
+          f" {row['failed']:6d} {row['underruns']:10d} ({row['underrun_calls']:3d})  {ms['turn_p50']:8.0f}"
+          f" {ms['turn_p90']:5.0f}  {ms['in_p50']:11.0f} {ms['in_p99']:5.0f} {ms['in_max']:5.0f}"
+          f"   {row['server_cpu']:9.0%}  {per_call:6.1f} ms {row['server_lag'] * 1000:4.0f}"
+          f"  {row['load_cpu']:8.0%} {row['load_lag'] * 1000:4.0f} ms"
+          f"  {'pass' if passed else 'FAIL'}"
           + ("  ← generator saturated" if row["load_cpu"] >= 0.9 else "")
+          + (f"  (+{row['generator_underruns']} underruns read while the generator stalled)"
+             if row["generator_underruns"] else "")
           + (f"  ← other processes took {row['others']:.0%} of a core" if row["others"] >= 0.15 else "")
+          + (f"  (refused: {reasons})" if reasons else "")
           + (f"  ({'; '.join(row['why'])})" if row["why"] else ""), flush=True)
 
 
 def capacity() -> None:
-    seconds = 4.0 if QUICK else 8.0
-    print(f"== capacity: concurrent calls on one core (server pinned to core {SERVER_CORE}, simulated "
-          f"Vobiz and stand-ins on core {LOAD_CORE}), {seconds:.0f} s of calls per step after a "
-          f"{RAMP_S:.0f} s ramp")
-    print(f"   a pass: gap p90 < {P90_LIMIT_S * 1000:.0f} ms, no underrun, no failed call; "
-          "gaps and underruns are of agent frames arriving within an utterance")
+    seconds = 8.0 if QUICK else 16.0
+    steps = [int(n) for n in os.environ.get("BENCH_STEPS", "").split(",") if n] or list(CAPACITY_STEPS)
+    print(f"== capacity: concurrent AI calls on one core (server pinned to core {SERVER_CORE}; simulated "
+          f"Vobiz and stand-ins on core {LOAD_CORE}); calls offered over {RAMP_S:.0f} s, then {seconds:.0f} s")
+    print(f"   stand-ins: endpointing {ENDPOINTING_MS} ms, LLM first token {FIRST_TOKEN_S * 1000:.0f} ms at "
+          f"{1 / TOKEN_S:.0f} tokens/s, TTS first byte {TTS_FIRST_BYTE_S * 1000:.0f} ms, then "
+          f"{TTS_CHUNK_S * 1000:.0f} ms chunks at {TTS_SPEED:.0f}× real time; replies of "
+          f"{AI_REPLY_UTTERANCES} pieces, 5 s of speech")
+    print("   callers talk 1 s, hear the whole reply, pause 0.5-2 s, talk again; turn = end of speech → "
+          "first reply frame heard; inbound = frame sent → at the stand-in speech-to-text")
+    print(f"   SLO: no underrun in any call, inbound p99 ≤ {INBOUND_P99_LIMIT_S * 1000:.0f} ms, turn p50 ≤ "
+          f"one call's + {TURN_P50_MARGIN_S * 1000:.0f} ms, no failed or missed turn")
     phrases()  # made now: making them takes this process 0.2 s
     logging.getLogger("hypercorn.error").disabled = True  # the stand-ins' "Running on" lines
     with on_load_core():
-        for ai, label in ((False, "offline echo agent"), (True, "AI agent, stand-ins with no delays")):
-            print(f"-- {label}\n{CAPACITY_HEADER}")
-            rows = trio.run(capacity_of, ai, seconds)
-            passing = list(itertools.takewhile(passes, rows))
-            print(f"   largest passing step: {passing[-1]['calls'] if passing else 0} calls per core")
+        print(f"-- admission by load off (its thresholds set out of reach)\n{CAPACITY_HEADER}")
+        rows = trio.run(offered, steps, seconds, ADMISSION_OFF)
+        single = rows[0]
+        passing = [row for row in itertools.takewhile(lambda row: passes(row, single), rows)]
+        found = passing[-1]["calls"] if passing else 0
+        print(f"   capacity: {found} AI calls on one core within the SLO")
+        if found and not os.environ.get("BENCH_NO_OVERLOAD"):
+            print(f"-- overload: admission by load with its default thresholds; {found // 2} calls first, "
+                  f"as a server that has been taking calls (it learns what a call costs), then "
+                  f"{2 * found} offered at once\n{CAPACITY_HEADER}")
+            trio.run(offered, [found // 2, 2 * found], seconds, {}, single, False)
 
 
-MEMORY_CALLS = (10, 100, 250, 500, 1000)  # RSS is read after this many calls
-MEMORY_PARALLEL = 10
+MEMORY_CALLS = (17, 100, 300, 600)  # RSS is read after this many calls
+MEMORY_PARALLEL = 17
+SNAPSHOT_PATH = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_memory.snapshot")
+# The server under tracemalloc: the script, with a SIGUSR1 handler that writes a snapshot.
+TRACED_SERVER = """
+import gc, runpy, signal, sys, tracemalloc
+dumps = iter(range(1000))
+def dump(number, frame):
+    gc.collect()
+    tracemalloc.take_snapshot().dump(f"{SNAPSHOT_PATH}.{next(dumps)}")
+signal.signal(signal.SIGUSR1, dump)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""".replace("{SNAPSHOT_PATH}", SNAPSHOT_PATH.replace("\\", "/"))
 
 
 async def short_call(client: httpx.AsyncClient, url: str) -> bool:
-    """Answer, connect, start, five media frames, the greeting's first frame back, hang up."""
+    """Answer, connect, start, five media frames, the greeting's first frame back, hang up
+    (close the socket, then post to /hangup, as Vobiz does)."""
     vobiz = LoadedVobiz(client)
     media_url = await vobiz.answer(url)
     async with trio_websocket.open_websocket_url(media_url) as ws:
@@ -541,13 +752,28 @@ async def short_call(client: httpx.AsyncClient, url: str) -> bool:
         vobiz.ws = ws
         for vobiz.tick in range(1, 6):
             await vobiz._send_media()  # line noise, as the simulated Vobiz sends it
+        greeted = False
         with trio.move_on_after(5):
-            return json.loads(await ws.get_message())["event"] == "playAudio"
-    return False
+            greeted = json.loads(await ws.get_message())["event"] == "playAudio"
+    # Vobiz then tells the hangup URL that the call is over.
+    await client.post(url + "/hangup", data={"CallUUID": vobiz.call_id, "Event": "Hangup", "Duration": "1"})
+    return greeted
 
 
-async def rss_over_calls(pid: int, url: str) -> tuple[dict[int, float], int]:
-    """RSS (MB) after each count in MEMORY_CALLS of short calls, MEMORY_PARALLEL at a time; failures."""
+async def snapshot(pid: int, number: int) -> None:
+    """Ask the traced server for snapshot `number`, and wait until it is written."""
+    path = f"{SNAPSHOT_PATH}.{number}"
+    with suppress(FileNotFoundError):
+        os.remove(path)
+    os.kill(pid, signal.SIGUSR1)
+    with trio.fail_after(60):
+        while not os.path.exists(path) or time.time() - os.path.getmtime(path) < 1:
+            await trio.sleep(0.2)
+
+
+async def rss_over_calls(pid: int, url: str, traced: bool) -> tuple[dict[int, float], int]:
+    """RSS (MB) after each count in MEMORY_CALLS of short calls, MEMORY_PARALLEL at a time; failures.
+    Traced: a tracemalloc snapshot at each count too."""
     rss, outcomes = {}, []
 
     async def one(client: httpx.AsyncClient) -> None:
@@ -564,39 +790,63 @@ async def rss_over_calls(pid: int, url: str) -> tuple[dict[int, float], int]:
                         nursery.start_soon(one, client)
             await until_idle(url, client)
             rss[target] = rss_mb(pid)
+            if traced:
+                await snapshot(pid, MEMORY_CALLS.index(target))
     return rss, outcomes.count(False)
 
 
+def print_growth(first: int, last: int) -> None:
+    """Where traced memory grew between two snapshots, by allocating line (with its callers)."""
+    import tracemalloc
+    old, new = (tracemalloc.Snapshot.load(f"{SNAPSHOT_PATH}.{MEMORY_CALLS.index(n)}") for n in (first, last))
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>")]
+    old, new = old.filter_traces(ignore), new.filter_traces(ignore)
+    total = sum(s.size for s in new.statistics("filename")) - sum(s.size for s in old.statistics("filename"))
+    print(f"   traced (Python objects) from {first} to {last} calls: {total / 1024:+.0f} kB; the largest growth:")
+    for stat in new.compare_to(old, "traceback")[:8]:
+        frames = [f"{os.path.basename(frame.filename)}:{frame.lineno}" for frame in reversed(stat.traceback)]
+        print(f"   {stat.size_diff / 1024:+8.1f} kB {stat.count_diff:+6d} blocks  " + " ← ".join(frames[:4]))
+
+
 def memory() -> None:
+    traced = "--trace" in sys.argv
     print(f"== memory: server RSS over {MEMORY_CALLS[-1]:,} short calls to the offline agent "
-          f"({MEMORY_PARALLEL} at a time: answer, start, 5 media frames, first greeting frame, hang-up)")
-    with server_process(**OFFLINE_ENV) as (pid, url):
+          f"({MEMORY_PARALLEL} at a time: answer, start, 5 media frames, first greeting frame, hang-up)"
+          + (", under tracemalloc" if traced else ""))
+    with server_process(traced, **OFFLINE_ENV, **ADMISSION_OFF) as (pid, url):
         started = rss_mb(pid)
-        rss, failed = trio.run(rss_over_calls, pid, url)
+        rss, failed = trio.run(rss_over_calls, pid, url, traced)
     print(f"   at start {started:.1f} MB; " + ", ".join(f"after {n:,}: {mb:.1f} MB" for n, mb in rss.items()))
     first, last = MEMORY_CALLS[0], MEMORY_CALLS[-1]
     print(f"   growth from {first} to {last:,} calls: {rss[last] - rss[first]:+.1f} MB "
           f"({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); failed calls: {failed}")
+    if traced:
+        print_growth(MEMORY_CALLS[1], last)
 
 
-PROFILE_CALLS, PROFILE_SECONDS, PROFILE_RATE = 40, 10, 100
+PROFILE_CALLS, PROFILE_SECONDS, PROFILE_RATE = 25, 10, 100
 PROFILE_OUTPUT = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_profile.txt")
 # The per-message path: what vobiz_agent.py does for each frame in and out, with what it calls.
-PER_MESSAGE = ("Call.listen_to_vobiz", "parse_frame", "Call._hear", "EnergyEars.hear", "Call.send_frame",
-               "Outbound.play_audio", "Call.send", "TrioWebsocket.send", "FrameEncoder.encode")
+PER_MESSAGE = ("Call.listen_to_vobiz", "parse_frame", "Call._hear", "DeepgramEars.hear",
+               "DeepgramEars._send_audio", "DeepgramEars._receive", "Call.send_frame", "Outbound.play_audio",
+               "Call.send", "TrioWebsocket.send", "FrameEncoder.encode", "chat_tokens", "speech_pcm")
 
 
-async def profiled_load(pid: int, url: str, py_spy: str) -> float:
-    """PROFILE_CALLS callers; py-spy samples the server for PROFILE_SECONDS once they are all in.
-    Returns the server's CPU (share of one core) while it was sampled."""
+async def profiled_load(py_spy: str) -> float:
+    """PROFILE_CALLS AI callers (the capacity load); py-spy samples the server for PROFILE_SECONDS
+    once they are all in. Returns the server's CPU (share of one core) while it was sampled."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(load_step, url, pid, PROFILE_CALLS, PROFILE_SECONDS + 1)
-        await trio.sleep(RAMP_S + 0.5)
-        began, cpu = trio.current_time(), cpu_seconds(pid)
-        await trio.run_process([py_spy, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
-                                "--rate", str(PROFILE_RATE), "--format", "raw", "--function",
-                                "--output", PROFILE_OUTPUT], capture_stdout=True, capture_stderr=True)
-        return (cpu_seconds(pid) - cpu) / (trio.current_time() - began)
+        env, deepgram = await stand_ins(nursery)
+        with server_process(**env, **ADMISSION_OFF) as (pid, url):
+            nursery.start_soon(load_step, url, pid, PROFILE_CALLS, PROFILE_SECONDS + 2, deepgram)
+            await trio.sleep(RAMP_S + 1)
+            began, cpu = trio.current_time(), cpu_seconds(pid)
+            await trio.run_process([py_spy, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
+                                    "--rate", str(PROFILE_RATE), "--format", "raw", "--function",
+                                    "--output", PROFILE_OUTPUT], capture_stdout=True, capture_stderr=True)
+            cpu = (cpu_seconds(pid) - cpu) / (trio.current_time() - began)
+            nursery.cancel_scope.cancel()
+    return cpu
 
 
 def read_profile(path: str) -> tuple[int, Counter, Counter]:
@@ -641,10 +891,12 @@ def profile() -> None:
     if not py_spy:
         print("== profile: skipped, py-spy is not installed (pip install py-spy: a dev tool only)")
         return
-    print(f"== profile: the server (offline agent) under {PROFILE_CALLS} calls, sampled by py-spy for "
-          f"{PROFILE_SECONDS} s; percentages are of one core; raw stacks in {PROFILE_OUTPUT}")
-    with on_load_core(), server_process(**OFFLINE_ENV) as (pid, url):
-        cpu = trio.run(profiled_load, pid, url, py_spy)
+    print(f"== profile: the server (AI agent, the capacity load) under {PROFILE_CALLS} calls, sampled by "
+          f"py-spy for {PROFILE_SECONDS} s; percentages are of one core; raw stacks in {PROFILE_OUTPUT}")
+    phrases()
+    logging.getLogger("hypercorn.error").disabled = True
+    with on_load_core():
+        cpu = trio.run(profiled_load, py_spy)
     print_profile(cpu)
 
 

@@ -142,6 +142,8 @@ class SimulatedVobiz:
         self.tick = 0
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
+        self.utterance_ends: list[int] = []  # len(audio_arrivals) at each checkpoint (and clearAudio)
+        self.clears: list[int] = []  # len(audio_arrivals) at each clearAudio
         self.to_say: deque[bytes] = deque()  # caller PCM, one 20 ms frame each
         self.said_ticks: list[int] = []  # ticks that carried caller speech
         self.queue: deque[bytes | str] = deque()  # playAudio frames and checkpoint names
@@ -238,6 +240,35 @@ class SimulatedVobiz:
 
     def event_ticks(self, name: str) -> list[int]:
         return [tick for tick, message in self.events if message.get("event") == name]
+
+    # Playout in real time, read off arrival times: what a phone hears even when this
+    # process (the simulator too) was stalled and its tick clock had to catch up.
+
+    JITTER_BUFFER_S = TICK  # playing an utterance starts this long after its first frame arrives
+
+    def playout(self) -> list[tuple[float, float]]:
+        """(arrived, seconds of audio queued ahead of it) for every agent frame. Utterances play
+        back to back; one that finds the queue empty starts JITTER_BUFFER_S after its first
+        frame arrives; clearAudio empties the queue. queued < 0: an underrun, the caller heard
+        a gap before this frame, in the middle of an utterance."""
+        starts, clears = {0, *self.utterance_ends}, set(self.clears)
+        played_until, result = -math.inf, []
+        for i, arrived in enumerate(self.audio_arrivals):
+            if i in clears:
+                played_until = -math.inf
+            if i in starts and played_until < arrived:
+                played_until = arrived + self.JITTER_BUFFER_S
+            result.append((arrived, played_until - arrived))
+            played_until = max(played_until, arrived) + TICK
+        return result
+
+    def underruns(self, since: float = 0.0) -> int:
+        """Frames (arrived after `since`) that came after everything before them had played."""
+        return sum(queued < 0 and arrived > since for arrived, queued in self.playout())
+
+    def queued(self, start: float, end: float = math.inf) -> list[float]:
+        """Seconds queued ahead of each frame that arrived between `start` and `end`."""
+        return [queued for arrived, queued in self.playout() if start <= arrived <= end]
 
     # The answer XML.
 
@@ -442,8 +473,11 @@ class SimulatedVobiz:
             return
         self.events.append((self.tick, message))
         if event == "checkpoint":
+            self.utterance_ends.append(len(self.audio_arrivals))
             self.queue.append(message["name"])
         elif event == "clearAudio":
+            self.utterance_ends.append(len(self.audio_arrivals))  # what was cut short is one, too
+            self.clears.append(len(self.audio_arrivals))
             self.queue.clear()  # queued audio and checkpoints are void: never played, never acked
             if self.answers_clear:
                 self.clearing = True
@@ -502,8 +536,13 @@ class Server:
             return await client.post(self.url + path, **kwargs)
 
 
+# This process runs the simulated Vobiz and the stand-ins as well as the server: its CPU and
+# event-loop lag are not the server's alone, so admission by load is off unless a test sets it.
+LOAD_ADMISSION_OFF = {"load_max_lag_ms": 60_000, "load_max_cpu": 64.0, "load_max_behind_ms": 60_000}
+
+
 async def start_server(nursery, **settings) -> Server:
-    settings = vobiz_agent.Settings(host="127.0.0.1", port=0, **settings)
+    settings = vobiz_agent.Settings(host="127.0.0.1", port=0, **{**LOAD_ADMISSION_OFF, **settings})
     app = vobiz_agent.create_app(settings)
     urls = await nursery.start(partial(serve, app, vobiz_agent.hypercorn_config(settings)))
     return Server(app, urls[0])
@@ -604,10 +643,12 @@ async def test_hangup_and_stream_status_webhooks_are_logged(server, caplog):
 
 
 async def test_health_counts_live_calls(server):
-    assert (await server.get("/health")).json() == {"status": "ok", "calls": 0}
+    health = (await server.get("/health")).json()
+    assert (health["status"], health["calls"]) == ("ok", 0)
     async with vobiz_call(server.url) as vobiz:
         await vobiz.until_tick(2)
-        assert (await server.get("/health")).json() == {"status": "ok", "calls": 1}
+        health = (await server.get("/health")).json()
+        assert (health["status"], health["calls"]) == ("ok", 1)
 
 
 # ── The conversation ──
@@ -900,7 +941,7 @@ async def test_the_command_line_serves_and_prints_the_answer_url(nursery):
             break
     async with httpx.AsyncClient() as client:
         health = await client.get(f"http://127.0.0.1:{port}/health")
-    assert health.json() == {"status": "ok", "calls": 0}
+    assert (health.json()["status"], health.json()["calls"]) == ("ok", 0)
     process.send_signal(signal.SIGINT)
     assert await process.wait() == 0
 
@@ -1923,10 +1964,15 @@ class ProcessLog:
         return self.text
 
 
+# The same for a server process: the tests' other processes share its cores.
+LOAD_ADMISSION_OFF_ENV = {name.upper(): str(value) for name, value in LOAD_ADMISSION_OFF.items()}
+
+
 async def start_process(nursery, port: int, *args: str, **env: str):
     process = await nursery.start(partial(
         trio.run_process, [sys.executable, "vobiz_agent.py", "--host", "127.0.0.1", "--port", str(port), *args],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE, check=False))
+        env={**os.environ, **LOAD_ADMISSION_OFF_ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=HERE, check=False))
     process_log = ProcessLog()
     nursery.start_soon(process_log.read, process.stderr)
     await process_log.until(lambda text: "Running on" in text)  # Hypercorn: listening
@@ -3783,3 +3829,86 @@ async def test_junk_from_deepgram_never_breaks_a_call(nursery, caplog):
         await a_turn_is_answered(vobiz, ai, "Yes I am still here.", seed=110)
     assert ai.user_messages(0) == ["Are you still there?"]
     assert no_traceback(caplog)
+
+
+# ── Load: admission by measured load, a playout that rides out a busy loop (issue 12) ──
+
+
+def hog_the_loop(seconds: float) -> None:
+    """A real busy loop: nothing else in this process (server, simulator) runs meanwhile."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def health_until(server: Server, predicate, stall_s: float) -> dict:
+    """Stall the loop for `stall_s` at a time until /health's load satisfies `predicate`."""
+    with trio.fail_after(15):
+        while not predicate((health := (await server.get("/health")).json())["load"]):
+            hog_the_loop(stall_s)
+            await trio.sleep(0)
+    return health
+
+
+@pytest.mark.parametrize("setting, stall_s, pause_s, reason, figure, over", [
+    ({"load_max_lag_ms": 40}, 0.1, 0.0, "overloaded: event loop late", "event_loop_lag_ms", 40),
+    ({"load_max_cpu": 0.3}, 0.03, 0.005, "overloaded: CPU", "cpu", 0.3),
+])
+async def test_over_the_load_threshold_new_calls_hear_busy_and_the_reason_is_counted(
+        nursery, setting, stall_s, pause_s, reason, figure, over):
+    server = await start_server(nursery, **setting)
+    assert (await server.get("/health")).json()["load"]["refusing"] is None
+    with trio.fail_after(15):
+        while (await server.get("/health")).json()["load"]["refusing"] != reason:
+            hog_the_loop(stall_s)  # busy most of the time: late timers, a core's worth of CPU
+            await trio.sleep(pause_s)
+        response = await server.post("/answer", data={"CallUUID": "one-too-many"})
+    assert response.content == vobiz_agent.busy_xml()
+    metrics = (await server.get("/metrics")).text
+    assert f'vobiz_agent_calls_refused_total{{reason="{reason}"}} 1' in metrics
+    assert "vobiz_agent_event_loop_lag_seconds " in metrics and "vobiz_agent_cpu_share " in metrics
+    health = (await server.get("/health")).json()
+    assert health["status"] == "ok" and health["load"]["refusing"] == reason  # healthy, but taking no calls
+    assert health["load"][figure] > over
+
+
+async def test_the_lead_grows_while_the_loop_stalls_so_playout_has_no_gaps_then_shrinks(server):
+    words = speech(4.0, seed=90)
+    async with vobiz_call(server.url, limit_s=40) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(words)
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 200)) >= 10)  # the echo is playing
+        sent = len(vobiz.audio_arrivals)
+        hog_the_loop(0.15)
+        await vobiz.until(lambda: len(vobiz.audio_arrivals) > sent)
+        first_stall_over = vobiz.audio_arrivals[sent]  # the first frame after it: a gap before it, maybe
+        for _ in range(4):  # more stalls of the same size, while the echo goes on
+            await trio.sleep(0.6)
+            hog_the_loop(0.15)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2)  # the echo ended
+        said = vobiz.say(speech(3.0, seed=91))  # a second echo, on a loop that is on time again
+        await vobiz.until(lambda: len(vobiz.played_names) >= 3)
+    assert vobiz.underruns(since=first_stall_over) == 0  # the first stall alone may be heard
+    grown = max(vobiz.queued(first_stall_over))
+    assert grown >= 0.15  # the lead covered a stall of that size
+    last_second = vobiz.queued(vobiz.audio_arrivals[-50])
+    assert max(last_second) < grown - 0.06  # it shrank back (towards 80-120 ms)
+
+
+async def test_barge_in_still_clears_at_once_with_a_grown_lead(server):
+    long_words, interruption = speech(4.0, seed=92), speech(0.6, seed=93)
+    async with vobiz_call(server.url) as vobiz:
+        await greeted(vobiz)
+        said = vobiz.say(long_words)
+        await vobiz.until(lambda: len(vobiz.agent_ticks(said + 200)) >= 10)
+        for _ in range(2):
+            hog_the_loop(0.2)
+            await trio.sleep(0.3)
+        onset = vobiz.say(interruption)
+        await vobiz.until(lambda: len(vobiz.played_names) >= 2 and vobiz.played_names[-1].startswith("echo"))
+    cleared_at = vobiz.event_ticks("clearAudio")[0]
+    grown = max(vobiz.queued(0, vobiz.audio_arrivals[vobiz.clears[0] - 1]))
+    assert grown >= 0.2  # a lead of more than 200 ms was queued at Vobiz ...
+    assert len([t for t in vobiz.agent_ticks(onset) if t <= cleared_at]) <= 20  # ... and flushed at detection
+    assert vobiz.agent_ticks(cleared_at + 1)[0] > cleared_at + 5  # nothing of it played after clearAudio
+    assert resemblance(vobiz.agent_audio(cleared_at + 1, vobiz.tick), interruption) > 0.8

@@ -144,6 +144,10 @@ class Settings:
     record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns
     silence_timeout_s: float = 60.0  # every agent says goodbye after this long without a word from the caller
+    # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
+    load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
+    load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
+    load_max_behind_ms: int = 100  # the median call reads its caller's audio this far behind real time
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
@@ -311,6 +315,12 @@ SETTINGS = (
     Setting("IDLE_TIMEOUT_S", "end a call whose socket carries no valid media this long", _number, 1, 3600),
     Setting("HTTP_READ_TIMEOUT_S", "close a connection that sends nothing this long", _number, 1, 300),
     Setting("DRAIN_TIMEOUT_S", "on SIGTERM, how long live calls may go on", _number, 0, 3600),
+    Setting("LOAD_MAX_LAG_MS", "new calls hear busy while the event loop wakes this late (measured load)",
+            _number, 1, 60_000),
+    Setting("LOAD_MAX_CPU", "new calls hear busy while the process's CPU with one more call would pass this "
+            "share of a core", _number, 0.01, 64.0),
+    Setting("LOAD_MAX_BEHIND_MS", "new calls hear busy while the median call reads its caller's audio this "
+            "far behind", _number, 1, 60_000),
     Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
     Setting("PHONE", "serve the browser softphone at `/phone`; `true` with the AI agent on a public address "
             "lets anyone who reaches it spend your provider budget", _flag,
@@ -1800,7 +1810,13 @@ class AIAgent:
         self.settings = settings
         self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
         # One client for the process: its connection pool keeps TLS sessions warm between turns.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s))
+        # Sized to the calls: each may stream one LLM reply and two sentences of speech at once
+        # (httpx's default of 100, shared, makes the 34th call's speech wait for a connection),
+        # and keeps that many warm (the default keeps 20: the rest redo TCP and TLS every turn).
+        streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s),
+                                        limits=httpx.Limits(max_connections=streams,
+                                                            max_keepalive_connections=streams))
         self.model = ChatModel()  # shared by every call: what one call learns, the next knows
 
     def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
@@ -1829,9 +1845,16 @@ class Socket(Protocol):
 
 
 class Call:
-    # Keep about 80 ms queued at Vobiz: enough to ride out network jitter, and
-    # little enough that a barge-in has almost nothing to flush.
+    # Keep at least 80 ms queued at Vobiz: enough to ride out network jitter.
+    # When our own wake-ups come late (a busy event loop), the lead grows to
+    # cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
+    # excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
+    # flushes whatever is queued with one clearAudio, so a larger lead does
+    # not mean the agent talks over the caller for longer.
     LEAD_S = 0.08
+    LEAD_MAX_S = 0.40
+    LEAD_HALF_LIFE_S = 1.0
+    LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
@@ -1859,6 +1882,9 @@ class Call:
         self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
         self.play_clock = 0.0  # when Vobiz will have played everything we sent
+        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
+        self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
+        self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
         self.turn: Turn | None = None  # the turn being answered, for its latency marks
         self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
         self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
@@ -1972,11 +1998,14 @@ class Call:
             return
         self.start = start
         self.begun.set()
-        self.responder, known = self.switchboard.conversation(start.call_id, self.log)
+        # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
+        detached_log = partial(log_for_call, self.label, self.switchboard.metrics)
+        self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
         # A reconnect that lands where the conversation is not known (another process,
         # or this one after a restart) cannot go on: it says so instead of greeting again.
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.outbound = Outbound(start.stream_id)
+        self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
@@ -1992,6 +2021,15 @@ class Call:
         self.last_media = trio.current_time()  # only real caller audio keeps a call alive
         self.ears.hear(payload)
         self.media_flowing.set()
+        self.caller_audio_s += len(payload) / self.caller_bytes_per_s
+        self.caller_audio_origin = min(self.caller_audio_origin, self.last_media - self.caller_audio_s)
+
+    def behind_s(self) -> float:
+        """How far behind real time we read the caller's audio (Vobiz sends it in real
+        time, so the best time we ever read it at is the on-time mark)."""
+        if not self.caller_audio_s:
+            return 0.0
+        return self.last_media - self.caller_audio_s - self.caller_audio_origin
 
     def _key_pressed(self, key: str) -> None:
         self.log(logging.INFO, "caller pressed %s", key)
@@ -2169,16 +2207,33 @@ class Call:
             if waited.cancelled_caught:
                 self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
                 self.cleared.set()
-        # Real time with a small lead: Vobiz queues what we send, and everything
+        # Real time with a lead: Vobiz queues what we send, and everything
         # queued is what a barge-in must flush, so don't send in a burst.
-        starts = max(self.play_clock, trio.current_time())
+        now = trio.current_time()
+        starts = max(self.play_clock, now)
         self.play_clock = starts + FRAME_SECONDS
         await self.send(self.outbound.play_audio(frame))
+        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
         if self.turn is not None and "first_frame_sent" not in self.turn.marks:
             self.turn.mark("first_frame_sent")
             self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
         self.counts["frames"] += 1
-        await trio.sleep_until(self.play_clock - self.LEAD_S)
+        await self._pace()
+
+    async def _pace(self) -> None:
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per
+        wake-up (half the timers of one per frame), and how late the wake-up
+        comes sets the lead: the next stall of that size is covered."""
+        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
+        wake = self.play_clock - self.lead
+        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
+            return  # less than lead + 1.5 frames queued: send the next frame now
+        await trio.sleep_until(wake)
+        self._follow_lateness(trio.current_time() - wake)
+
+    def _follow_lateness(self, late: float) -> None:
+        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
+        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
     async def send(self, message: str) -> None:
         # Hypercorn shields its socket writes, so no deadline of ours could cut this short;
@@ -2192,9 +2247,7 @@ class Call:
 
     def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
-        log.log(level, "call %s: " + message, self.label, *args)
-        if error:
-            self.switchboard.metrics.count("errors_total", kind=error)
+        log_for_call(self.label, self.switchboard.metrics, level, message, *args, error=error)
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
@@ -2274,6 +2327,13 @@ def _transcript_line(entry: dict) -> str:
     return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
+def log_for_call(label: str, metrics: Metrics, level: int, message: str, *args: object,
+                 error: str | None = None) -> None:
+    log.log(level, "call %s: " + message, label, *args)
+    if error:
+        metrics.count("errors_total", kind=error)
+
+
 def _clean(value: object, limit: int = 120) -> str:
     """A value from the network, made safe for one log line."""
     return str(value)[:limit].encode("unicode_escape").decode("ascii")
@@ -2335,6 +2395,100 @@ class Metrics:
 prometheus_client.disable_created_metrics()  # no `_created` series beside every counter: nobody reads them
 
 
+class LoadMonitor:
+    """How loaded this process is, measured: what admission decides on, and /health shows.
+
+    Past one core's capacity every live call degrades at once (gappy audio,
+    late replies), so a new call must be refused *before* that. Three measures:
+    - lag: a tiny task asks to wake every TICK_S and notes how late it woke.
+      Every call's timers and frames wait in the same queue, so they are that
+      late too. The figure is the worst of the last WINDOW_S.
+    - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
+      as a share of one core. A new call is admitted only if the CPU with
+      it stays under the threshold, counting every live call at the cost
+      per call last measured while most calls were settled (a call that
+      began within the window has cost only part of it): so a burst of new
+      calls does not look cheap. Until measured, MAX_CALLS calls fill a core.
+    - behind: how far the calls are behind in reading their callers' audio
+      (Vobiz sends it in real time, so a backlog means we are not keeping up);
+      the median call's, so that one caller's bad network does not count.
+    """
+
+    TICK_S = 0.05
+    WINDOW_S = 3.0
+    LEARN_FROM_CALLS = 5
+
+    def __init__(self, settings: Settings, calls: set[Call], metrics: Metrics):
+        self.settings, self.calls, self.metrics = settings, calls, metrics
+        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
+        self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
+        self.lag_s = self.cpu = self.behind_s = 0.0
+        self.cpu_per_call = 1 / settings.max_calls  # until measured: MAX_CALLS calls fill a core
+        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self.scope:
+            next_sample = trio.current_time()
+            while True:
+                due = trio.current_time() + self.TICK_S
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                self.wakes.append((now, now - due))
+                if now >= next_sample:
+                    self.sample(now)
+                    next_sample = now + 0.5
+
+    def sample(self, now: float) -> None:
+        """Bring the figures up to date (twice a second) and publish them as gauges."""
+        while self.wakes and self.wakes[0][0] < now - self.WINDOW_S:
+            self.wakes.popleft()
+        self.lag_s = max((late for _, late in self.wakes), default=0.0)
+        self.cpu_samples.append((now, time.process_time()))
+        while self.cpu_samples[0][0] < now - self.WINDOW_S:
+            self.cpu_samples.popleft()
+        (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
+        self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
+        # How many calls the window's CPU was spent on: one live for a second of it counts 1/3.
+        while self.ended and self.ended[0][1] < now - self.WINDOW_S:
+            self.ended.popleft()
+        start = now - self.WINDOW_S
+        live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
+        gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
+        new = sum(call.began > start for call in self.calls)
+        # Learnt only from a window of settled calls: new ones cost more at first, a window of
+        # calls that have gone is mostly idle time, and a handful would each carry the process's
+        # own upkeep.
+        if live >= self.LEARN_FROM_CALLS and new <= len(self.calls) / 4 and gone <= live / 4:
+            self.cpu_per_call = self.cpu / (live + gone)
+        behind = sorted(call.behind_s() for call in self.calls)
+        self.behind_s = behind[len(behind) // 2] if behind else 0.0
+        self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
+        self.metrics.set_gauge("cpu_share", self.cpu)
+        self.metrics.set_gauge("cpu_share_per_call", self.cpu_per_call)
+        self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
+
+    def call_ended(self, call: Call) -> None:
+        self.ended.append((call.began, trio.current_time()))
+
+    def overload(self) -> str | None:
+        """Why the measured load leaves no room for one more call, or None."""
+        settings, calls = self.settings, len(self.calls)
+        if self.lag_s * 1000 > settings.load_max_lag_ms:
+            return "overloaded: event loop late"
+        # The CPU now, or what the live calls will cost once none of them is new, plus one more call.
+        if max(self.cpu, self.cpu_per_call * calls) + self.cpu_per_call > settings.load_max_cpu:
+            return "overloaded: CPU"
+        if self.behind_s * 1000 > settings.load_max_behind_ms:
+            return "overloaded: calls behind"
+        return None
+
+    def figures(self) -> dict[str, float]:
+        return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
+                "cpu_per_call": round(self.cpu_per_call, 4),
+                "inbound_behind_ms": round(self.behind_s * 1000, 1)}
+
+
 class Switchboard:
     """What the calls of one process share: the agent, the live calls, their
     conversations (kept a while after a socket closes, so a Vobiz reconnect
@@ -2357,7 +2511,9 @@ class Switchboard:
         self.emptied.set()
         self.conversations: dict[str, tuple[Responder, float]] = {}  # callId → (responder, last seen)
         self.expected: dict[str, float] = {}  # callId → until when its answered socket is waited for
+        self.hung_up: set[str] = set()  # live calls Vobiz has told us are over
         self.metrics = Metrics()
+        self.load = LoadMonitor(settings, self.calls, self.metrics)
         self.draining = False
 
     def __len__(self) -> int:
@@ -2370,10 +2526,36 @@ class Switchboard:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
-        if call.responder is not None:
-            self.conversations[call.call_id] = (call.responder, trio.current_time())
+        self.load.call_ended(call)
+        now = trio.current_time()
+        self._forget_stale(now)
+        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
+        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
+        # come first) may not.
+        over = call.call_id in self.hung_up
+        self.hung_up.discard(call.call_id)
+        if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
+            self.conversations[call.call_id] = (call.responder, now)
+        else:
+            self.forget(call.call_id)
         if not self.calls:
             self.emptied.set()
+
+    def forget(self, call_id: str) -> None:
+        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
+        if any(c.call_id == call_id for c in self.calls):
+            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
+        else:
+            self.conversations.pop(call_id, None)
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop conversations unseen for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
+        live = {c.call_id for c in self.calls}
+        for old_id, (_, seen) in list(self.conversations.items()):
+            if seen >= now - self.RESUME_WINDOW_S:
+                break
+            if old_id not in live:
+                del self.conversations[old_id]
 
     async def wait_until_empty(self) -> None:
         await self.emptied.wait()
@@ -2412,7 +2594,7 @@ class Switchboard:
         """The call's responder: the one it had before a reconnect, or a new one."""
         self._forget_old()
         if call_id in self.conversations:
-            responder, _ = self.conversations[call_id]
+            responder, _ = self.conversations.pop(call_id)  # re-inserted last: the dict stays in time order
             resumed = True
         else:
             responder, resumed = self.agent.responder(log), False
@@ -2427,9 +2609,7 @@ class Switchboard:
                 # Its socket may have gone to another worker or host: nothing to warn about, by itself.
                 log.info("call %s: answered, but no media socket came here: slot released", call_id)
                 self.metrics.count("answers_without_socket_total")
-        for old_id, (_, seen) in list(self.conversations.items()):
-            if seen < now - self.RESUME_WINDOW_S and not self.live(old_id):
-                del self.conversations[old_id]
+        self._forget_stale(now)
 
     def busy(self) -> str | None:
         """Why a new call can't be taken now, or None."""
@@ -2438,7 +2618,7 @@ class Switchboard:
         self._forget_old()
         if len(self.calls) + len(self.expected) >= self.settings.max_calls:
             return "busy"
-        return None
+        return self.load.overload()
 
     async def drain(self) -> None:
         """Stop taking calls, let live ones finish, then end the rest politely."""
@@ -2499,6 +2679,7 @@ def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
     if settings.serves_phone:
         app.add_url_rule("/phone", view_func=phone)
         app.add_url_rule("/phone/call", view_func=phone_call, methods=["POST"])
+    app.before_serving(start_load_monitor)
     app.after_serving(release_agent)
     return app
 
@@ -2522,6 +2703,7 @@ async def answer() -> Response:
     switchboard, params = current_app.switchboard, await _webhook_params()
     if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
         _log_hangup(params)
+        switchboard.forget(params.get("CallUUID", ""))
         return _xml(empty_xml())
     call_id = params.get("CallUUID", "")
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
@@ -2589,7 +2771,9 @@ async def phone_call() -> tuple[dict, int]:
 
 
 async def hangup() -> Response:
-    _log_hangup(await _webhook_params())
+    params = await _webhook_params()
+    _log_hangup(params)
+    current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
     return Response("", 200)
 
 
@@ -2651,7 +2835,9 @@ async def stream_status() -> Response:
 
 async def health() -> tuple[dict, int]:
     switchboard = current_app.switchboard
-    report = {"status": "draining" if switchboard.draining else "ok", "calls": len(switchboard)}
+    # Overloaded is still 200: the process is healthy, it only takes no new calls for now.
+    load = {**switchboard.load.figures(), "refusing": switchboard.load.overload()}
+    report = {"status": "draining" if switchboard.draining else "ok", "calls": len(switchboard), "load": load}
     if warning := open_door_warning(switchboard.settings):
         report["warning"] = warning
     return report, 503 if switchboard.draining else 200
@@ -2664,7 +2850,12 @@ async def prometheus_metrics() -> Response:
     return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
+async def start_load_monitor() -> None:
+    current_app.add_background_task(current_app.switchboard.load.run)
+
+
 async def release_agent() -> None:
+    current_app.switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
     await current_app.switchboard.agent.aclose()
 
 
