@@ -3775,8 +3775,10 @@ async def test_audio_queued_for_deepgram_is_bounded_and_the_oldest_is_dropped(nu
         await a_turn_is_answered(vobiz, ai, "Hello!", seed=107)
     await ai.server.app.switchboard.wait_until_empty()  # the call's last line is written
     accepted = [c for c in ai.deepgram.connections if c["accepted"]]
-    # What reached Deepgram after the outage was at most the last few hundred ms, not seconds of it.
-    assert accepted[0]["backlog_s"] <= vobiz_agent.DeepgramEars.BUFFER_S + 0.1, accepted[0]["backlog_s"]
+    # What reached Deepgram after the outage was at most the last few hundred ms, not seconds of it
+    # (the old code sent 1.8 s). backlog_s is read off the wall clock at the stand-in, so it also
+    # carries how late this machine ran the two ends: allow a quarter second of that.
+    assert accepted[0]["backlog_s"] <= vobiz_agent.DeepgramEars.BUFFER_S + 0.25, accepted[0]["backlog_s"]
     lines = [r.getMessage() for r in caplog.records]
     behind = [line for line in lines if "dropping the oldest" in line]
     assert len(behind) == 1, behind  # once per burst
