@@ -15,8 +15,8 @@ The audio chain: how well the anti-alias filter works (passband flatness,
 rejection of tones that would fold into the band) and what the whole
 PCM → 8 kHz μ-law frames conversion costs in CPU per 20 ms frame.
 
-Latency: the real server, the test suite's simulated Vobiz and its Deepgram and
-OpenAI stand-ins, all on loopback in one process. A turn's latency runs from
+Latency: the real server, the tests' simulated Vobiz and their Deepgram and
+OpenAI stand-ins (simulated_vobiz.py), all on loopback in one process. A turn's latency runs from
 the end of the caller's speech (the last voiced 20 ms frame Vobiz sent) to the
 first agent frame *heard*: played out at the simulated Vobiz.
 
@@ -90,7 +90,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 import vobiz_agent
-from test_vobiz_agent import (
+from simulated_vobiz import (
     TICK,
     DeepgramStandIn,
     OpenAIStandIn,
