@@ -99,6 +99,7 @@ from simulated_vobiz import (
     greeted,
     speech,
     start_providers,
+    streaming,
     tone,
     vobiz_call,
 )
@@ -394,12 +395,8 @@ async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[Loaded
     if await vobiz.answer(base_url) is None:
         yield None
         return
-    async with trio.open_nursery() as nursery:
-        await nursery.start(vobiz.run)
+    async with streaming(vobiz):
         yield vobiz
-        if not vobiz.closed.is_set():
-            await vobiz.hang_up()
-        nursery.cancel_scope.cancel()
 
 
 RAMP_S = 2.0  # the calls of a step start spread over this long

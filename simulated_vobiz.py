@@ -523,6 +523,18 @@ class SimulatedVobiz:
 
 
 @asynccontextmanager
+async def streaming(vobiz: SimulatedVobiz):
+    """The call's stream runs while the block does (it starts once the first socket has
+    sent `start`); leaving the block hangs up, if the call is still up."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vobiz.run)
+        yield vobiz
+        if not vobiz.closed.is_set():
+            await vobiz.hang_up()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
     """A call from answer to hang-up; leaving the block hangs up (if the call is still up).
     With `url`, Vobiz dials that media URL straight away (no answer webhook, no retries)."""
@@ -532,12 +544,8 @@ async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | No
     else:
         vobiz.url, vobiz.state, vobiz.billed = url, "answered", True
     with trio.fail_after(limit_s):  # a hung test fails instead of hanging CI
-        async with trio.open_nursery() as nursery:
-            await nursery.start(vobiz.run)
+        async with streaming(vobiz):
             yield vobiz
-            if not vobiz.closed.is_set():
-                await vobiz.hang_up()
-            nursery.cancel_scope.cancel()
         vobiz.recording_response = await vobiz.recording_finished()
     assert vobiz.protocol_errors == [], f"the server broke the protocol: {vobiz.protocol_errors}"
 
