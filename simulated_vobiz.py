@@ -69,7 +69,7 @@ from hypercorn.trio import serve
 import vobiz_agent
 from vobiz_agent import audioop
 
-TICK = 0.020
+TICK = 0.020  # one media frame each way, and the simulator's clock
 CALL_LIMIT_S = 20  # no test call is longer; this only stops a hung test
 CALL_UUID = "12d86ccd-4ed9-45b3-9aac-c03512af8aa7"
 
@@ -948,6 +948,10 @@ class DeepgramStandIn(_Watched):
 # ─────────────────────────────────────────────────────────────────────────────
 
 
+HANG_UP = object()  # in a scripted reply: the model calls the hang_up tool here
+TRANSFER = object()  # ... or the transfer_call tool
+
+
 def _compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))  # OpenAI sends JSON without spaces
 
@@ -1217,10 +1221,6 @@ class OpenAIStandIn(_Watched):
 
 
 # ── Both stand-ins, and our server pointed at them ──
-
-
-HANG_UP = object()  # in a scripted reply: the model calls the hang_up tool here
-TRANSFER = object()  # ... or the transfer_call tool
 
 
 class Providers:
