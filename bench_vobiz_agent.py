@@ -902,6 +902,9 @@ SECTIONS = {"audio": lambda: audio_chain(), "latency": lambda: latency(),
 DEFAULT_SECTIONS = ["audio", "latency", "capacity", "memory"]
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)  # the sections and settings; without this, --help would run the whole bench
+        sys.exit(0)
     wanted = [arg for arg in sys.argv[1:] if not arg.startswith("--")] or DEFAULT_SECTIONS
     QUICK = QUICK or "--quick" in sys.argv
     for name in wanted:
