@@ -15,8 +15,8 @@ The audio chain: how well the anti-alias filter works (passband flatness,
 rejection of tones that would fold into the band) and what the whole
 PCM → 8 kHz μ-law frames conversion costs in CPU per 20 ms frame.
 
-Latency: the real server, the test suite's simulated Vobiz and its Deepgram and
-OpenAI stand-ins, all on loopback in one process. A turn's latency runs from
+Latency: the real server, the tests' simulated Vobiz and their Deepgram and
+OpenAI stand-ins (simulated_vobiz.py), all on loopback in one process. A turn's latency runs from
 the end of the caller's speech (the last voiced 20 ms frame Vobiz sent) to the
 first agent frame *heard*: played out at the simulated Vobiz.
 
@@ -90,7 +90,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 import vobiz_agent
-from test_vobiz_agent import (
+from simulated_vobiz import (
     TICK,
     DeepgramStandIn,
     OpenAIStandIn,
@@ -99,6 +99,7 @@ from test_vobiz_agent import (
     greeted,
     speech,
     start_providers,
+    streaming,
     tone,
     vobiz_call,
 )
@@ -394,12 +395,8 @@ async def loaded_call(vobiz: LoadedVobiz, base_url: str) -> AsyncIterator[Loaded
     if await vobiz.answer(base_url) is None:
         yield None
         return
-    async with trio.open_nursery() as nursery:
-        await nursery.start(vobiz.run)
+    async with streaming(vobiz):
         yield vobiz
-        if not vobiz.closed.is_set():
-            await vobiz.hang_up()
-        nursery.cancel_scope.cancel()
 
 
 RAMP_S = 2.0  # the calls of a step start spread over this long
@@ -905,6 +902,9 @@ SECTIONS = {"audio": lambda: audio_chain(), "latency": lambda: latency(),
 DEFAULT_SECTIONS = ["audio", "latency", "capacity", "memory"]
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)  # the sections and settings; without this, --help would run the whole bench
+        sys.exit(0)
     wanted = [arg for arg in sys.argv[1:] if not arg.startswith("--")] or DEFAULT_SECTIONS
     QUICK = QUICK or "--quick" in sys.argv
     for name in wanted:
