@@ -68,6 +68,7 @@ import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart import Response, current_app, request, websocket
+from quart.wrappers import Websocket
 from quart_trio import QuartTrio
 
 with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library in 3.13;
@@ -1838,31 +1839,143 @@ class AIAgent:
 # ─────────────────────────────────────────────────────────────────────────────
 
 
-class Socket(Protocol):
-    async def receive(self) -> str | bytes: ...
+class Player:
+    """The agent's voice on one stream: paced playAudio frames, a checkpoint after each
+    utterance, and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
 
-    async def send(self, data: str) -> None: ...
+    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter.
+    When our own wake-ups come late (a busy event loop), the lead grows to
+    cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
+    excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
+    flushes whatever is queued with one clearAudio, so a larger lead does
+    not mean the agent talks over the caller for longer.
+    """
 
-
-class Call:
-    # Keep at least 80 ms queued at Vobiz: enough to ride out network jitter.
-    # When our own wake-ups come late (a busy event loop), the lead grows to
-    # cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
-    # excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
-    # flushes whatever is queued with one clearAudio, so a larger lead does
-    # not mean the agent talks over the caller for longer.
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
     LEAD_HALF_LIFE_S = 1.0
     LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], log: CallLog, transcript: list[dict]):
+        self.send = send  # the call's own: a send to a caller who hung up ends the call
+        self.log = log
+        self.transcript = transcript  # the call's: each utterance goes in as it begins
+        self.outbound: Outbound | None = None  # the stream's frames, from its `start`
+        self.play_clock = 0.0  # when Vobiz will have played everything we sent
+        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
+        self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
+        self.cleared.set()
+        self.turn: Turn | None = None  # the turn being answered, for its latency marks
+        self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
+        self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
+        self.utterances = self.frames = 0
+
+    def talking(self) -> bool:
+        """Is Vobiz still playing what we sent?"""
+        return trio.current_time() < self.play_clock
+
+    async def play(self, utterance: Utterance) -> None:
+        """Send one utterance as paced playAudio frames, then a checkpoint."""
+        self.utterances += 1
+        name = f"{utterance.label}-{self.utterances}"  # unique within the call
+        turn, frames = self.turn, 0
+        self.transcript.append({"utterance": utterance})
+        encoder = FrameEncoder(utterance.rate)
+        async with aclosing(utterance.pcm) as chunks:
+            async for pcm in chunks:
+                for frame in encoder.encode(pcm):
+                    await self.send_frame(frame)
+                    frames += 1
+        for frame in encoder.flush():
+            await self.send_frame(frame)
+            frames += 1
+        self.unheard[name] = (utterance, turn, frames)
+        await self.send(self.outbound.checkpoint(name))
+
+    def heard(self, checkpoint: str) -> None:
+        """Vobiz says it played `checkpoint`: the caller heard that utterance. The one place
+        an utterance becomes heard, which is all a responder's history keeps."""
+        utterance, turn, frames = self.unheard.pop(checkpoint, (None, None, 0))
+        if utterance is not None:
+            utterance.heard = True
+            self.acked.set()
+            self.acked = trio.Event()
+        if turn is not None:  # it began playing `frames` frames before this ack
+            turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
+
+    async def until_heard(self, timeout_s: float) -> None:
+        """Wait until Vobiz has played everything we sent, or `timeout_s` (an ack can be lost)."""
+        with trio.move_on_after(timeout_s):
+            while self.unheard:
+                await self.acked.wait()
+
+    def interrupt(self, onset: float) -> Turn | None:
+        """The caller talks over the agent: Vobiz's queue is to be flushed (see clear_audio).
+
+        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
+        will never be acked: those utterances count as not heard. New audio
+        waits for clearedAudio, or it would race the flush and lose its start.
+        Returns the turn being answered, for its barge-in latency marks."""
+        for entry in self.transcript:  # whatever had not played yet is lost
+            if "utterance" in entry and not entry["utterance"].heard:
+                entry.setdefault("cut_off", True)
+        self.unheard.clear()
+        self.play_clock = trio.current_time()
+        self.cleared = trio.Event()
+        if self.turn is not None:
+            self.turn.mark("barge_in_onset", onset)
+        return self.turn
+
+    async def clear_audio(self, turn: Turn | None) -> None:
+        await self.send(self.outbound.clear_audio())
+        if turn is not None:
+            turn.mark("clear_audio_sent")
+        self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
+
+    async def send_frame(self, frame: bytes) -> None:
+        if not self.cleared.is_set():
+            with trio.move_on_after(self.CLEARED_TIMEOUT_S) as waited:
+                await self.cleared.wait()
+            if waited.cancelled_caught:
+                self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
+                self.cleared.set()
+        # Real time with a lead: Vobiz queues what we send, and everything
+        # queued is what a barge-in must flush, so don't send in a burst.
+        now = trio.current_time()
+        starts = max(self.play_clock, now)
+        self.play_clock = starts + FRAME_SECONDS
+        await self.send(self.outbound.play_audio(frame))
+        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
+        if self.turn is not None and "first_frame_sent" not in self.turn.marks:
+            self.turn.mark("first_frame_sent")
+            self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
+        self.frames += 1
+        await self._pace()
+
+    async def _pace(self) -> None:
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per
+        wake-up (half the timers of one per frame), and how late the wake-up
+        comes sets the lead: the next stall of that size is covered."""
+        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
+        wake = self.play_clock - self.lead
+        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
+            return  # less than lead + 1.5 frames queued: send the next frame now
+        await trio.sleep_until(wake)
+        self._follow_lateness(trio.current_time() - wake)
+
+    def _follow_lateness(self, late: float) -> None:
+        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
+        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
+
+class Call:
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
     START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
 
-    def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
+    def __init__(self, socket: Websocket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
                  ends_in: float | None = None):
         self.socket = socket
         self.switchboard = switchboard
@@ -1874,25 +1987,18 @@ class Call:
         self.fresh = fresh  # the call's first socket (else a reconnect)
         self.opening = "greet"  # or "go on" (a reconnect, conversation known), "apologise" (not known)
         self.start: Start | None = None
-        self.outbound: Outbound | None = None
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
         self.begun = trio.Event()  # a valid start has arrived
-        self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
-        self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
-        self.play_clock = 0.0  # when Vobiz will have played everything we sent
-        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
         self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
         self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
-        self.turn: Turn | None = None  # the turn being answered, for its latency marks
-        self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
-        self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
+        self.player = Player(self.send, self.log, self.transcript)
         self.ended_by = "hang-up"
         self.began = self.last_media = self.last_speech = trio.current_time()
         limit = switchboard.settings.max_call_s if ends_in is None else ends_in
@@ -1932,15 +2038,9 @@ class Call:
         elif isinstance(frame, Start):
             self._begin(frame)
         elif isinstance(frame, PlayedStream):
-            utterance, turn, frames = self.unheard.pop(frame.name, (None, None, 0))
-            if utterance is not None:
-                utterance.heard = True
-                self.acked.set()
-                self.acked = trio.Event()
-            if turn is not None:  # it began playing `frames` frames before this ack
-                turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
+            self.player.heard(frame.name)
         elif isinstance(frame, ClearedAudio):
-            self.cleared.set()
+            self.player.cleared.set()
         elif isinstance(frame, Dtmf):
             self._key_pressed(frame.digit)
         elif isinstance(frame, Stop):
@@ -1967,7 +2067,7 @@ class Call:
                     await self.begun.wait()
                 continue
             if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
-                quiet_until = max(self.last_speech, self.play_clock) + settings.silence_timeout_s
+                quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
                 if now >= self.ends_at or now >= quiet_until:
                     over = now >= self.ends_at
                     self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
@@ -2004,7 +2104,7 @@ class Call:
         # A reconnect that lands where the conversation is not known (another process,
         # or this one after a restart) cannot go on: it says so instead of greeting again.
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
-        self.outbound = Outbound(start.stream_id)
+        self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
@@ -2061,7 +2161,7 @@ class Call:
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
         self.last_speech = trio.current_time()
-        if trio.current_time() < self.play_clock:
+        if self.player.talking():
             self.barge_in(onset)
         elif self.reply_scope is not None:
             # Still thinking, nothing heard yet: the caller had only paused. Drop
@@ -2081,31 +2181,13 @@ class Call:
             self.log(logging.WARNING, "dropped a turn: too many are waiting for a reply")
 
     def barge_in(self, onset: float) -> None:
-        """The caller talks over the agent: stop the reply and flush Vobiz's queue.
-
-        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
-        will never be acked: those utterances count as not heard. New audio
-        waits for clearedAudio, or it would race the flush and lose its start.
-        """
+        """The caller talks over the agent: stop the reply, and flush Vobiz's queue."""
         self.counts["barge-ins"] += 1
         self.switchboard.metrics.count("barge_ins_total")
-        for entry in self.transcript:  # whatever had not played yet is lost
-            if "utterance" in entry and not entry["utterance"].heard:
-                entry.setdefault("cut_off", True)
         if self.reply_scope is not None:
             self.reply_scope.cancel()
-        self.unheard.clear()
-        self.play_clock = trio.current_time()
-        self.cleared = trio.Event()
-        if self.turn is not None:
-            self.turn.mark("barge_in_onset", onset)
-        self.nursery.start_soon(self._clear_audio, self.turn)
-
-    async def _clear_audio(self, turn: Turn | None) -> None:
-        await self.send(self.outbound.clear_audio())
-        if turn is not None:
-            turn.mark("clear_audio_sent")
-        self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
+        turn = self.player.interrupt(onset)
+        self.nursery.start_soon(self.player.clear_audio, turn)
 
     # The conversation: greet, then answer turns one at a time.
 
@@ -2120,14 +2202,14 @@ class Call:
             if turn.kind == "farewell":
                 await self._say_goodbye(turn.text)
                 return
-            self.turn = turn
+            self.player.turn = turn
             self._note_turn(turn)
             if turn.kind == "speech":
                 self.counts["turns"] += 1
                 self.switchboard.metrics.count("turns_total")
             outcome = await self.respond(partial(self.responder.reply, turn))
             self._log_latency(turn)
-            self.turn = None
+            self.player.turn = None
             if outcome == HANG_UP:
                 self.log(logging.INFO, "the agent ends the call")
                 self.end("agent")
@@ -2138,9 +2220,7 @@ class Call:
         """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
         to move the call to our /transfer XML. True if Vobiz took the request."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
-        with trio.move_on_after(self.TRANSFER_ACK_TIMEOUT_S):
-            while self.unheard:
-                await self.acked.wait()
+        await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
         settings = self.switchboard.settings
         problem = await request_transfer(settings, self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
@@ -2165,75 +2245,20 @@ class Call:
     async def _say_goodbye(self, reason: str) -> None:
         """Play the farewell, wait (a little) until Vobiz has played everything, then stop:
         a `stop` drops whatever is still queued, last words included."""
-        if self.responder is not None and self.outbound is not None:
+        if self.start is not None:
             await self.respond(partial(self.responder.farewell, reason))
-            with trio.move_on_after(self.FAREWELL_ACK_TIMEOUT_S):
-                while self.unheard:
-                    await self.acked.wait()
-            await self.send(self.outbound.stop())
+            await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
+            await self.send(self.player.outbound.stop())
         self.nursery.cancel_scope.cancel()
 
-    async def respond(self, responder: Callable[[Play], Awaitable[object]], play: Play | None = None) -> object:
+    async def respond(self, responder: Callable[[Play], Awaitable[object]]) -> object:
         """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
         Returns what the responder returned, or None if it was cut off."""
         result = None
         with trio.CancelScope() as self.reply_scope:
-            result = await responder(play or self.play)
+            result = await responder(self.player.play)
         self.reply_scope = None
         return result
-
-    async def play(self, utterance: Utterance) -> None:
-        """Send one utterance as paced playAudio frames, then a checkpoint."""
-        self.counts["utterances"] += 1
-        name = f"{utterance.label}-{self.counts['utterances']}"  # unique within the call
-        turn, frames = self.turn, 0
-        self.transcript.append({"utterance": utterance})
-        encoder = FrameEncoder(utterance.rate)
-        async with aclosing(utterance.pcm) as chunks:
-            async for pcm in chunks:
-                for frame in encoder.encode(pcm):
-                    await self.send_frame(frame)
-                    frames += 1
-        for frame in encoder.flush():
-            await self.send_frame(frame)
-            frames += 1
-        self.unheard[name] = (utterance, turn, frames)
-        await self.send(self.outbound.checkpoint(name))
-
-    async def send_frame(self, frame: bytes) -> None:
-        if not self.cleared.is_set():
-            with trio.move_on_after(self.CLEARED_TIMEOUT_S) as waited:
-                await self.cleared.wait()
-            if waited.cancelled_caught:
-                self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
-                self.cleared.set()
-        # Real time with a lead: Vobiz queues what we send, and everything
-        # queued is what a barge-in must flush, so don't send in a burst.
-        now = trio.current_time()
-        starts = max(self.play_clock, now)
-        self.play_clock = starts + FRAME_SECONDS
-        await self.send(self.outbound.play_audio(frame))
-        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
-        if self.turn is not None and "first_frame_sent" not in self.turn.marks:
-            self.turn.mark("first_frame_sent")
-            self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
-        self.counts["frames"] += 1
-        await self._pace()
-
-    async def _pace(self) -> None:
-        """Wait until Vobiz has only `lead` left to play. Two frames go out per
-        wake-up (half the timers of one per frame), and how late the wake-up
-        comes sets the lead: the next stall of that size is covered."""
-        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
-        wake = self.play_clock - self.lead
-        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
-            return  # less than lead + 1.5 frames queued: send the next frame now
-        await trio.sleep_until(wake)
-        self._follow_lateness(trio.current_time() - wake)
-
-    def _follow_lateness(self, late: float) -> None:
-        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
-        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
     async def send(self, message: str) -> None:
         # Hypercorn shields its socket writes, so no deadline of ours could cut this short;
@@ -2281,7 +2306,7 @@ class Call:
         dropped = getattr(self.ears, "dropped", 0)
         self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
+                 self.counts["barge-ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
     def _note_turn(self, turn: Turn) -> None:
