@@ -2171,14 +2171,14 @@ class Call:
 
     def turn_ended(self, turn: Turn) -> None:
         self.log(logging.DEBUG, "turn ended (%s)", turn.kind)
-        if self.ended_by == "transfer":
-            return  # a person answers now
         if turn.kind == "speech":
             self.last_speech = trio.current_time()
         try:
             self.turns_in.send_nowait(turn)
         except trio.WouldBlock:
             self.log(logging.WARNING, "dropped a turn: too many are waiting for a reply")
+        except trio.ClosedResourceError:
+            pass  # the call is ending: a goodbye is on its way, or a person answers now
 
     def barge_in(self, onset: float) -> None:
         """The caller talks over the agent: stop the reply, and flush Vobiz's queue."""
@@ -2189,7 +2189,9 @@ class Call:
         turn = self.player.interrupt(onset)
         self.nursery.start_soon(self.player.clear_audio, turn)
 
-    # The conversation: greet, then answer turns one at a time.
+    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever
+    # ends a call from our side (the agent's hang_up, the caller's silence, MAX_CALL_S,
+    # a drain, a transfer) calls end(reason), and this one method takes it from there.
 
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
@@ -2198,23 +2200,41 @@ class Call:
             await self.respond(self.responder.greet)
         elif self.opening == "apologise":
             await self.respond(self.responder.resume)
-        async for turn in self.turns_out:
-            if turn.kind == "farewell":
-                await self._say_goodbye(turn.text)
-                return
-            self.player.turn = turn
-            self._note_turn(turn)
-            if turn.kind == "speech":
-                self.counts["turns"] += 1
-                self.switchboard.metrics.count("turns_total")
-            outcome = await self.respond(partial(self.responder.reply, turn))
-            self._log_latency(turn)
-            self.player.turn = None
+        async for turn in self.turns_out:  # until end() closes the turns (those already in are answered)
+            outcome = await self.answer(turn)
             if outcome == HANG_UP:
                 self.log(logging.INFO, "the agent ends the call")
                 self.end("agent")
             elif outcome == TRANSFER_CALL and await self.transfer():
-                return  # Vobiz moves the call and closes this stream
+                return  # Vobiz moves the call and closes this stream: no goodbye, no stop
+        # Play the farewell, wait (a little) until Vobiz has played everything, then stop:
+        # a `stop` drops whatever is still queued, last words included.
+        await self.respond(partial(self.responder.farewell, self.ended_by))
+        await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
+        await self.send(self.player.outbound.stop())
+        self.nursery.cancel_scope.cancel()
+
+    def end(self, reason: str) -> None:
+        """End the call from our side, for `reason` (the call's last log line names it): stop
+        talking, and take no more turns, so that `converse` goes on to the goodbye. The first
+        reason wins, but a transfer wins over any: the call is a person's now."""
+        if self.ended_by == "hang-up" or reason == "transfer":
+            self.ended_by = reason
+            if self.reply_scope is not None:
+                self.reply_scope.cancel()
+            self.turns_in.close()
+
+    async def answer(self, turn: Turn) -> str | None:
+        """One turn: into the transcript, answered in the reply scope, its latency logged."""
+        self.player.turn = turn
+        self._note_turn(turn)
+        if turn.kind == "speech":
+            self.counts["turns"] += 1
+            self.switchboard.metrics.count("turns_total")
+        outcome = await self.respond(partial(self.responder.reply, turn))
+        self._log_latency(turn)
+        self.player.turn = None
+        return outcome
 
     async def transfer(self) -> bool:
         """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
@@ -2227,29 +2247,11 @@ class Call:
         self.transcript.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
             self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
-            self.ended_by = "transfer"
+            self.end("transfer")
             return True
         self.log(logging.WARNING, "transfer failed (%s): the conversation goes on", problem, error="transfer")
         await self.respond(partial(self.responder.announce, "apology", TRANSFER_APOLOGY))
         return False
-
-    def end(self, reason: str) -> None:
-        """End the call from our side: stop talking, say goodbye, then `stop` the stream."""
-        if self.ended_by == "hang-up":
-            self.ended_by = reason
-            if self.reply_scope is not None:
-                self.reply_scope.cancel()
-            with suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self.turns_in.send_nowait(Turn(kind="farewell", text=reason))
-
-    async def _say_goodbye(self, reason: str) -> None:
-        """Play the farewell, wait (a little) until Vobiz has played everything, then stop:
-        a `stop` drops whatever is still queued, last words included."""
-        if self.start is not None:
-            await self.respond(partial(self.responder.farewell, reason))
-            await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
-            await self.send(self.player.outbound.stop())
-        self.nursery.cancel_scope.cancel()
 
     async def respond(self, responder: Callable[[Play], Awaitable[object]]) -> object:
         """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
