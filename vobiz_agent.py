@@ -614,8 +614,14 @@ class BadFrame(ValueError):
         self.kind = kind
 
 
+# The frames Vobiz sends, each with the JSON shape it is read from.
+
+
 @dataclass(frozen=True)
 class Start:
+    """{"event": "start", "start": {"callId", "streamId", "mediaFormat": {"encoding", "sampleRate"}}}:
+    the stream's first frame (older docs: the ids at the top, and a flat "contentType")."""
+
     call_id: str
     stream_id: str
     media_format: MediaFormat
@@ -623,40 +629,66 @@ class Start:
 
 @dataclass(frozen=True)
 class Media:
+    """{"event": "media", "media": {"payload": "<base64>"}}: 20 ms of the caller, every 20 ms."""
+
     payload: bytes  # raw caller audio in the stream's MediaFormat
 
 
 @dataclass(frozen=True)
 class PlayedStream:
+    """{"event": "playedStream", "name": "<checkpoint>"}: Vobiz played everything up to our checkpoint."""
+
     name: str
 
 
 @dataclass(frozen=True)
 class ClearedAudio:
-    pass
+    """{"event": "clearedAudio"}: Vobiz flushed its queue, as our clearAudio asked."""
 
 
 @dataclass(frozen=True)
 class Dtmf:
+    """{"event": "dtmf", "dtmf": {"digit": "5"}} (and older shapes, see _dtmf_digit): a key pressed."""
+
     digit: str
 
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    """{"event": "stop"}: the stream is over."""
 
 
 Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
 
 
 def parse_frame(message: object) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame.
+    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
+    data = _json_object(message)
+    match data:  # media first: fifty a second, the rest a handful per call
+        case {"event": "media", "media": {"payload": str(payload)}} if payload:
+            return Media(_caller_audio(payload))
+        case {"event": "media"}:
+            raise BadFrame("fields", "media frame has no media.payload")
+        case {"event": "start"}:
+            return _start(data)
+        case {"event": "playedStream", "name": str(name)}:
+            return PlayedStream(name)
+        case {"event": "playedStream"}:
+            raise BadFrame("fields", "playedStream frame has no name")
+        case {"event": "clearedAudio"}:
+            return ClearedAudio()
+        case {"event": "dtmf"}:
+            return Dtmf(_dtmf_digit(data))
+        case {"event": "stop"}:
+            return Stop()
+    raise BadFrame("event", f"unknown event {data.get('event')!r}")
 
-    Whatever arrives, the outcome is one of the two: Vobiz sends JSON text, so
-    binary and empty messages are bad frames; nesting is bounded before parsing
-    (deep JSON would exhaust the recursion limit), and Infinity, NaN and 1e999
-    are refused while parsing (they would overflow any integer made of them).
-    """
+
+def _json_object(message: object) -> dict:
+    """The JSON object a frame must be. Whatever arrives, the outcome is that or BadFrame:
+    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded
+    before parsing (deep JSON would exhaust the recursion limit), and Infinity, NaN and
+    1e999 are refused while parsing (they would overflow any integer made of them)."""
     if not isinstance(message, str):  # bytes, or None for an empty binary message
         raise BadFrame("binary", "frame is binary, not text")
     if not message:
@@ -671,20 +703,7 @@ def parse_frame(message: object) -> Frame:
         raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
     if not isinstance(data, dict):
         raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
-    event = data.get("event")
-    if event == "media":
-        return Media(_media_payload(data))
-    if event == "start":
-        return _start(data)
-    if event == "playedStream":
-        return PlayedStream(_text(data, "name", "playedStream"))
-    if event == "clearedAudio":
-        return ClearedAudio()
-    if event == "dtmf":
-        return Dtmf(_dtmf_digit(data))
-    if event == "stop":
-        return Stop()
-    raise BadFrame("event", f"unknown event {event!r}")
+    return data
 
 
 def _not_a_number(name: str) -> float:
@@ -701,11 +720,7 @@ def _finite(text: str) -> float:
 FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
 
 
-def _media_payload(data: dict) -> bytes:
-    media = data.get("media")
-    payload = media.get("payload") if isinstance(media, dict) else None
-    if not isinstance(payload, str) or not payload:
-        raise BadFrame("fields", "media frame has no media.payload")
+def _caller_audio(payload: str) -> bytes:
     try:
         return binascii.a2b_base64(payload, strict_mode=True)
     except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
@@ -744,13 +759,6 @@ def _media_format(media_format: object, content_type: object) -> MediaFormat:
     return found
 
 
-def _text(data: dict, key: str, event: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str):
-        raise BadFrame("fields", f"{event} frame has no {key}")
-    return value
-
-
 DTMF_KEYS = frozenset("0123456789*#ABCD")
 
 
@@ -764,6 +772,13 @@ def _dtmf_digit(data: dict) -> str:
     if digit.upper() not in DTMF_KEYS:
         raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
     return digit.upper()
+
+
+# The frames we send back, for one stream:
+#   {"event": "playAudio", "streamId", "media": {"contentType", "sampleRate", "payload"}}
+#   {"event": "checkpoint", "streamId", "name"}: Vobiz answers playedStream once it has played to here
+#   {"event": "clearAudio", "streamId"}: drop what is queued; Vobiz answers clearedAudio
+#   {"event": "stop", "streamId"}: end the stream (and, after <Stream>, the call: see stream_xml)
 
 
 class Outbound:
@@ -2033,19 +2048,20 @@ class Call:
 
     def _handle(self, frame: Frame) -> bool:
         """Act on one frame; True means the call is over."""
-        if isinstance(frame, Media):
-            self._hear(frame.payload)
-        elif isinstance(frame, Start):
-            self._begin(frame)
-        elif isinstance(frame, PlayedStream):
-            self.player.heard(frame.name)
-        elif isinstance(frame, ClearedAudio):
-            self.player.cleared.set()
-        elif isinstance(frame, Dtmf):
-            self._key_pressed(frame.digit)
-        elif isinstance(frame, Stop):
-            self.ended_by = "stop frame"
-            return True
+        match frame:
+            case Media(payload):
+                self._hear(payload)
+            case Start():
+                self._begin(frame)
+            case PlayedStream(checkpoint):
+                self.player.heard(checkpoint)
+            case ClearedAudio():
+                self.player.cleared.set()
+            case Dtmf(digit):
+                self._key_pressed(digit)
+            case Stop():
+                self.ended_by = "stop frame"
+                return True
         return False
 
     async def watch_for_silence(self) -> None:
