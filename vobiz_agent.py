@@ -19,6 +19,18 @@ One file, one process, one Trio event loop. A call travels like this:
          /ring, /recording
     POST /transfer ─────────────────────▶ <Dial> a person (after we asked Vobiz to move the call)
 
+The path of a frame from Vobiz: media_stream (the WebSocket route) → Call.run (the call's
+nursery) → Call.listen_to_vobiz → parse_frame → Call._handle → Call._hear → the ears
+(EnergyEars or DeepgramEars) → Call.turn_ended → Call.converse (the call's life: greet,
+turns, goodbye, stop) → Call.answer → the responder's reply → Player.play →
+Player.send_frame (paced) → Outbound.play_audio → Call.send; Vobiz's playedStream for each
+checkpoint comes back the same way in, to Player.heard (what the caller heard).
+
+Read the file top to bottom: its sections come in the order a call meets them: settings, audio, the Vobiz protocol (the
+frames in and out, the trust in webhooks and media URLs), the agent (ears, brain and mouth:
+offline, then AI), the call (Player, then Call), the web app (metrics, load, the
+switchboard, the routes), the command line.
+
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
 
@@ -523,16 +535,17 @@ class FrameEncoder:
 
 
 @cache
-def chime(frequencies: tuple[float, float], rate: int = 24000) -> bytes:
-    """The offline agent's greeting (rising) and goodbye (falling): two soft tones,
-    made here at 24 kHz so that every call sends speech-rate audio through the
-    whole chain, filter included."""
+def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
+          fade_out_s: float = 0.05, rate: int = 24000) -> bytes:
+    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
+    (falling), and the trouble tone. Made at 24 kHz so that every call sends speech-rate audio
+    through the whole chain, filter included."""
     samples = array.array("h")
-    for frequency, seconds in zip(frequencies, (0.18, 0.30), strict=True):
-        count = int(rate * seconds)
+    for frequency, length_s in zip(frequencies, seconds, strict=True):
+        count = int(rate * length_s)
         for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.05 * rate))
-            samples.append(int(8000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
+            fade = min(1.0, i / (0.01 * rate), (count - i) / (fade_out_s * rate))
+            samples.append(int(loudness * fade * math.sin(2 * math.pi * frequency * i / rate)))
     return samples.tobytes()
 
 
@@ -965,6 +978,8 @@ class Listener(Protocol):
 
 
 class Ears(Protocol):
+    dropped: int  # caller frames dropped on the way to speech-to-text (a slow provider), for the call's log
+
     def hear(self, payload: bytes) -> None:
         """Called for every inbound media payload; must never block."""
 
@@ -1060,6 +1075,7 @@ class EnergyEars:
     PRE_ROLL_S = 0.10
     TAIL_S = 0.10  # keep this much of the closing quiet: words trail off below the threshold
     MAX_TURN_S = 30.0
+    dropped = 0  # loudness is measured in hear(): no queue, nothing dropped
 
     def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
         self.format = media_format
@@ -1647,16 +1663,8 @@ async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -
         raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
 
 
-@cache
-def trouble_tone(rate: int = TTS_RATE) -> bytes:
-    """Two falling tones: what the caller hears when the voice itself fails."""
-    samples = array.array("h")
-    for frequency in (480.0, 360.0):
-        count = int(rate * 0.2)
-        for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.03 * rate))
-            samples.append(int(6000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
-    return samples.tobytes()
+# Two falling tones, quieter than the chimes: what the caller hears when the voice itself fails.
+trouble_tone = partial(chime, (480.0, 360.0), (0.2, 0.2), 6000, 0.03)
 
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
@@ -1847,7 +1855,9 @@ class AIAgent:
 
 # ─────────────────────────────────────────────────────────────────────────────
 # The call: one WebSocket from Vobiz, one nursery. The inbound task reads
-# frames and feeds the ears; the conversation task greets and replies. Each
+# frames and feeds the ears; the conversation task (converse: the call's life)
+# greets and replies, and speaks through the Player, which paces the frames and
+# keeps what the caller heard. Each
 # reply runs in a cancel scope, so barge-in is one cancel(): whatever the reply
 # was doing (thinking, fetching speech, pacing frames) stops at once. When the
 # socket closes the nursery is cancelled and every task of the call ends with it.
@@ -1997,7 +2007,6 @@ class Call:
         self.agent = switchboard.agent
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
-        self.label = call_id
         self.responder: Responder | None = None  # the conversation, chosen at `start`
         self.fresh = fresh  # the call's first socket (else a reconnect)
         self.opening = "greet"  # or "go on" (a reconnect, conversation known), "apologise" (not known)
@@ -2022,9 +2031,9 @@ class Call:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as self.nursery:
-                self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.label} inbound")
-                self.nursery.start_soon(self.converse, name=f"call {self.label} conversation")
-                self.nursery.start_soon(self.watch_for_silence, name=f"call {self.label} idle watch")
+                self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.call_id} inbound")
+                self.nursery.start_soon(self.converse, name=f"call {self.call_id} conversation")
+                self.nursery.start_soon(self.watch_for_silence, name=f"call {self.call_id} idle watch")
         finally:
             self._log_end()
             self._log_transcript()
@@ -2115,7 +2124,7 @@ class Call:
         self.start = start
         self.begun.set()
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
-        detached_log = partial(log_for_call, self.label, self.switchboard.metrics)
+        detached_log = partial(log_for_call, self.call_id, self.switchboard.metrics)
         self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
         # A reconnect that lands where the conversation is not known (another process,
         # or this one after a restart) cannot go on: it says so instead of greeting again.
@@ -2123,7 +2132,7 @@ class Call:
         self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
-        self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
+        self.nursery.start_soon(self.ears.run, name=f"call {self.call_id} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
                  {"greet": "started", "go on": "reconnected: the conversation goes on",
                   "apologise": "reconnected here without its conversation: the caller hears we were cut off"}
@@ -2151,7 +2160,7 @@ class Call:
         self.log(logging.INFO, "caller pressed %s", key)
         if self.keys_in is None:
             self.keys_in, keys_out = trio.open_memory_channel[str](32)
-            self.nursery.start_soon(self.collect_keys, keys_out, name=f"call {self.label} keypad")
+            self.nursery.start_soon(self.collect_keys, keys_out, name=f"call {self.call_id} keypad")
         try:
             self.keys_in.send_nowait(key)
         except trio.WouldBlock:
@@ -2198,8 +2207,7 @@ class Call:
 
     def barge_in(self, onset: float) -> None:
         """The caller talks over the agent: stop the reply, and flush Vobiz's queue."""
-        self.counts["barge-ins"] += 1
-        self.switchboard.metrics.count("barge_ins_total")
+        self._count("barge_ins")
         if self.reply_scope is not None:
             self.reply_scope.cancel()
         turn = self.player.interrupt(onset)
@@ -2245,8 +2253,7 @@ class Call:
         self.player.turn = turn
         self._note_turn(turn)
         if turn.kind == "speech":
-            self.counts["turns"] += 1
-            self.switchboard.metrics.count("turns_total")
+            self._count("turns")
         outcome = await self.respond(partial(self.responder.reply, turn))
         self._log_latency(turn)
         self.player.turn = None
@@ -2290,7 +2297,12 @@ class Call:
 
     def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
-        log_for_call(self.label, self.switchboard.metrics, level, message, *args, error=error)
+        log_for_call(self.call_id, self.switchboard.metrics, level, message, *args, error=error)
+
+    def _count(self, event: str) -> None:
+        """One more of `event` in this call (its last log line) and in /metrics (`event`_total)."""
+        self.counts[event] += 1
+        self.switchboard.metrics.count(f"{event}_total")
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
@@ -2315,16 +2327,16 @@ class Call:
         if heard or due:
             self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
-        log.info("call %s: turn %d latency: %s%s", self.label, self.counts["turns"], text,
+        log.info("call %s: turn %d latency: %s%s", self.call_id, self.counts["turns"], text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
-                 extra={"fields": {"call": self.label, "turn": self.counts["turns"], **steps}})
+                 extra={"fields": {"call": self.call_id, "turn": self.counts["turns"], **steps}})
 
     def _log_end(self) -> None:
         bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
-        dropped = getattr(self.ears, "dropped", 0)
+        dropped = self.ears.dropped if self.ears else 0
         self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge-ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
+                 self.counts["barge_ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
     def _note_turn(self, turn: Turn) -> None:
@@ -2354,8 +2366,8 @@ class Call:
             entries.append(entry)
         ended = {"ended_by": self.ended_by, "seconds": round(trio.current_time() - self.began, 1)}
         summary = " | ".join(_transcript_line(entry) for entry in entries) or "(nothing said)"
-        log.info("call %s: transcript (%s after %.1f s): %s", self.label, self.ended_by, ended["seconds"],
-                 summary, extra={"fields": {"call": self.label, "transcript": entries, **ended}})
+        log.info("call %s: transcript (%s after %.1f s): %s", self.call_id, self.ended_by, ended["seconds"],
+                 summary, extra={"fields": {"call": self.call_id, "transcript": entries, **ended}})
 
 
 def _transcript_line(entry: dict) -> str:
@@ -2921,6 +2933,8 @@ async def media_stream(call_id: str, token: str) -> Response | None:
         return Response(f"{problem}\n", status)
     issued = stream_token_issued(token)
     fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
+    # The socket itself, not Quart's context-local proxy to it: the call sends and receives
+    # fifty frames a second each way, and through the proxy each would look the socket up again.
     call = Call(websocket._get_current_object(), switchboard, call_id, fresh=fresh,
                 ends_in=issued + switchboard.settings.max_call_s - now)
     call.public_base = call.public_base or _request_base(websocket)
