@@ -944,7 +944,7 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # "ears-down": speech-to-text is unreachable; "silence": nobody has spoken for long;
+    kind: str = "speech"  # "ears-down": speech-to-text is unreachable;
     # "digits": keys pressed, e.g. text "[the caller pressed 1 2 3]" and digits "123"
     digits: str = ""
     speech_ended: float = 0.0
@@ -1132,8 +1132,6 @@ class EchoResponder:
         await play(Utterance("sorry", 24000, _once(chime((660.0, 660.0))), text="(cut-off chime)"))
 
     async def reply(self, turn: Turn, play: Play) -> str | None:
-        if turn.kind == "silence":
-            return HANG_UP  # nobody there: say goodbye
         if turn.kind == "digits":  # a keypad echo: each key's own tone pair
             for key in turn.digits:
                 if key == "0" and self.transfers:
