@@ -1991,7 +1991,11 @@ class Player:
         """A stall delays the wake-up due in it by some of its length: cover half as much again."""
         self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
+
 class Call:
+    """One media WebSocket of one call: its tasks (run), what Vobiz sends (listen_to_vobiz),
+    what the ears report (speech_started, turn_ended), and its life (converse, end)."""
+
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
@@ -2021,7 +2025,7 @@ class Call:
         self.counts: Counter[str] = Counter()
         self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
         self.player = Player(self.send, self.log, self.transcript)
-        self.ended_by = "hang-up"
+        self.ended_by = "hang-up"  # until end(reason), a stop frame or a cut says otherwise
         self.began = self.last_media = self.last_speech = trio.current_time()
         limit = switchboard.settings.max_call_s if ends_in is None else ends_in
         self.ends_at = self.began + limit  # MAX_CALL_S from the first answer, across reconnects
