@@ -19,6 +19,18 @@ One file, one process, one Trio event loop. A call travels like this:
          /ring, /recording
     POST /transfer ─────────────────────▶ <Dial> a person (after we asked Vobiz to move the call)
 
+The path of a frame from Vobiz: media_stream (the WebSocket route) → Call.run (the call's
+nursery) → Call.listen_to_vobiz → parse_frame → Call._handle → Call._hear → the ears
+(EnergyEars or DeepgramEars) → Call.turn_ended → Call.converse (the call's life: greet,
+turns, goodbye, stop) → Call.answer → the responder's reply → Player.play →
+Player.send_frame (paced) → Outbound.play_audio → Call.send; Vobiz's playedStream for each
+checkpoint comes back the same way in, to Player.heard (what the caller heard).
+
+Read the file top to bottom: its sections come in the order a call meets them: settings, audio, the Vobiz protocol (the
+frames in and out, the trust in webhooks and media URLs), the agent (ears, brain and mouth:
+offline, then AI), the call (Player, then Call), the web app (metrics, load, the
+switchboard, the routes), the command line.
+
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
 
@@ -68,6 +80,7 @@ import trio_websocket
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart import Response, current_app, request, websocket
+from quart.wrappers import Websocket
 from quart_trio import QuartTrio
 
 with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library in 3.13;
@@ -522,16 +535,17 @@ class FrameEncoder:
 
 
 @cache
-def chime(frequencies: tuple[float, float], rate: int = 24000) -> bytes:
-    """The offline agent's greeting (rising) and goodbye (falling): two soft tones,
-    made here at 24 kHz so that every call sends speech-rate audio through the
-    whole chain, filter included."""
+def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
+          fade_out_s: float = 0.05, rate: int = 24000) -> bytes:
+    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
+    (falling), and the trouble tone. Made at 24 kHz so that every call sends speech-rate audio
+    through the whole chain, filter included."""
     samples = array.array("h")
-    for frequency, seconds in zip(frequencies, (0.18, 0.30), strict=True):
-        count = int(rate * seconds)
+    for frequency, length_s in zip(frequencies, seconds, strict=True):
+        count = int(rate * length_s)
         for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.05 * rate))
-            samples.append(int(8000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
+            fade = min(1.0, i / (0.01 * rate), (count - i) / (fade_out_s * rate))
+            samples.append(int(loudness * fade * math.sin(2 * math.pi * frequency * i / rate)))
     return samples.tobytes()
 
 
@@ -613,8 +627,14 @@ class BadFrame(ValueError):
         self.kind = kind
 
 
+# The frames Vobiz sends, each with the JSON shape it is read from.
+
+
 @dataclass(frozen=True)
 class Start:
+    """{"event": "start", "start": {"callId", "streamId", "mediaFormat": {"encoding", "sampleRate"}}}:
+    the stream's first frame (older docs: the ids at the top, and a flat "contentType")."""
+
     call_id: str
     stream_id: str
     media_format: MediaFormat
@@ -622,40 +642,66 @@ class Start:
 
 @dataclass(frozen=True)
 class Media:
+    """{"event": "media", "media": {"payload": "<base64>"}}: 20 ms of the caller, every 20 ms."""
+
     payload: bytes  # raw caller audio in the stream's MediaFormat
 
 
 @dataclass(frozen=True)
 class PlayedStream:
+    """{"event": "playedStream", "name": "<checkpoint>"}: Vobiz played everything up to our checkpoint."""
+
     name: str
 
 
 @dataclass(frozen=True)
 class ClearedAudio:
-    pass
+    """{"event": "clearedAudio"}: Vobiz flushed its queue, as our clearAudio asked."""
 
 
 @dataclass(frozen=True)
 class Dtmf:
+    """{"event": "dtmf", "dtmf": {"digit": "5"}} (and older shapes, see _dtmf_digit): a key pressed."""
+
     digit: str
 
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    """{"event": "stop"}: the stream is over."""
 
 
 Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
 
 
 def parse_frame(message: object) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame.
+    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
+    data = _json_object(message)
+    match data:  # media first: fifty a second, the rest a handful per call
+        case {"event": "media", "media": {"payload": str(payload)}} if payload:
+            return Media(_caller_audio(payload))
+        case {"event": "media"}:
+            raise BadFrame("fields", "media frame has no media.payload")
+        case {"event": "start"}:
+            return _start(data)
+        case {"event": "playedStream", "name": str(name)}:
+            return PlayedStream(name)
+        case {"event": "playedStream"}:
+            raise BadFrame("fields", "playedStream frame has no name")
+        case {"event": "clearedAudio"}:
+            return ClearedAudio()
+        case {"event": "dtmf"}:
+            return Dtmf(_dtmf_digit(data))
+        case {"event": "stop"}:
+            return Stop()
+    raise BadFrame("event", f"unknown event {data.get('event')!r}")
 
-    Whatever arrives, the outcome is one of the two: Vobiz sends JSON text, so
-    binary and empty messages are bad frames; nesting is bounded before parsing
-    (deep JSON would exhaust the recursion limit), and Infinity, NaN and 1e999
-    are refused while parsing (they would overflow any integer made of them).
-    """
+
+def _json_object(message: object) -> dict:
+    """The JSON object a frame must be. Whatever arrives, the outcome is that or BadFrame:
+    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded
+    before parsing (deep JSON would exhaust the recursion limit), and Infinity, NaN and
+    1e999 are refused while parsing (they would overflow any integer made of them)."""
     if not isinstance(message, str):  # bytes, or None for an empty binary message
         raise BadFrame("binary", "frame is binary, not text")
     if not message:
@@ -670,20 +716,7 @@ def parse_frame(message: object) -> Frame:
         raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
     if not isinstance(data, dict):
         raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
-    event = data.get("event")
-    if event == "media":
-        return Media(_media_payload(data))
-    if event == "start":
-        return _start(data)
-    if event == "playedStream":
-        return PlayedStream(_text(data, "name", "playedStream"))
-    if event == "clearedAudio":
-        return ClearedAudio()
-    if event == "dtmf":
-        return Dtmf(_dtmf_digit(data))
-    if event == "stop":
-        return Stop()
-    raise BadFrame("event", f"unknown event {event!r}")
+    return data
 
 
 def _not_a_number(name: str) -> float:
@@ -700,11 +733,7 @@ def _finite(text: str) -> float:
 FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
 
 
-def _media_payload(data: dict) -> bytes:
-    media = data.get("media")
-    payload = media.get("payload") if isinstance(media, dict) else None
-    if not isinstance(payload, str) or not payload:
-        raise BadFrame("fields", "media frame has no media.payload")
+def _caller_audio(payload: str) -> bytes:
     try:
         return binascii.a2b_base64(payload, strict_mode=True)
     except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
@@ -743,13 +772,6 @@ def _media_format(media_format: object, content_type: object) -> MediaFormat:
     return found
 
 
-def _text(data: dict, key: str, event: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str):
-        raise BadFrame("fields", f"{event} frame has no {key}")
-    return value
-
-
 DTMF_KEYS = frozenset("0123456789*#ABCD")
 
 
@@ -763,6 +785,13 @@ def _dtmf_digit(data: dict) -> str:
     if digit.upper() not in DTMF_KEYS:
         raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
     return digit.upper()
+
+
+# The frames we send back, for one stream:
+#   {"event": "playAudio", "streamId", "media": {"contentType", "sampleRate", "payload"}}
+#   {"event": "checkpoint", "streamId", "name"}: Vobiz answers playedStream once it has played to here
+#   {"event": "clearAudio", "streamId"}: drop what is queued; Vobiz answers clearedAudio
+#   {"event": "stop", "streamId"}: end the stream (and, after <Stream>, the call: see stream_xml)
 
 
 class Outbound:
@@ -915,7 +944,7 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # "ears-down": speech-to-text is unreachable; "silence": nobody has spoken for long;
+    kind: str = "speech"  # "ears-down": speech-to-text is unreachable;
     # "digits": keys pressed, e.g. text "[the caller pressed 1 2 3]" and digits "123"
     digits: str = ""
     speech_ended: float = 0.0
@@ -949,6 +978,8 @@ class Listener(Protocol):
 
 
 class Ears(Protocol):
+    dropped: int  # caller frames dropped on the way to speech-to-text (a slow provider), for the call's log
+
     def hear(self, payload: bytes) -> None:
         """Called for every inbound media payload; must never block."""
 
@@ -1044,6 +1075,7 @@ class EnergyEars:
     PRE_ROLL_S = 0.10
     TAIL_S = 0.10  # keep this much of the closing quiet: words trail off below the threshold
     MAX_TURN_S = 30.0
+    dropped = 0  # loudness is measured in hear(): no queue, nothing dropped
 
     def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
         self.format = media_format
@@ -1100,8 +1132,6 @@ class EchoResponder:
         await play(Utterance("sorry", 24000, _once(chime((660.0, 660.0))), text="(cut-off chime)"))
 
     async def reply(self, turn: Turn, play: Play) -> str | None:
-        if turn.kind == "silence":
-            return HANG_UP  # nobody there: say goodbye
         if turn.kind == "digits":  # a keypad echo: each key's own tone pair
             for key in turn.digits:
                 if key == "0" and self.transfers:
@@ -1631,16 +1661,8 @@ async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -
         raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
 
 
-@cache
-def trouble_tone(rate: int = TTS_RATE) -> bytes:
-    """Two falling tones: what the caller hears when the voice itself fails."""
-    samples = array.array("h")
-    for frequency in (480.0, 360.0):
-        count = int(rate * 0.2)
-        for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (0.03 * rate))
-            samples.append(int(6000 * fade * math.sin(2 * math.pi * frequency * i / rate)))
-    return samples.tobytes()
+# Two falling tones, quieter than the chimes: what the caller hears when the voice itself fails.
+trouble_tone = partial(chime, (480.0, 360.0), (0.2, 0.2), 6000, 0.03)
 
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
@@ -1831,69 +1853,179 @@ class AIAgent:
 
 # ─────────────────────────────────────────────────────────────────────────────
 # The call: one WebSocket from Vobiz, one nursery. The inbound task reads
-# frames and feeds the ears; the conversation task greets and replies. Each
+# frames and feeds the ears; the conversation task (converse: the call's life)
+# greets and replies, and speaks through the Player, which paces the frames and
+# keeps what the caller heard. Each
 # reply runs in a cancel scope, so barge-in is one cancel(): whatever the reply
 # was doing (thinking, fetching speech, pacing frames) stops at once. When the
 # socket closes the nursery is cancelled and every task of the call ends with it.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
-class Socket(Protocol):
-    async def receive(self) -> str | bytes: ...
+class Player:
+    """The agent's voice on one stream: paced playAudio frames, a checkpoint after each
+    utterance, and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
 
-    async def send(self, data: str) -> None: ...
+    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter.
+    When our own wake-ups come late (a busy event loop), the lead grows to
+    cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
+    excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
+    flushes whatever is queued with one clearAudio, so a larger lead does
+    not mean the agent talks over the caller for longer.
+    """
 
-
-class Call:
-    # Keep at least 80 ms queued at Vobiz: enough to ride out network jitter.
-    # When our own wake-ups come late (a busy event loop), the lead grows to
-    # cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
-    # excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
-    # flushes whatever is queued with one clearAudio, so a larger lead does
-    # not mean the agent talks over the caller for longer.
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
     LEAD_HALF_LIFE_S = 1.0
     LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], log: CallLog, transcript: list[dict]):
+        self.send = send  # the call's own: a send to a caller who hung up ends the call
+        self.log = log
+        self.transcript = transcript  # the call's: each utterance goes in as it begins
+        self.outbound: Outbound | None = None  # the stream's frames, from its `start`
+        self.play_clock = 0.0  # when Vobiz will have played everything we sent
+        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
+        self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
+        self.cleared.set()
+        self.turn: Turn | None = None  # the turn being answered, for its latency marks
+        self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
+        self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
+        self.utterances = self.frames = 0
+
+    def talking(self) -> bool:
+        """Is Vobiz still playing what we sent?"""
+        return trio.current_time() < self.play_clock
+
+    async def play(self, utterance: Utterance) -> None:
+        """Send one utterance as paced playAudio frames, then a checkpoint."""
+        self.utterances += 1
+        name = f"{utterance.label}-{self.utterances}"  # unique within the call
+        turn, frames = self.turn, 0
+        self.transcript.append({"utterance": utterance})
+        encoder = FrameEncoder(utterance.rate)
+        async with aclosing(utterance.pcm) as chunks:
+            async for pcm in chunks:
+                for frame in encoder.encode(pcm):
+                    await self.send_frame(frame)
+                    frames += 1
+        for frame in encoder.flush():
+            await self.send_frame(frame)
+            frames += 1
+        self.unheard[name] = (utterance, turn, frames)
+        await self.send(self.outbound.checkpoint(name))
+
+    def heard(self, checkpoint: str) -> None:
+        """Vobiz says it played `checkpoint`: the caller heard that utterance. The one place
+        an utterance becomes heard, which is all a responder's history keeps."""
+        utterance, turn, frames = self.unheard.pop(checkpoint, (None, None, 0))
+        if utterance is not None:
+            utterance.heard = True
+            self.acked.set()
+            self.acked = trio.Event()
+        if turn is not None:  # it began playing `frames` frames before this ack
+            turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
+
+    async def until_heard(self, timeout_s: float) -> None:
+        """Wait until Vobiz has played everything we sent, or `timeout_s` (an ack can be lost)."""
+        with trio.move_on_after(timeout_s):
+            while self.unheard:
+                await self.acked.wait()
+
+    def interrupt(self, onset: float) -> Turn | None:
+        """The caller talks over the agent: Vobiz's queue is to be flushed (see clear_audio).
+
+        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
+        will never be acked: those utterances count as not heard. New audio
+        waits for clearedAudio, or it would race the flush and lose its start.
+        Returns the turn being answered, for its barge-in latency marks."""
+        for entry in self.transcript:  # whatever had not played yet is lost
+            if "utterance" in entry and not entry["utterance"].heard:
+                entry.setdefault("cut_off", True)
+        self.unheard.clear()
+        self.play_clock = trio.current_time()
+        self.cleared = trio.Event()
+        if self.turn is not None:
+            self.turn.mark("barge_in_onset", onset)
+        return self.turn
+
+    async def clear_audio(self, turn: Turn | None) -> None:
+        await self.send(self.outbound.clear_audio())
+        if turn is not None:
+            turn.mark("clear_audio_sent")
+        self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
+
+    async def send_frame(self, frame: bytes) -> None:
+        if not self.cleared.is_set():
+            with trio.move_on_after(self.CLEARED_TIMEOUT_S) as waited:
+                await self.cleared.wait()
+            if waited.cancelled_caught:
+                self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
+                self.cleared.set()
+        # Real time with a lead: Vobiz queues what we send, and everything
+        # queued is what a barge-in must flush, so don't send in a burst.
+        now = trio.current_time()
+        starts = max(self.play_clock, now)
+        self.play_clock = starts + FRAME_SECONDS
+        await self.send(self.outbound.play_audio(frame))
+        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
+        if self.turn is not None and "first_frame_sent" not in self.turn.marks:
+            self.turn.mark("first_frame_sent")
+            self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
+        self.frames += 1
+        await self._pace()
+
+    async def _pace(self) -> None:
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per
+        wake-up (half the timers of one per frame), and how late the wake-up
+        comes sets the lead: the next stall of that size is covered."""
+        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
+        wake = self.play_clock - self.lead
+        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
+            return  # less than lead + 1.5 frames queued: send the next frame now
+        await trio.sleep_until(wake)
+        self._follow_lateness(trio.current_time() - wake)
+
+    def _follow_lateness(self, late: float) -> None:
+        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
+        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
+
+
+class Call:
+    """One media WebSocket of one call: its tasks (run), what Vobiz sends (listen_to_vobiz),
+    what the ears report (speech_started, turn_ended), and its life (converse, end)."""
+
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
 
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
     START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
 
-    def __init__(self, socket: Socket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
+    def __init__(self, socket: Websocket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
                  ends_in: float | None = None):
         self.socket = socket
         self.switchboard = switchboard
         self.agent = switchboard.agent
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
-        self.label = call_id
         self.responder: Responder | None = None  # the conversation, chosen at `start`
         self.fresh = fresh  # the call's first socket (else a reconnect)
         self.opening = "greet"  # or "go on" (a reconnect, conversation known), "apologise" (not known)
         self.start: Start | None = None
-        self.outbound: Outbound | None = None
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
         self.begun = trio.Event()  # a valid start has arrived
-        self.cleared = trio.Event()  # unset between our clearAudio and Vobiz's clearedAudio
-        self.cleared.set()
         self.reply_scope: trio.CancelScope | None = None
-        self.play_clock = 0.0  # when Vobiz will have played everything we sent
-        self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
         self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
         self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
-        self.turn: Turn | None = None  # the turn being answered, for its latency marks
-        self.unheard: dict[str, tuple[Utterance, Turn | None, int]] = {}  # checkpoint → (utterance, turn, frames)
-        self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
-        self.ended_by = "hang-up"
+        self.player = Player(self.send, self.log, self.transcript)
+        self.ended_by = "hang-up"  # until end(reason), a stop frame or a cut says otherwise
         self.began = self.last_media = self.last_speech = trio.current_time()
         limit = switchboard.settings.max_call_s if ends_in is None else ends_in
         self.ends_at = self.began + limit  # MAX_CALL_S from the first answer, across reconnects
@@ -1901,9 +2033,9 @@ class Call:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as self.nursery:
-                self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.label} inbound")
-                self.nursery.start_soon(self.converse, name=f"call {self.label} conversation")
-                self.nursery.start_soon(self.watch_for_silence, name=f"call {self.label} idle watch")
+                self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.call_id} inbound")
+                self.nursery.start_soon(self.converse, name=f"call {self.call_id} conversation")
+                self.nursery.start_soon(self.watch_for_silence, name=f"call {self.call_id} idle watch")
         finally:
             self._log_end()
             self._log_transcript()
@@ -1927,25 +2059,20 @@ class Call:
 
     def _handle(self, frame: Frame) -> bool:
         """Act on one frame; True means the call is over."""
-        if isinstance(frame, Media):
-            self._hear(frame.payload)
-        elif isinstance(frame, Start):
-            self._begin(frame)
-        elif isinstance(frame, PlayedStream):
-            utterance, turn, frames = self.unheard.pop(frame.name, (None, None, 0))
-            if utterance is not None:
-                utterance.heard = True
-                self.acked.set()
-                self.acked = trio.Event()
-            if turn is not None:  # it began playing `frames` frames before this ack
-                turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
-        elif isinstance(frame, ClearedAudio):
-            self.cleared.set()
-        elif isinstance(frame, Dtmf):
-            self._key_pressed(frame.digit)
-        elif isinstance(frame, Stop):
-            self.ended_by = "stop frame"
-            return True
+        match frame:
+            case Media(payload):
+                self._hear(payload)
+            case Start():
+                self._begin(frame)
+            case PlayedStream(checkpoint):
+                self.player.heard(checkpoint)
+            case ClearedAudio():
+                self.player.cleared.set()
+            case Dtmf(digit):
+                self._key_pressed(digit)
+            case Stop():
+                self.ended_by = "stop frame"
+                return True
         return False
 
     async def watch_for_silence(self) -> None:
@@ -1967,7 +2094,7 @@ class Call:
                     await self.begun.wait()
                 continue
             if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
-                quiet_until = max(self.last_speech, self.play_clock) + settings.silence_timeout_s
+                quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
                 if now >= self.ends_at or now >= quiet_until:
                     over = now >= self.ends_at
                     self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
@@ -1999,15 +2126,15 @@ class Call:
         self.start = start
         self.begun.set()
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
-        detached_log = partial(log_for_call, self.label, self.switchboard.metrics)
+        detached_log = partial(log_for_call, self.call_id, self.switchboard.metrics)
         self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
         # A reconnect that lands where the conversation is not known (another process,
         # or this one after a restart) cannot go on: it says so instead of greeting again.
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
-        self.outbound = Outbound(start.stream_id)
+        self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.agent.ears(start.media_format, self, self.log)
-        self.nursery.start_soon(self.ears.run, name=f"call {self.label} ears")
+        self.nursery.start_soon(self.ears.run, name=f"call {self.call_id} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
                  {"greet": "started", "go on": "reconnected: the conversation goes on",
                   "apologise": "reconnected here without its conversation: the caller hears we were cut off"}
@@ -2035,7 +2162,7 @@ class Call:
         self.log(logging.INFO, "caller pressed %s", key)
         if self.keys_in is None:
             self.keys_in, keys_out = trio.open_memory_channel[str](32)
-            self.nursery.start_soon(self.collect_keys, keys_out, name=f"call {self.label} keypad")
+            self.nursery.start_soon(self.collect_keys, keys_out, name=f"call {self.call_id} keypad")
         try:
             self.keys_in.send_nowait(key)
         except trio.WouldBlock:
@@ -2061,7 +2188,7 @@ class Call:
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
         self.last_speech = trio.current_time()
-        if trio.current_time() < self.play_clock:
+        if self.player.talking():
             self.barge_in(onset)
         elif self.reply_scope is not None:
             # Still thinking, nothing heard yet: the caller had only paused. Drop
@@ -2071,43 +2198,26 @@ class Call:
 
     def turn_ended(self, turn: Turn) -> None:
         self.log(logging.DEBUG, "turn ended (%s)", turn.kind)
-        if self.ended_by == "transfer":
-            return  # a person answers now
         if turn.kind == "speech":
             self.last_speech = trio.current_time()
         try:
             self.turns_in.send_nowait(turn)
         except trio.WouldBlock:
             self.log(logging.WARNING, "dropped a turn: too many are waiting for a reply")
+        except trio.ClosedResourceError:
+            pass  # the call is ending: a goodbye is on its way, or a person answers now
 
     def barge_in(self, onset: float) -> None:
-        """The caller talks over the agent: stop the reply and flush Vobiz's queue.
-
-        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
-        will never be acked: those utterances count as not heard. New audio
-        waits for clearedAudio, or it would race the flush and lose its start.
-        """
-        self.counts["barge-ins"] += 1
-        self.switchboard.metrics.count("barge_ins_total")
-        for entry in self.transcript:  # whatever had not played yet is lost
-            if "utterance" in entry and not entry["utterance"].heard:
-                entry.setdefault("cut_off", True)
+        """The caller talks over the agent: stop the reply, and flush Vobiz's queue."""
+        self._count("barge_ins")
         if self.reply_scope is not None:
             self.reply_scope.cancel()
-        self.unheard.clear()
-        self.play_clock = trio.current_time()
-        self.cleared = trio.Event()
-        if self.turn is not None:
-            self.turn.mark("barge_in_onset", onset)
-        self.nursery.start_soon(self._clear_audio, self.turn)
+        turn = self.player.interrupt(onset)
+        self.nursery.start_soon(self.player.clear_audio, turn)
 
-    async def _clear_audio(self, turn: Turn | None) -> None:
-        await self.send(self.outbound.clear_audio())
-        if turn is not None:
-            turn.mark("clear_audio_sent")
-        self.log(logging.INFO, "barge-in: the caller spoke over the agent, clearAudio sent")
-
-    # The conversation: greet, then answer turns one at a time.
+    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever
+    # ends a call from our side (the agent's hang_up, the caller's silence, MAX_CALL_S,
+    # a drain, a transfer) calls end(reason), and this one method takes it from there.
 
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
@@ -2116,124 +2226,66 @@ class Call:
             await self.respond(self.responder.greet)
         elif self.opening == "apologise":
             await self.respond(self.responder.resume)
-        async for turn in self.turns_out:
-            if turn.kind == "farewell":
-                await self._say_goodbye(turn.text)
-                return
-            self.turn = turn
-            self._note_turn(turn)
-            if turn.kind == "speech":
-                self.counts["turns"] += 1
-                self.switchboard.metrics.count("turns_total")
-            outcome = await self.respond(partial(self.responder.reply, turn))
-            self._log_latency(turn)
-            self.turn = None
+        async for turn in self.turns_out:  # until end() closes the turns (those already in are answered)
+            outcome = await self.answer(turn)
             if outcome == HANG_UP:
                 self.log(logging.INFO, "the agent ends the call")
                 self.end("agent")
             elif outcome == TRANSFER_CALL and await self.transfer():
-                return  # Vobiz moves the call and closes this stream
+                return  # Vobiz moves the call and closes this stream: no goodbye, no stop
+        # Play the farewell, wait (a little) until Vobiz has played everything, then stop:
+        # a `stop` drops whatever is still queued, last words included.
+        await self.respond(partial(self.responder.farewell, self.ended_by))
+        await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
+        await self.send(self.player.outbound.stop())
+        self.nursery.cancel_scope.cancel()
+
+    def end(self, reason: str) -> None:
+        """End the call from our side, for `reason` (the call's last log line names it): stop
+        talking, and take no more turns, so that `converse` goes on to the goodbye. The first
+        reason wins, but a transfer wins over any: the call is a person's now."""
+        if self.ended_by == "hang-up" or reason == "transfer":
+            self.ended_by = reason
+            if self.reply_scope is not None:
+                self.reply_scope.cancel()
+            self.turns_in.close()
+
+    async def answer(self, turn: Turn) -> str | None:
+        """One turn: into the transcript, answered in the reply scope, its latency logged."""
+        self.player.turn = turn
+        self._note_turn(turn)
+        if turn.kind == "speech":
+            self._count("turns")
+        outcome = await self.respond(partial(self.responder.reply, turn))
+        self._log_latency(turn)
+        self.player.turn = None
+        return outcome
 
     async def transfer(self) -> bool:
         """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
         to move the call to our /transfer XML. True if Vobiz took the request."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
-        with trio.move_on_after(self.TRANSFER_ACK_TIMEOUT_S):
-            while self.unheard:
-                await self.acked.wait()
+        await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
         settings = self.switchboard.settings
         problem = await request_transfer(settings, self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
         self.transcript.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
             self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
-            self.ended_by = "transfer"
+            self.end("transfer")
             return True
         self.log(logging.WARNING, "transfer failed (%s): the conversation goes on", problem, error="transfer")
         await self.respond(partial(self.responder.announce, "apology", TRANSFER_APOLOGY))
         return False
 
-    def end(self, reason: str) -> None:
-        """End the call from our side: stop talking, say goodbye, then `stop` the stream."""
-        if self.ended_by == "hang-up":
-            self.ended_by = reason
-            if self.reply_scope is not None:
-                self.reply_scope.cancel()
-            with suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self.turns_in.send_nowait(Turn(kind="farewell", text=reason))
-
-    async def _say_goodbye(self, reason: str) -> None:
-        """Play the farewell, wait (a little) until Vobiz has played everything, then stop:
-        a `stop` drops whatever is still queued, last words included."""
-        if self.responder is not None and self.outbound is not None:
-            await self.respond(partial(self.responder.farewell, reason))
-            with trio.move_on_after(self.FAREWELL_ACK_TIMEOUT_S):
-                while self.unheard:
-                    await self.acked.wait()
-            await self.send(self.outbound.stop())
-        self.nursery.cancel_scope.cancel()
-
-    async def respond(self, responder: Callable[[Play], Awaitable[object]], play: Play | None = None) -> object:
+    async def respond(self, responder: Callable[[Play], Awaitable[object]]) -> object:
         """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
         Returns what the responder returned, or None if it was cut off."""
         result = None
         with trio.CancelScope() as self.reply_scope:
-            result = await responder(play or self.play)
+            result = await responder(self.player.play)
         self.reply_scope = None
         return result
-
-    async def play(self, utterance: Utterance) -> None:
-        """Send one utterance as paced playAudio frames, then a checkpoint."""
-        self.counts["utterances"] += 1
-        name = f"{utterance.label}-{self.counts['utterances']}"  # unique within the call
-        turn, frames = self.turn, 0
-        self.transcript.append({"utterance": utterance})
-        encoder = FrameEncoder(utterance.rate)
-        async with aclosing(utterance.pcm) as chunks:
-            async for pcm in chunks:
-                for frame in encoder.encode(pcm):
-                    await self.send_frame(frame)
-                    frames += 1
-        for frame in encoder.flush():
-            await self.send_frame(frame)
-            frames += 1
-        self.unheard[name] = (utterance, turn, frames)
-        await self.send(self.outbound.checkpoint(name))
-
-    async def send_frame(self, frame: bytes) -> None:
-        if not self.cleared.is_set():
-            with trio.move_on_after(self.CLEARED_TIMEOUT_S) as waited:
-                await self.cleared.wait()
-            if waited.cancelled_caught:
-                self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
-                self.cleared.set()
-        # Real time with a lead: Vobiz queues what we send, and everything
-        # queued is what a barge-in must flush, so don't send in a burst.
-        now = trio.current_time()
-        starts = max(self.play_clock, now)
-        self.play_clock = starts + FRAME_SECONDS
-        await self.send(self.outbound.play_audio(frame))
-        self._follow_lateness(trio.current_time() - now)  # a send is near instant, unless the loop stalls
-        if self.turn is not None and "first_frame_sent" not in self.turn.marks:
-            self.turn.mark("first_frame_sent")
-            self.turn.mark("first_frame_due", starts)  # when it should play: the estimate, until acked
-        self.counts["frames"] += 1
-        await self._pace()
-
-    async def _pace(self) -> None:
-        """Wait until Vobiz has only `lead` left to play. Two frames go out per
-        wake-up (half the timers of one per frame), and how late the wake-up
-        comes sets the lead: the next stall of that size is covered."""
-        self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
-        wake = self.play_clock - self.lead
-        if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
-            return  # less than lead + 1.5 frames queued: send the next frame now
-        await trio.sleep_until(wake)
-        self._follow_lateness(trio.current_time() - wake)
-
-    def _follow_lateness(self, late: float) -> None:
-        """A stall delays the wake-up due in it by some of its length: cover half as much again."""
-        self.lead = min(self.LEAD_MAX_S, max(self.lead, self.LEAD_S + 1.5 * late))
 
     async def send(self, message: str) -> None:
         # Hypercorn shields its socket writes, so no deadline of ours could cut this short;
@@ -2247,7 +2299,12 @@ class Call:
 
     def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
-        log_for_call(self.label, self.switchboard.metrics, level, message, *args, error=error)
+        log_for_call(self.call_id, self.switchboard.metrics, level, message, *args, error=error)
+
+    def _count(self, event: str) -> None:
+        """One more of `event` in this call (its last log line) and in /metrics (`event`_total)."""
+        self.counts[event] += 1
+        self.switchboard.metrics.count(f"{event}_total")
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
@@ -2272,16 +2329,16 @@ class Call:
         if heard or due:
             self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
-        log.info("call %s: turn %d latency: %s%s", self.label, self.counts["turns"], text,
+        log.info("call %s: turn %d latency: %s%s", self.call_id, self.counts["turns"], text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
-                 extra={"fields": {"call": self.label, "turn": self.counts["turns"], **steps}})
+                 extra={"fields": {"call": self.call_id, "turn": self.counts["turns"], **steps}})
 
     def _log_end(self) -> None:
         bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
-        dropped = getattr(self.ears, "dropped", 0)
+        dropped = self.ears.dropped if self.ears else 0
         self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
                  self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge-ins"], self.counts["frames"], f"; bad frames: {bad}" if bad else "",
+                 self.counts["barge_ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
     def _note_turn(self, turn: Turn) -> None:
@@ -2311,8 +2368,8 @@ class Call:
             entries.append(entry)
         ended = {"ended_by": self.ended_by, "seconds": round(trio.current_time() - self.began, 1)}
         summary = " | ".join(_transcript_line(entry) for entry in entries) or "(nothing said)"
-        log.info("call %s: transcript (%s after %.1f s): %s", self.label, self.ended_by, ended["seconds"],
-                 summary, extra={"fields": {"call": self.label, "transcript": entries, **ended}})
+        log.info("call %s: transcript (%s after %.1f s): %s", self.call_id, self.ended_by, ended["seconds"],
+                 summary, extra={"fields": {"call": self.call_id, "transcript": entries, **ended}})
 
 
 def _transcript_line(entry: dict) -> str:
@@ -2878,6 +2935,8 @@ async def media_stream(call_id: str, token: str) -> Response | None:
         return Response(f"{problem}\n", status)
     issued = stream_token_issued(token)
     fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
+    # The socket itself, not Quart's context-local proxy to it: the call sends and receives
+    # fifty frames a second each way, and through the proxy each would look the socket up again.
     call = Call(websocket._get_current_object(), switchboard, call_id, fresh=fresh,
                 ends_in=issued + switchboard.settings.max_call_s - now)
     call.public_base = call.public_base or _request_base(websocket)
