@@ -825,7 +825,7 @@ PROFILE_CALLS, PROFILE_SECONDS, PROFILE_RATE = 25, 10, 100
 PROFILE_OUTPUT = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_profile.txt")
 # The per-message path: what vobiz_agent.py does for each frame in and out, with what it calls.
 PER_MESSAGE = ("Call.listen_to_vobiz", "parse_frame", "Call._hear", "DeepgramEars.hear",
-               "DeepgramEars._send_audio", "DeepgramEars._receive", "Call.send_frame", "Outbound.play_audio",
+               "DeepgramEars._send_audio", "DeepgramEars._receive", "Player.send_frame", "Outbound.play_audio",
                "Call.send", "TrioWebsocket.send", "FrameEncoder.encode", "chat_tokens", "speech_pcm")
 
 

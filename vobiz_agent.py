@@ -410,7 +410,8 @@ class MediaFormat:
         """Inbound payload → 16-bit native-endian PCM at `self.rate`."""
         if self.sample_width == 1:
             return audioop.ulaw2lin(payload, 2)
-        # Observed Vobiz L16 is little-endian (vobiz-protocol.md §3.2).
+        # Observed Vobiz L16 is little-endian: a real call's frame in the vendor's example
+        # (https://vobiz.ai/docs/examples/vobiz-bun-media-stream) decodes to plausible line noise only that way.
         return payload if sys.byteorder == "little" else audioop.byteswap(payload, 2)
 
 
@@ -576,8 +577,9 @@ def dtmf_tone(key: str, rate: int = 24000) -> bytes:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The Vobiz protocol (see shared/vobiz-protocol.md): the <Stream> answer, the
-# frames Vobiz sends us, and the ones we send back. Pure functions.
+# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us, and the
+# ones we send back. Pure functions. The vendor's docs are https://vobiz.ai/docs/xml/stream
+# and the pages under it; our protocol notes gather them with what real calls showed.
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
@@ -1680,15 +1682,19 @@ class AIResponder:
 
     A reply is three things at once, all inside the call's reply scope: the
     LLM stream is cut into sentences; each sentence's TTS request starts as soon
-    as it is ready (one sentence ahead of the player at most); the player plays
-    them in order. Cancelling the scope closes every HTTP stream at once.
+    as the sentence is complete, before it is handed to the player; the player
+    plays them in order. Handing over waits while PREFETCH sentences are already
+    queued for the player, so while one plays up to PREFETCH + 1 more are being
+    synthesized (the queued ones and the one waiting to join them), and the LLM
+    stream is read no further until one is played. Cancelling the scope closes
+    every HTTP stream at once.
 
     History keeps only what the caller heard: an assistant turn is the list of
     its utterances, and its text is read (heard ones only) when the next request
     is built, after Vobiz has acknowledged or voided each checkpoint.
     """
 
-    PREFETCH = 1  # sentences synthesized ahead of the one playing
+    PREFETCH = 1  # sentences queued for the player; one more is synthesized while it waits to join them
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient, log: CallLog, model: ChatModel):
         self.settings = settings
@@ -1832,9 +1838,11 @@ class AIAgent:
         self.settings = settings
         self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
         # One client for the process: its connection pool keeps TLS sessions warm between turns.
-        # Sized to the calls: each may stream one LLM reply and two sentences of speech at once
-        # (httpx's default of 100, shared, makes the 34th call's speech wait for a connection),
-        # and keeps that many warm (the default keeps 20: the rest redo TCP and TLS every turn).
+        # Sized to the calls: each may stream one LLM reply and the speech of PREFETCH + 1 sentences
+        # ahead of the one playing (whose speech has usually all come by then: it comes faster than
+        # it plays); httpx's default of 100, shared, makes the 34th call's speech wait for a
+        # connection. And it keeps that many warm (the default keeps 20: the rest redo TCP and TLS
+        # every turn).
         streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s),
                                         limits=httpx.Limits(max_connections=streams,
