@@ -1043,11 +1043,10 @@ async def test_verification_is_an_explicit_mode_and_the_banner_says_it(nursery):
     server = await start_server(nursery, public_url="https://calls.example.com", vobiz_auth_token="tok")
     forged = signed_by("guess", "https://calls.example.com/answer", "30000000000000000001", 3)
     assert (await server.post("/answer", data={"CallUUID": CALL_UUID}, headers=forged)).status_code == 200
-    agent = vobiz_agent.OfflineAgent(vobiz_agent.Settings())
-    off = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok"}), agent)
+    off = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok"}))
     assert "signatures: off" in off and "answer anyone" in off
-    required = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok", "VOBIZ_VERIFY_SIGNATURES": "required"}),
-                                  agent)
+    required = vobiz_agent.banner(from_env({"VOBIZ_AUTH_TOKEN": "tok",
+                                            "VOBIZ_VERIFY_SIGNATURES": "required"}))
     assert "signatures: required" in required and "anyone" not in required
 
 
@@ -1371,12 +1370,12 @@ async def test_the_phone_is_off_for_the_ai_agent_on_a_public_address_unless_aske
     keys = {"DEEPGRAM_API_KEY": "dg", "OPENAI_API_KEY": "sk"}
     public_ai = vobiz_agent.Settings.from_env({**keys, "HOST": "0.0.0.0"})
     assert not public_ai.serves_phone
-    assert "PHONE=true turns it on" in vobiz_agent.banner(public_ai, vobiz_agent.AIAgent(public_ai))
+    assert "PHONE=true turns it on" in vobiz_agent.banner(public_ai)
     assert vobiz_agent.Settings.from_env({**keys, "HOST": "127.0.0.1"}).serves_phone
     assert vobiz_agent.Settings.from_env({"HOST": "0.0.0.0"}).serves_phone  # the offline agent
     assert not vobiz_agent.Settings.from_env({"PHONE": "false"}).serves_phone
     asked = vobiz_agent.Settings.from_env({**keys, "PHONE": "true", "HOST": "0.0.0.0", "PORT": "5001"})
-    text = vobiz_agent.banner(asked, vobiz_agent.AIAgent(asked))
+    text = vobiz_agent.banner(asked)
     assert "http://localhost:5001/phone" in text and "spend your provider budget" in text
     app = vobiz_agent.create_app(public_ai)
     assert "/phone" not in {rule.rule for rule in app.url_map.iter_rules()}
@@ -2080,7 +2079,7 @@ async def test_health_and_banner_say_loudly_when_anyone_can_spend_the_budget(nur
     health = (await ai.server.get("/health")).json()
     assert "anyone who can reach /answer can spend your provider budget" in health["warning"]
     settings = ai.server.app.switchboard.settings
-    assert "WARNING: webhook verification is off" in vobiz_agent.banner(settings, ai.server.app.switchboard.agent)
+    assert "WARNING: webhook verification is off" in vobiz_agent.banner(settings)
     signed = await start_providers(nursery, vobiz_auth_token="secret-token", vobiz_verify_signatures="required")
     assert "warning" not in (await signed.server.get("/health")).json()
     offline = await start_server(nursery)

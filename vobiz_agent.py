@@ -1009,21 +1009,19 @@ class Responder(Protocol):
     async def farewell(self, reason: str, play: Play) -> None: ...
 
 
-class Agent(Protocol):
-    """Makes the ears and the responder for each call."""
-
-    name: str
-    digit_pause_s: float  # keys pressed within this of each other are one "digits" turn
-
-    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears: ...
-
-    def responder(self, log: CallLog) -> Responder: ...
-
-    async def aclose(self) -> None: ...
-
-
 class CallLog(Protocol):
     def __call__(self, level: int, message: str, *args: object, error: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Agent:
+    """What the process's agent gives each call: its ears and its responder (make_agent
+    builds it from the settings: the offline echo test, or the AI agent)."""
+
+    ears: Callable[[MediaFormat, Listener, CallLog], Ears]
+    responder: Callable[[CallLog], Responder]
+    digit_pause_s: float  # keys pressed within this of each other are one "digits" turn
+    client: httpx.AsyncClient | None = None  # the providers' connection pool, closed at shutdown
 
 
 class VoiceActivity:
@@ -1155,27 +1153,6 @@ class EchoResponder:
 
 async def _once(pcm: bytes) -> AsyncIterator[bytes]:
     yield pcm
-
-
-class OfflineAgent:
-    """The default agent when no provider keys are set: an echo test."""
-
-    name = "offline echo agent"
-    digit_pause_s = 0.3  # keys typed in a quick run are echoed together, just after it
-
-    def __init__(self, settings: Settings):
-        self.speech_min_s = settings.barge_in_min_ms / 1000
-        self.max_turns = settings.offline_max_turns
-        self.transfers = bool(settings.transfer_number)
-
-    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
-        return EnergyEars(media_format, listener, self.speech_min_s)
-
-    def responder(self, log: CallLog) -> Responder:
-        return EchoResponder(self.max_turns, transfers=self.transfers)
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
 
 # The AI agent's ears: Deepgram live transcription over a WebSocket.
@@ -1677,6 +1654,25 @@ GOODBYE = "Thank you for calling. Goodbye!"  # when the model hangs up without a
 INTERRUPTED = "[the caller interrupted]"
 
 
+@dataclass
+class Reply:
+    """What the agent said in one go (a reply, the greeting, an apology), utterance by
+    utterance as each was made, and the caller's words it answers. An utterance made but
+    cut off before it played is not heard: what the caller heard is all the model is told."""
+
+    caller_said: str | None = None  # None: words of the agent's own, not an answer
+    utterances: list[Utterance] = field(default_factory=list)
+
+    def heard_any(self) -> bool:
+        return any(utterance.heard for utterance in self.utterances)
+
+    def heard_text(self) -> str:
+        """What the caller heard of it, marked if they cut it short."""
+        heard = [utterance.text for utterance in self.utterances if utterance.heard]
+        text = " ".join(heard)
+        return text if len(heard) == len(self.utterances) else f"{text} {INTERRUPTED}".strip()
+
+
 class AIResponder:
     """One call's conversation with the language model, spoken sentence by sentence.
 
@@ -1686,12 +1682,12 @@ class AIResponder:
     plays them in order. Handing over waits while PREFETCH sentences are already
     queued for the player, so while one plays up to PREFETCH + 1 more are being
     synthesized (the queued ones and the one waiting to join them), and the LLM
-    stream is read no further until one is played. Cancelling the scope closes
-    every HTTP stream at once.
+    stream is read no further until the player takes the next. Cancelling the
+    scope closes every HTTP stream at once.
 
-    History keeps only what the caller heard: an assistant turn is the list of
-    its utterances, and its text is read (heard ones only) when the next request
-    is built, after Vobiz has acknowledged or voided each checkpoint.
+    History is the call's Replies, and the model is told only what the caller
+    heard of each: it is read when the next request is built, after Vobiz has
+    acknowledged or voided each checkpoint.
     """
 
     PREFETCH = 1  # sentences queued for the player; one more is synthesized while it waits to join them
@@ -1701,7 +1697,7 @@ class AIResponder:
         self.client = client
         self.log = log
         self.model = model
-        self.history: list[tuple[str, str | list[Utterance]]] = []
+        self.history: list[Reply] = []
 
     async def greet(self, play: Play) -> None:
         await self._speak("greeting", self.settings.greeting, play, Turn())
@@ -1713,11 +1709,11 @@ class AIResponder:
         if turn.kind == "ears-down":
             await self._speak("apology", EARS_APOLOGY, play, turn)
             return None
-        messages = self._conversation(turn.text)
+        messages, answer = self._conversation(turn.text)
         tools_called: set[str] = set()  # this reply's only: a goodbye talked over ends nothing later
         async with trio.open_nursery() as nursery:
             ready_in, ready_out = trio.open_memory_channel[Utterance](self.PREFETCH)
-            nursery.start_soon(self._think, messages, turn, ready_in, nursery, tools_called)
+            nursery.start_soon(self._think, messages, answer, turn, ready_in, nursery, tools_called)
             async for utterance in ready_out:
                 await play(utterance)
         return next((tool for tool in (TRANSFER_CALL, HANG_UP) if tool in tools_called), None)
@@ -1728,49 +1724,50 @@ class AIResponder:
     async def farewell(self, reason: str, play: Play) -> None:
         if reason != "agent":
             await self._speak("goodbye", FAREWELL, play, Turn())
-        elif not self.history or not self.history[-1][1]:
+        elif not self.history or not self.history[-1].utterances:
             # The model hung up without a word (a reply that is only the tool call): a call
             # never ends in silence. Otherwise the model said its own goodbye first.
             await self._speak("goodbye", GOODBYE, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
         """Fixed words (the greeting, an apology): synthesized and played."""
-        spoken: list[Utterance] = []
-        self.history.append(("assistant", spoken))
+        said = Reply()
+        self.history.append(said)
         async with trio.open_nursery() as nursery:
-            await play(self._utterance(text, turn, nursery, spoken, label))
+            await play(self._utterance(text, turn, nursery, said, label))
 
-    def _conversation(self, text: str) -> list[dict]:
+    def _conversation(self, text: str) -> tuple[list[dict], Reply]:
+        """The request for the model (the history, then the caller's `text`), and the reply
+        to it, already last in the history."""
         # The caller went on talking before hearing any of the last reply:
         # it was one turn with a pause in it, so answer the whole of it.
-        if len(self.history) >= 2 and self.history[-2][0] == "user":
-            last_reply = self.history[-1][1]
-            if not any(utterance.heard for utterance in last_reply):
-                self.history.pop()
-                text = f"{self.history.pop()[1]} {text}"
-        self.history.append(("user", text))
+        if self.history and self.history[-1].caller_said is not None and not self.history[-1].heard_any():
+            text = f"{self.history.pop().caller_said} {text}"
         messages = [{"role": "system", "content": self.settings.system_prompt}]
-        for role, content in self.history:
-            messages.append({"role": role, "content": content if role == "user" else _heard_text(content)})
-        return messages
+        for reply in self.history:
+            if reply.caller_said is not None:
+                messages.append({"role": "user", "content": reply.caller_said})
+            messages.append({"role": "assistant", "content": reply.heard_text()})
+        messages.append({"role": "user", "content": text})
+        self.history.append(Reply(caller_said=text))
+        return messages, self.history[-1]
 
-    async def _think(self, messages: list[dict], turn: Turn, ready: trio.MemorySendChannel[Utterance],
-                     nursery: trio.Nursery, tools_called: set[str]) -> None:
-        spoken: list[Utterance] = []
-        self.history.append(("assistant", spoken))
+    async def _think(self, messages: list[dict], answer: Reply, turn: Turn,
+                     ready: trio.MemorySendChannel[Utterance], nursery: trio.Nursery,
+                     tools_called: set[str]) -> None:
         async with ready:
             try:
                 tokens = _marking(without_reasoning(self._chat(messages, tools_called)), turn)
                 async with aclosing(speakable_pieces(tokens)) as pieces:
                     async for piece in pieces:
                         turn.mark("first_sentence")
-                        await ready.send(self._utterance(piece, turn, nursery, spoken))
-                if not spoken and not tools_called & {HANG_UP, TRANSFER_CALL}:
+                        await ready.send(self._utterance(piece, turn, nursery, answer))
+                if not answer.utterances and not tools_called & {HANG_UP, TRANSFER_CALL}:
                     raise ProviderError("LLM: the reply was empty")
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error, error="llm")
-                if not spoken:  # never leave the caller in silence
-                    await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, spoken, "apology"))
+                if not answer.utterances:  # never leave the caller in silence
+                    await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, answer, "apology"))
 
     async def _chat(self, messages: list[dict], tools_called: set[str]) -> AsyncIterator[str]:
         """The model's reply, offered our tools if the model takes tools. One that
@@ -1795,13 +1792,13 @@ class AIResponder:
         """What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it."""
         return [HANG_UP_TOOL, TRANSFER_TOOL] if self.settings.transfer_number else [HANG_UP_TOOL]
 
-    def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, spoken: list[Utterance],
+    def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, reply: Reply,
                    label: str = "sentence") -> Utterance:
-        """Start synthesizing `text` now; the utterance plays its audio as it arrives."""
+        """Start synthesizing `text` now, as part of `reply`; the utterance plays its audio as it arrives."""
         pcm_in, pcm_out = trio.open_memory_channel[bytes](math.inf)
         nursery.start_soon(self._synthesize, text, turn, pcm_in)
         utterance = Utterance(label, TTS_RATE, pcm_out, text=text)
-        spoken.append(utterance)
+        reply.utterances.append(utterance)
         return utterance
 
     async def _synthesize(self, text: str, turn: Turn, pcm: trio.MemorySendChannel[bytes]) -> None:
@@ -1822,41 +1819,29 @@ async def _marking(tokens: AsyncIterator[str], turn: Turn) -> AsyncIterator[str]
         yield token
 
 
-def _heard_text(utterances: list[Utterance]) -> str:
-    """What the caller heard of a reply, marked if they cut it short."""
-    heard = [utterance.text for utterance in utterances if utterance.heard]
-    text = " ".join(heard)
-    return text if len(heard) == len(utterances) else f"{text} {INTERRUPTED}".strip()
-
-
-class AIAgent:
-    """Deepgram ears, an OpenAI-compatible brain, OpenAI TTS for a mouth."""
-
-    digit_pause_s = 1.0  # a menu choice, or a number typed in: sent to the model after a short pause or #
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.name = f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
-        # One client for the process: its connection pool keeps TLS sessions warm between turns.
-        # Sized to the calls: each may stream one LLM reply and the speech of PREFETCH + 1 sentences
-        # ahead of the one playing (whose speech has usually all come by then: it comes faster than
-        # it plays); httpx's default of 100, shared, makes the 34th call's speech wait for a
-        # connection. And it keeps that many warm (the default keeps 20: the rest redo TCP and TLS
-        # every turn).
-        streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s),
-                                        limits=httpx.Limits(max_connections=streams,
-                                                            max_keepalive_connections=streams))
-        self.model = ChatModel()  # shared by every call: what one call learns, the next knows
-
-    def ears(self, media_format: MediaFormat, listener: Listener, log: CallLog) -> Ears:
-        return DeepgramEars(self.settings, media_format, listener, log)
-
-    def responder(self, log: CallLog) -> Responder:
-        return AIResponder(self.settings, self.client, log, self.model)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+def make_agent(settings: Settings) -> Agent:
+    """With both keys set, the AI agent: Deepgram ears, an OpenAI-compatible brain, OpenAI TTS
+    for a mouth. Otherwise the offline echo test: loudness for ears, the caller's own words back."""
+    if not settings.uses_ai:
+        speech_min_s = settings.barge_in_min_ms / 1000
+        transfers = bool(settings.transfer_number)  # pressing 0 hands the call to TRANSFER_NUMBER
+        return Agent(ears=lambda media_format, listener, _: EnergyEars(media_format, listener, speech_min_s),
+                     responder=lambda _: EchoResponder(settings.offline_max_turns, transfers),
+                     digit_pause_s=0.3)  # keys typed in a quick run are echoed together, just after it
+    # One client for the process: its connection pool keeps TLS sessions warm between turns.
+    # Sized to the calls: each may stream one LLM reply and the speech of PREFETCH + 1 sentences
+    # ahead of the one playing (whose speech has usually all come by then: it comes faster than
+    # it plays); httpx's default of 100, shared, makes the 34th call's speech wait for a
+    # connection. And it keeps that many warm (the default keeps 20: the rest redo TCP and TLS
+    # every turn).
+    streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
+    pool = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s), limits=pool)
+    model = ChatModel()  # shared by every call: what one call learns, the next knows
+    return Agent(ears=lambda media_format, listener, log: DeepgramEars(settings, media_format, listener, log),
+                 responder=lambda log: AIResponder(settings, client, log, model),
+                 digit_pause_s=1.0,  # a menu choice, or a number typed: sent to the model after a pause or #
+                 client=client)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2724,12 +2709,11 @@ def busy_xml() -> bytes:
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
 
-def create_app(settings: Settings, agent: Agent | None = None) -> QuartTrio:
+def create_app(settings: Settings) -> QuartTrio:
     """The web app: Vobiz's three webhooks, health and metrics, the media WebSocket,
     and the browser softphone (when settings.serves_phone)."""
     app = QuartTrio(__name__)
-    agent = agent or (AIAgent(settings) if settings.uses_ai else OfflineAgent(settings))
-    app.switchboard = Switchboard(settings, agent)
+    app.switchboard = Switchboard(settings, make_agent(settings))
     app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
     app.config["BODY_TIMEOUT"] = settings.http_read_timeout_s
     app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
@@ -2921,7 +2905,8 @@ async def start_load_monitor() -> None:
 
 async def release_agent() -> None:
     current_app.switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
-    await current_app.switchboard.agent.aclose()
+    if client := current_app.switchboard.agent.client:
+        await client.aclose()
 
 
 async def media_stream(call_id: str, token: str) -> Response | None:
@@ -3082,8 +3067,10 @@ VERIFICATION_BANNER = {
 }
 
 
-def banner(settings: Settings, agent: Agent) -> str:
-    lines = [f"vobiz-agent ({agent.name}) listening on http://{settings.host}:{settings.port}"]
+def banner(settings: Settings) -> str:
+    agent = (f"AI agent: Deepgram {settings.deepgram_model} → {settings.openai_model} → {settings.tts_model}"
+             if settings.uses_ai else "offline echo agent")
+    lines = [f"vobiz-agent ({agent}) listening on http://{settings.host}:{settings.port}"]
     if settings.public_url:
         lines += [
             f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
@@ -3164,9 +3151,8 @@ def main(argv: list[str] | None = None) -> None:
         call_command(settings, args.to, caller, args.answer_url, options)
         return
     configure_logging(settings)
-    agent = AIAgent(settings) if settings.uses_ai else OfflineAgent(settings)
-    print(banner(settings, agent), flush=True)
-    trio.run(serve_until_signalled, create_app(settings, agent), hypercorn_config(settings))
+    print(banner(settings), flush=True)
+    trio.run(serve_until_signalled, create_app(settings), hypercorn_config(settings))
 
 
 # Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
