@@ -1854,6 +1854,7 @@ class Switchboard:
         over = call.call_id in self.hung_up
         self.hung_up.discard(call.call_id)
         if call.responder is not None and call.ended_by == "hang-up" and not over:
+            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
             self.conversations[call.call_id] = (call.responder, now)
         else:
             self.forget(call.call_id)
