@@ -126,8 +126,8 @@ class Settings:
     max_calls: int = 50
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
     load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
-    load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 100  # the median call reads its caller's audio this far behind real time
+    load_max_cpu: float = 0.75  # the process's CPU (share of one core), counting the new call too
+    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
     offline_max_turns: int = 20  # the echo test says goodbye after this many turns,
     offline_silence_s: float = 60.0  # or after this long without a word from the caller
     idle_timeout_s: float = 30.0
