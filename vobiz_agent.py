@@ -159,8 +159,8 @@ class Settings:
     silence_timeout_s: float = 60.0  # every agent says goodbye after this long without a word from the caller
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
     load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
-    load_max_cpu: float = 0.85  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 100  # the median call reads its caller's audio this far behind real time
+    load_max_cpu: float = 0.75  # the process's CPU (share of one core), counting the new call too
+    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
@@ -2468,8 +2468,9 @@ class LoadMonitor:
     WINDOW_S = 3.0
     LEARN_FROM_CALLS = 5
 
-    def __init__(self, settings: Settings, calls: set[Call], metrics: Metrics):
+    def __init__(self, settings: Settings, calls: set[Call], awaited: dict[str, float], metrics: Metrics):
         self.settings, self.calls, self.metrics = settings, calls, metrics
+        self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
         self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
         self.lag_s = self.cpu = self.behind_s = 0.0
@@ -2523,7 +2524,7 @@ class LoadMonitor:
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
-        settings, calls = self.settings, len(self.calls)
+        settings, calls = self.settings, len(self.calls) + len(self.awaited)
         if self.lag_s * 1000 > settings.load_max_lag_ms:
             return "overloaded: event loop late"
         # The CPU now, or what the live calls will cost once none of them is new, plus one more call.
@@ -2563,7 +2564,7 @@ class Switchboard:
         self.expected: dict[str, float] = {}  # callId → until when its answered socket is waited for
         self.hung_up: set[str] = set()  # live calls Vobiz has told us are over
         self.metrics = Metrics()
-        self.load = LoadMonitor(settings, self.calls, self.metrics)
+        self.load = LoadMonitor(settings, self.calls, self.expected, self.metrics)
         self.draining = False
 
     def __len__(self) -> int:
@@ -2585,6 +2586,7 @@ class Switchboard:
         over = call.call_id in self.hung_up
         self.hung_up.discard(call.call_id)
         if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
+            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
             self.conversations[call.call_id] = (call.responder, now)
         else:
             self.forget(call.call_id)
