@@ -480,7 +480,7 @@ async def caller(client: httpx.AsyncClient, base_url: str, start: float, stop: f
         load.failed.append(f"{type(error).__name__} {error}"[:100])
         return
     problem = (vobiz.protocol_errors[:1] or (["no greeting"] if not vobiz.played_names else [])
-               or (["the server hung up"] if vobiz.closed.is_set() else [])
+               or (["the server hung up"] if vobiz.closed.is_set() and vobiz.hangup_reason != "caller" else [])
                or (["no reply heard"] if not replies else []))
     load.failed += problem
 

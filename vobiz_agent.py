@@ -26,10 +26,10 @@ turns, goodbye, stop) → Call.answer → the responder's reply → Player.play 
 Player.send_frame (paced) → Outbound.play_audio → Call.send; Vobiz's playedStream for each
 checkpoint comes back the same way in, to Player.heard (what the caller heard).
 
-Read the file top to bottom: its sections come in the order a call meets them: settings, audio, the Vobiz protocol (the
-frames in and out, the trust in webhooks and media URLs), the agent (ears, brain and mouth:
-offline, then AI), the call (Player, then Call), the web app (metrics, load, the
-switchboard, the routes), the command line.
+Read the file top to bottom: its sections come in the order a call meets them: settings,
+audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs), the
+agent (ears, brain and mouth: offline, then AI), the call (Player, then Call), the web app
+(metrics, load, the switchboard, the routes), the command line.
 
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
@@ -69,7 +69,7 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import dotenv
@@ -1480,7 +1480,7 @@ async def server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     async for line in lines:
         if line:
             name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
+            value = value.removeprefix(" ")  # "data: x" and "data:x" are the same line
             if name == "data":
                 data.append(value)
             elif name == "event":
@@ -2400,7 +2400,7 @@ class Metrics:
     tests start many) keep their own counts; `name` is the metric's name without `vobiz_agent_`."""
 
     LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
-    HELP = {
+    HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
         "calls_refused_total": "Calls and media sockets refused, by reason",
         "webhooks_refused_total": "Webhooks other than /answer refused, by reason",
@@ -3012,7 +3012,7 @@ class ServerConfig(HypercornConfig):
     ones inherit it) makes the kernel abort such a connection: the write fails and
     the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
 
-    def create_sockets(self):  # noqa: ANN201 (hypercorn.config.Sockets)
+    def create_sockets(self):  # returns hypercorn.config.Sockets
         sockets = super().create_sockets()
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             for listener in sockets.insecure_sockets + sockets.secure_sockets:
@@ -3099,8 +3099,8 @@ def _phone_banner(settings: Settings) -> list[str]:
     url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
     if not settings.serves_phone:
         if settings.phone is None:
-            return ["The browser softphone (/phone) is off: the AI agent listens on a public address. "
-                    "PHONE=true turns it on."]
+            return [("The browser softphone (/phone) is off: the AI agent listens on a public address. "
+                     "PHONE=true turns it on.")]
         return []
     lines = [f"Try it in your browser: {url}" + ("" if local else " (the microphone needs https or localhost)")]
     if settings.uses_ai and not is_loopback(settings.host):
