@@ -473,6 +473,14 @@ def heard_sentence(vobiz: SimulatedVobiz, openai: OpenAIStandIn, text: str, star
     return resemblance(vobiz.agent_audio(start, vobiz.tick), openai.voice_8k(text))
 
 
+async def the_caller_hears_the_apology(vobiz: SimulatedVobiz, ai: Providers, seed: int) -> None:
+    """After the greeting the caller says something, and what they hear back is the LLM apology."""
+    await greeted(vobiz)
+    said = vobiz.say(speech(0.8, seed=seed))
+    await vobiz.until(lambda: len(vobiz.played_names) >= 2)
+    assert heard_sentence(vobiz, ai.openai, vobiz_agent.LLM_APOLOGY, start=said) > 0.9
+
+
 async def test_ai_conversation_greets_and_answers_three_turns_in_order(nursery, caplog):
     caplog.set_level(logging.INFO, logger="vobiz_agent")
     ai = await start_providers(nursery, ["What time is it?", "Tell me a joke.", "Thanks, bye."])
@@ -581,10 +589,7 @@ async def test_when_the_llm_fails_the_caller_hears_an_apology_and_the_call_goes_
         ai.openai.chat_hang = True
     ai.openai.replies = [["Now I can answer."]]
     async with vobiz_call(ai.server.url) as vobiz:
-        await greeted(vobiz)
-        said = vobiz.say(speech(0.8, seed=36))
-        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
-        assert heard_sentence(vobiz, ai.openai, vobiz_agent.LLM_APOLOGY, start=said) > 0.9
+        await the_caller_hears_the_apology(vobiz, ai, seed=36)
         ai.openai.chat_status, ai.openai.chat_hang = 200, False
         said = vobiz.say(speech(0.8, seed=37))
         await vobiz.until(lambda: len(vobiz.played_names) >= 3)
@@ -2281,10 +2286,7 @@ async def test_an_error_sent_inside_the_stream_is_logged_and_the_caller_hears_an
     ai.openai.replay_pieces = (5, 3)
     ai.openai.replies = [["Now I can answer."]]
     async with vobiz_call(ai.server.url) as vobiz:
-        await greeted(vobiz)
-        said = vobiz.say(speech(0.8, seed=93))
-        await vobiz.until(lambda: len(vobiz.played_names) >= 2)
-        assert heard_sentence(vobiz, ai.openai, vobiz_agent.LLM_APOLOGY, start=said) > 0.9
+        await the_caller_hears_the_apology(vobiz, ai, seed=93)
         await a_turn_is_answered(vobiz, ai, "Now I can answer.", seed=94)
     assert ai.spoken_texts() == ["Hello, how can I help?", vobiz_agent.LLM_APOLOGY, "Now I can answer."]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
