@@ -1917,8 +1917,10 @@ class Player:
             utterance.heard = True
             self.acked.set()
             self.acked = trio.Event()
-        if turn is not None:  # it began playing `frames` frames before this ack
-            turn.mark("first_frame_heard", trio.current_time() - frames * FRAME_SECONDS)
+        if turn is not None:  # it began playing `frames` frames before this ack, but not before we
+            # sent its first frame: a Vobiz that catches up after a stall plays faster than real time.
+            began = trio.current_time() - frames * FRAME_SECONDS
+            turn.mark("first_frame_heard", max(began, turn.marks.get("first_frame_sent", began)))
 
     async def until_heard(self, timeout_s: float) -> None:
         """Wait until Vobiz has played everything we sent, or `timeout_s` (an ack can be lost)."""
