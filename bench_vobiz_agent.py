@@ -652,7 +652,8 @@ async def stand_ins(nursery: trio.Nursery) -> tuple[dict[str, str], TimedDeepgra
     return env, deepgram
 
 
-ADMISSION_OFF = {"LOAD_MAX_LAG_MS": "60000", "LOAD_MAX_CPU": "64", "LOAD_MAX_BEHIND_MS": "60000"}
+ADMISSION_OFF = {"LOAD_MAX_LAG_MS": "60000", "LOAD_MAX_CPU": "64", "LOAD_MAX_BEHIND_MS": "60000",
+                 "LOAD_MAX_STARTS_PER_S": "10000"}
 
 
 async def offered(steps: list[int], seconds: float, admission: dict[str, str], single: dict | None = None,
@@ -722,7 +723,7 @@ def capacity() -> None:
             print(f"-- overload: admission by load with its default thresholds; {found // 2} calls first, "
                   f"as a server that has been taking calls (it learns what a call costs), then "
                   f"{2 * found} offered at once\n{CAPACITY_HEADER}")
-            trio.run(offered, [found // 2, 2 * found], seconds, {}, single, False)
+            trio.run(offered, [n for n in (found // 2, 2 * found) if n], seconds, {}, single, False)
 
 
 MEMORY_CALLS = (17, 100, 300, 600)  # RSS is read after this many calls

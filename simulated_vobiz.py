@@ -576,7 +576,8 @@ class Server:
 
 # This process runs the simulated Vobiz and the stand-ins as well as the server: its CPU and
 # event-loop lag are not the server's alone, so admission by load is off unless a test sets it.
-LOAD_ADMISSION_OFF = {"load_max_lag_ms": 60_000, "load_max_cpu": 64.0, "load_max_behind_ms": 60_000}
+LOAD_ADMISSION_OFF = {"load_max_lag_ms": 60_000, "load_max_cpu": 64.0, "load_max_behind_ms": 60_000,
+                      "load_max_starts_per_s": 10_000}
 
 
 async def start_server(nursery, **settings) -> Server:

@@ -2673,6 +2673,18 @@ async def test_over_the_load_threshold_new_calls_hear_busy_and_the_reason_is_cou
     assert health["load"][figure] > over
 
 
+async def test_a_burst_of_calls_is_admitted_only_as_fast_as_calls_can_start(nursery):
+    # A burst of set-ups stalls the calls already live before the CPU figure shows it (the
+    # bench's overload step: 140 calls in 2 s): beyond LOAD_MAX_STARTS_PER_S a second, busy.
+    server = await start_server(nursery, load_max_starts_per_s=3)
+    answers = [await server.post("/answer", data={"CallUUID": f"burst-{n}"}) for n in range(4)]
+    assert [ET.fromstring(a.content).find("Stream") is not None for a in answers] == [True, True, True, False]
+    assert answers[3].content == vobiz_agent.busy_xml()  # a busy tone: unanswered, unbilled
+    metrics = (await server.get("/metrics")).text
+    assert 'vobiz_agent_calls_refused_total{reason="overloaded: calls starting"} 1.0' in metrics
+    assert (await server.get("/health")).json()["load"]["refusing"] == "overloaded: calls starting"
+
+
 async def test_the_lead_grows_while_the_loop_stalls_so_playout_has_no_gaps_then_shrinks(server):
     words = speech(4.0, seed=90)
     async with vobiz_call(server.url, limit_s=40) as vobiz:

@@ -161,6 +161,7 @@ class Settings:
     load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
     load_max_cpu: float = 0.75  # the process's CPU (share of one core), counting the new call too
     load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
+    load_max_starts_per_s: int = 10  # calls answered within the last second (each sets up its sockets at once)
     idle_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
@@ -334,6 +335,8 @@ SETTINGS = (
             "share of a core", _number, 0.01, 64.0),
     Setting("LOAD_MAX_BEHIND_MS", "new calls hear busy while the median call reads its caller's audio this "
             "far behind", _number, 1, 60_000),
+    Setting("LOAD_MAX_STARTS_PER_S", "new calls hear busy while this many were answered within the last second "
+            "(a burst of set-ups stalls the calls already live)", _number, 1, 10_000),
     Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
     Setting("PHONE", "serve the browser softphone at `/phone`; `true` with the AI agent on a public address "
             "lets anyone who reaches it spend your provider budget", _flag,
@@ -2473,6 +2476,7 @@ class LoadMonitor:
     def __init__(self, settings: Settings, calls: set[Call], awaited: dict[str, float], metrics: Metrics):
         self.settings, self.calls, self.metrics = settings, calls, metrics
         self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
+        self.starts: deque[float] = deque()  # when each call of the last second was answered
         self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
         self.lag_s = self.cpu = self.behind_s = 0.0
@@ -2534,7 +2538,16 @@ class LoadMonitor:
             return "overloaded: CPU"
         if self.behind_s * 1000 > settings.load_max_behind_ms:
             return "overloaded: calls behind"
+        # Setting a call up (answer, sockets, a greeting's speech) costs a burst of CPU at once: many
+        # in one second stall the loop before the CPU figure shows it, and every live call hears it.
+        while self.starts and self.starts[0] < trio.current_time() - 1.0:
+            self.starts.popleft()
+        if len(self.starts) >= settings.load_max_starts_per_s:
+            return "overloaded: calls starting"
         return None
+
+    def call_started(self) -> None:
+        self.starts.append(trio.current_time())
 
     def figures(self) -> dict[str, float]:
         return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
@@ -2617,6 +2630,7 @@ class Switchboard:
     def expect(self, call_id: str) -> None:
         """/answer accepted this call: count it now, its socket is on the way."""
         self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
+        self.load.call_started()
 
     def live(self, call_id: str) -> bool:
         return any(call.call_id == call_id for call in self.calls)
