@@ -66,7 +66,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache, partial
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -108,70 +108,122 @@ class SettingsError(Exception):
     """A setting that cannot be used; the message is meant for the operator."""
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a friendly voice assistant on a phone call. Answer in one to three short, "
-    "spoken sentences. Use plain words: no lists, markdown, emoji or URLs. If you did not "
-    "catch something, ask the caller to repeat it."
-)
+def variable(default: object, help: str, kind: str = "text", **checks: object):
+    """A field of Settings read from the environment variable of its name in upper case: a row of
+    SETTINGS. `kind` says how its text is read (see Setting.parse), `checks` what it allows."""
+    return field(default=default, metadata={"help": help, "kind": kind, **checks})
+
+
+WEB = ("http", "https")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, with its default; SETTINGS below says how each is read from the environment."""
+    """Every setting: its default, what it means, and how its variable is read and checked."""
 
-    host: str = "0.0.0.0"
-    port: int = 5000
-    public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
-    log_level: str = "INFO"
-    log_format: str = "text"  # or "json": one JSON object per line, for log collectors
-    barge_in_min_ms: int = 200  # how long the caller must talk over the agent to stop it
+    host: str = variable("0.0.0.0", "address to listen on")
+    port: int = variable(5000, "port to listen on", "number", low=1, high=65535)
+    public_url: str | None = variable(  # without a trailing slash
+        None, "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for the `<Stream>` URL "
+        "and the status callback", "url", choices=WEB, example="https://abc.ngrok.app")
+    log_level: str = variable("INFO", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", "choice",
+                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = variable("text", "`json` for one JSON object per line (log collectors)", "choice",
+                               choices=("text", "json"))
+    barge_in_min_ms: int = variable(200, "how long the caller must talk over the agent to stop it (also the "
+                                    "offline agent's minimum speech)", "number", low=0, high=2000)
     # The AI agent: used when both keys are set.
-    deepgram_api_key: str = ""
-    deepgram_url: str = "wss://api.deepgram.com/v1/listen"
-    deepgram_model: str = "nova-3"
-    deepgram_language: str = "en"
-    deepgram_endpointing_ms: int = 300
-    openai_api_key: str = ""
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_model: str = "gpt-4o-mini"
-    openai_timeout_s: float = 10.0  # connect, and wait for the first token or byte
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    tts_model: str = "gpt-4o-mini-tts"
-    tts_voice: str = "alloy"
-    tts_base_url: str = ""  # the voice's server, when it is not the model's (empty: OPENAI_BASE_URL)
-    tts_api_key: str = ""  # its key (empty: OPENAI_API_KEY)
-    greeting: str = "Hello! How can I help you today?"
+    deepgram_api_key: str = variable("", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an "
+                                     "error")
+    deepgram_url: str = variable("wss://api.deepgram.com/v1/listen", "the live transcription endpoint", "url",
+                                 choices=("ws", "wss"))
+    deepgram_model: str = variable("nova-3", "the speech-to-text model")
+    deepgram_language: str = variable("en", "the caller's language")
+    deepgram_endpointing_ms: int = variable(300, "quiet that ends a phrase", "number", low=10, high=5000)
+    openai_api_key: str = variable("", "any string for a local server")
+    openai_base_url: str = variable("https://api.openai.com/v1", "any OpenAI-compatible server", "url",
+                                    choices=WEB)
+    openai_model: str = variable("gpt-4o-mini", "the chat model")
+    openai_timeout_s: float = variable(10.0, "connect / first token / first byte timeout", "number",
+                                       low=0.1, high=120)
+    system_prompt: str = variable(
+        "You are a friendly voice assistant on a phone call. Answer in one to three short, spoken sentences. "
+        "Use plain words: no lists, markdown, emoji or URLs. If you did not catch something, ask the caller "
+        "to repeat it.", "short spoken sentences, no markdown", shown="a phone-assistant prompt")
+    tts_model: str = variable("gpt-4o-mini-tts", "the text-to-speech model")
+    tts_voice: str = variable("alloy", "the text-to-speech voice")
+    tts_base_url: str = variable(  # empty: OPENAI_BASE_URL
+        "", "the voice's server, when it is not the model's (Groq, Ollama, vLLM and LM Studio speak no `pcm`)",
+        "url", choices=WEB, shown="OPENAI_BASE_URL", example="https://api.openai.com/v1")
+    tts_api_key: str = variable("", "the voice server's key", shown="OPENAI_API_KEY")  # empty: OPENAI_API_KEY
+    greeting: str = variable("Hello! How can I help you today?", "spoken when the caller's audio starts flowing")
     # Trust and operations.
-    vobiz_auth_id: str = ""
-    vobiz_auth_token: str = ""  # the account's token: outbound calls, transfers, V2/V3 signatures
-    vobiz_parent_auth_token: str = ""  # a sub-account's parent: -MA-V2/-MA-V3 signatures
-    vobiz_verify_signatures: str = "off"  # "off", "when-signed" or "required"
-    vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
-    vobiz_from: str = ""  # the caller id of `vobiz-agent call`
-    stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    vobiz_auth_id: str = variable("", "your account id (`MA_…`), for outbound calls and transfers")
+    vobiz_auth_token: str = variable("", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and "
+                                     "transfers; checks V2/V3 signatures")
+    vobiz_parent_auth_token: str = variable("", "a sub-account's parent (main) account token: checks "
+                                            "`-MA-V2`/`-MA-V3` signatures")
+    vobiz_verify_signatures: str = variable(
+        "off", "`off`, `when-signed` (signed webhooks must be right) or `required` (unsigned ones refused "
+        "too); the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", "choice",
+        choices=("off", "when-signed", "required"))
+    vobiz_api_url: str = variable("https://api.vobiz.ai/api/v1", "the Vobiz REST API, for outbound calls and "
+                                  "transfers", "url", choices=WEB)
+    vobiz_from: str = variable("", "the caller id for `call` when `--from` is not given")
+    transfer_number: str = variable("", "a person's number: the agent can transfer the caller there (a model "
+                                    "tool; 0 on the echo agent)")
+    transfer_caller_id: str = variable("", "the caller ID the person sees on a transfer",
+                                       shown="our number on the call")
+    record_calls: bool = variable(False, "record every call (`<Record recordSession>`); the recording's URL "
+                                  "is logged", "flag", example="true")
+    stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False, metadata={
+        "help": "signs the media URLs; give every replica the same one", "kind": "secret",
+        "shown": "random per process"})
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
-    transfer_number: str = ""  # set: the agent can hand the caller to this number (a person)
-    transfer_caller_id: str = ""  # the caller ID that person sees; default our own number on the call
-    max_calls: int = 50
-    record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
-    offline_max_turns: int = 20  # the echo test says goodbye after this many turns
-    silence_timeout_s: float = 60.0  # every agent says goodbye after this long without a word from the caller
+    max_calls: int = variable(50, "calls per process, counted from `/answer`; more get a busy tone "
+                              "(unanswered, unbilled)", "number", low=1, high=100_000)
+    stream_max_retries: int = variable(3, "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped "
+                                       "socket", "number", low=0, high=10)
+    max_call_s: float = variable(3600.0, "every call says goodbye and ends after this long", "number",
+                                 low=10, high=86_400)
+    silence_timeout_s: float = variable(60.0, "every agent says goodbye after this long without a word from "
+                                        "the caller (old name `OFFLINE_SILENCE_S`)", "number", low=1, high=86_400)
+    idle_timeout_s: float = variable(30.0, "end a call whose socket carries no valid media this long",
+                                     "number", low=1, high=3600)
+    http_read_timeout_s: float = variable(10.0, "close a connection that sends nothing this long", "number",
+                                          low=1, high=300)
+    drain_timeout_s: float = variable(30.0, "on SIGTERM, how long live calls may go on", "number",
+                                      low=0, high=3600)
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
-    load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
-    load_max_cpu: float = 0.75  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
-    load_max_starts_per_s: int = 10  # calls answered within the last second (each sets up its sockets at once)
-    idle_timeout_s: float = 30.0
-    drain_timeout_s: float = 30.0
-    phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
-    stream_max_retries: int = 3  # how often Vobiz may reconnect a dropped media socket
-    max_call_s: float = 3600.0  # every call ends (with a goodbye) after this long
-    http_read_timeout_s: float = 10.0  # a connection that sends nothing this long is closed
+    load_max_lag_ms: int = variable(50, "new calls hear busy while the event loop wakes this late (measured "
+                                    "load)", "number", low=1, high=60_000)
+    load_max_cpu: float = variable(0.75, "new calls hear busy while the process's CPU with one more call would "
+                                   "pass this share of a core", "number", low=0.01, high=64.0)
+    load_max_behind_ms: int = variable(250, "new calls hear busy while the median call reads its caller's "
+                                       "audio this far behind", "number", low=1, high=60_000)
+    load_max_starts_per_s: int = variable(10, "new calls hear busy while this many were answered within the "
+                                          "last second (a burst of set-ups stalls the calls already live)",
+                                          "number", low=1, high=10_000)
+    offline_max_turns: int = variable(20, "the echo agent says goodbye after this many turns", "number",
+                                      low=1, high=10_000)
+    phone: bool | None = variable(  # None: decided by serves_phone
+        None, "serve the browser softphone at `/phone`; `true` with the AI agent on a public address lets "
+        "anyone who reaches it spend your provider budget", "flag",
+        shown="on with the offline agent or a loopback HOST")
 
     @property
     def uses_ai(self) -> bool:
         return bool(self.deepgram_api_key and self.openai_api_key)
+
+    @property
+    def loopback(self) -> bool:
+        """Listening on a loopback address: only programs on this machine can connect."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def serves_phone(self) -> bool:
@@ -179,39 +231,62 @@ class Settings:
         AI agent on a public address (calls that spend your provider budget) only with PHONE=true."""
         if self.phone is not None:
             return self.phone
-        return not self.uses_ai or is_loopback(self.host)
+        return not self.uses_ai or self.loopback
+
+    @property
+    def open_door_warning(self) -> str | None:
+        """What /health and the banner say when anyone can make the AI agent spend money."""
+        if self.uses_ai and self.vobiz_verify_signatures == "off":
+            return ("webhook verification is off and the AI agent is on: anyone who can reach /answer can "
+                    "spend your provider budget. Set VOBIZ_AUTH_TOKEN and VOBIZ_VERIFY_SIGNATURES=required.")
+        return None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """The variables that are set, each read by its row of SETTINGS; the rest keep their defaults."""
-        env = _with_old_names(env)
-        values = {setting.field: setting.parse(setting, env[setting.variable])
+        env = dict(env)  # old spellings still work where the new variable is not set
+        if env.get("OFFLINE_SILENCE_S") and not env.get("SILENCE_TIMEOUT_S"):
+            env["SILENCE_TIMEOUT_S"] = env["OFFLINE_SILENCE_S"]
+        if env.get("VOBIZ_REQUIRE_SIGNATURE") and not env.get("VOBIZ_VERIFY_SIGNATURES"):
+            required = env["VOBIZ_REQUIRE_SIGNATURE"].lower() in ("true", "1", "yes")
+            env["VOBIZ_VERIFY_SIGNATURES"] = "required" if required else "off"
+        values = {setting.field: setting.parse(env[setting.variable])
                   for setting in SETTINGS if env.get(setting.variable)}
-        _check_together(values)
+        # The rules that span several variables.
+        if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
+            missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
+            raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                                f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+        # Verification is asked for explicitly: a token set for outbound calls must not by itself
+        # start refusing webhooks.
+        mode = values.get("vobiz_verify_signatures", "off")
+        if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
+            raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
+                                "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
+                                "e.g. VOBIZ_AUTH_TOKEN=...")
+        if values.get("transfer_number") and not (values.get("vobiz_auth_id") and values.get("vobiz_auth_token")):
+            raise SettingsError(f"TRANSFER_NUMBER={values['transfer_number']!r} needs VOBIZ_AUTH_ID and "
+                                "VOBIZ_AUTH_TOKEN (a transfer is a Vobiz API request), "
+                                "e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
         return cls(**values, stream_secret_generated="stream_secret" not in values)
-
-
-def _as_is(setting: Setting, value: str) -> str:
-    return value
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A row of the settings table: an environment variable, read into the Settings field of the
-    same name in lower case by `parse`, which checks it against `low`…`high` or `choices`."""
+    """A row of the settings table: the environment variable of a Settings field, read by `parse`."""
 
-    variable: str
+    field: str  # the Settings field; its variable is the name in upper case
     help: str
-    parse: Callable[[Setting, str], object] = _as_is  # checks and converts the variable's text
-    low: float = 0
+    kind: str = "text"
+    low: float = 0  # a number's range
     high: float = 0
     choices: tuple[str, ...] = ()  # the values a choice allows, or the schemes a URL may have
     example: str = ""  # a good value for error messages, when the default is none
     shown: str = ""  # the default as --help and README show it, when its value would not do
 
     @property
-    def field(self) -> str:
-        return self.variable.lower()
+    def variable(self) -> str:
+        return self.field.upper()
 
     @property
     def default(self) -> object:
@@ -229,160 +304,39 @@ class Setting:
         return SettingsError(f"{self.variable}={value!r} is {why}, e.g. {self.variable}="
                              f"{self.example or self.shown_default()}")
 
-
-def _number(setting: Setting, value: str) -> float:
-    try:
-        number = type(setting.default)(value)  # int or float, as the default is
-    except ValueError:
-        number = None
-    if number is None or not setting.low <= number <= setting.high:
-        raise setting.refuse(value, f"not a number from {setting.low:g} to {setting.high:g}")
-    return number
-
-
-def is_loopback(host: str) -> bool:
-    """A loopback address: only programs on this machine can connect."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url(setting: Setting, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in setting.choices or not parts.netloc or parts.query:
-        raise setting.refuse(value, f"not a {'/'.join(setting.choices)} base URL")
-    return value.rstrip("/")
-
-
-def _choice(setting: Setting, value: str) -> str:
-    for choice in setting.choices:
-        if value.upper() == choice.upper():
-            return choice
-    raise SettingsError(f"{setting.variable}={value!r} is not one of {', '.join(setting.choices)}, "
-                        f"e.g. {setting.variable}={setting.choices[1]}")
+    def parse(self, value: str) -> object:
+        """The variable's text, checked and converted to the field's type."""
+        match self.kind:
+            case "secret":  # the HMAC key
+                return value.encode()
+            case "number":
+                try:
+                    number = type(self.default)(value)  # int or float, as the default is
+                except ValueError:
+                    number = None
+                if number is None or not self.low <= number <= self.high:
+                    raise self.refuse(value, f"not a number from {self.low:g} to {self.high:g}")
+                return number
+            case "url":
+                parts = urlsplit(value)
+                if parts.scheme not in self.choices or not parts.netloc or parts.query:
+                    raise self.refuse(value, f"not a {'/'.join(self.choices)} base URL")
+                return value.rstrip("/")
+            case "choice":
+                for choice in self.choices:
+                    if value.upper() == choice.upper():
+                        return choice
+                raise SettingsError(f"{self.variable}={value!r} is not one of {', '.join(self.choices)}, "
+                                    f"e.g. {self.variable}={self.choices[1]}")
+            case "flag":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise self.refuse(value, "not true or false")
+                return value.lower() in ("true", "1", "yes")
+            case _:  # "text": as it is
+                return value
 
 
-def _flag(setting: Setting, value: str) -> bool:
-    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise setting.refuse(value, "not true or false")
-    return value.lower() in ("true", "1", "yes")
-
-
-def _bytes(setting: Setting, value: str) -> bytes:
-    return value.encode()
-
-
-WEB = ("http", "https")
-SETTINGS = (
-    Setting("HOST", "address to listen on"),
-    Setting("PORT", "port to listen on", _number, 1, 65535),
-    Setting("PUBLIC_URL", "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for "
-            "the `<Stream>` URL and the status callback", _url, choices=WEB, example="https://abc.ngrok.app"),
-    Setting("LOG_LEVEL", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", _choice, choices=LOG_LEVELS),
-    Setting("LOG_FORMAT", "`json` for one JSON object per line (log collectors)", _choice,
-            choices=("text", "json")),
-    Setting("BARGE_IN_MIN_MS", "how long the caller must talk over the agent to stop it (also the "
-            "offline agent's minimum speech)", _number, 0, 2000),
-    Setting("DEEPGRAM_API_KEY", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error"),
-    Setting("DEEPGRAM_URL", "the live transcription endpoint", _url, choices=("ws", "wss")),
-    Setting("DEEPGRAM_MODEL", "the speech-to-text model"),
-    Setting("DEEPGRAM_LANGUAGE", "the caller's language"),
-    Setting("DEEPGRAM_ENDPOINTING_MS", "quiet that ends a phrase", _number, 10, 5000),
-    Setting("OPENAI_API_KEY", "any string for a local server"),
-    Setting("OPENAI_BASE_URL", "any OpenAI-compatible server", _url, choices=WEB),
-    Setting("OPENAI_MODEL", "the chat model"),
-    Setting("OPENAI_TIMEOUT_S", "connect / first token / first byte timeout", _number, 0.1, 120),
-    Setting("SYSTEM_PROMPT", "short spoken sentences, no markdown", shown="a phone-assistant prompt"),
-    Setting("TTS_MODEL", "the text-to-speech model"),
-    Setting("TTS_VOICE", "the text-to-speech voice"),
-    Setting("TTS_BASE_URL", "the voice's server, when it is not the model's (Groq, Ollama, vLLM and LM Studio "
-            "speak no `pcm`)", _url, choices=WEB, shown="OPENAI_BASE_URL", example="https://api.openai.com/v1"),
-    Setting("TTS_API_KEY", "the voice server's key", shown="OPENAI_API_KEY"),
-    Setting("GREETING", "spoken when the caller's audio starts flowing"),
-    Setting("VOBIZ_AUTH_ID", "your account id (`MA_…`), for outbound calls and transfers"),
-    Setting("VOBIZ_AUTH_TOKEN", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and transfers; "
-            "checks V2/V3 signatures"),
-    Setting("VOBIZ_PARENT_AUTH_TOKEN", "a sub-account's parent (main) account token: checks "
-            "`-MA-V2`/`-MA-V3` signatures"),
-    Setting("VOBIZ_VERIFY_SIGNATURES", "`off`, `when-signed` (signed webhooks must be right) or `required` "
-            "(unsigned ones refused too); the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", _choice,
-            choices=("off", "when-signed", "required")),
-    Setting("VOBIZ_API_URL", "the Vobiz REST API, for outbound calls and transfers", _url, choices=WEB),
-    Setting("VOBIZ_FROM", "the caller id for `call` when `--from` is not given"),
-    Setting("TRANSFER_NUMBER", "a person's number: the agent can transfer the caller there (a model tool; "
-            "0 on the echo agent)"),
-    Setting("TRANSFER_CALLER_ID", "the caller ID the person sees on a transfer", shown="our number on the call"),
-    Setting("RECORD_CALLS", "record every call (`<Record recordSession>`); the recording's URL is logged",
-            _flag, example="true"),
-    Setting("STREAM_SECRET", "signs the media URLs; give every replica the same one", _bytes,
-            shown="random per process"),
-    Setting("MAX_CALLS", "calls per process, counted from `/answer`; more get a busy tone (unanswered, "
-            "unbilled)", _number, 1, 100_000),
-    Setting("STREAM_MAX_RETRIES", "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped socket",
-            _number, 0, 10),
-    Setting("MAX_CALL_S", "every call says goodbye and ends after this long", _number, 10, 86_400),
-    Setting("SILENCE_TIMEOUT_S", "every agent says goodbye after this long without a word from the caller "
-            "(old name `OFFLINE_SILENCE_S`)", _number, 1, 86_400),
-    Setting("IDLE_TIMEOUT_S", "end a call whose socket carries no valid media this long", _number, 1, 3600),
-    Setting("HTTP_READ_TIMEOUT_S", "close a connection that sends nothing this long", _number, 1, 300),
-    Setting("DRAIN_TIMEOUT_S", "on SIGTERM, how long live calls may go on", _number, 0, 3600),
-    Setting("LOAD_MAX_LAG_MS", "new calls hear busy while the event loop wakes this late (measured load)",
-            _number, 1, 60_000),
-    Setting("LOAD_MAX_CPU", "new calls hear busy while the process's CPU with one more call would pass this "
-            "share of a core", _number, 0.01, 64.0),
-    Setting("LOAD_MAX_BEHIND_MS", "new calls hear busy while the median call reads its caller's audio this "
-            "far behind", _number, 1, 60_000),
-    Setting("LOAD_MAX_STARTS_PER_S", "new calls hear busy while this many were answered within the last second "
-            "(a burst of set-ups stalls the calls already live)", _number, 1, 10_000),
-    Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
-    Setting("PHONE", "serve the browser softphone at `/phone`; `true` with the AI agent on a public address "
-            "lets anyone who reaches it spend your provider budget", _flag,
-            shown="on with the offline agent or a loopback HOST"),
-)
-
-
-
-def _with_old_names(env: Mapping[str, str]) -> Mapping[str, str]:
-    """Old spellings still work where the new variable is not set."""
-    env = dict(env)
-    if env.get("OFFLINE_SILENCE_S") and not env.get("SILENCE_TIMEOUT_S"):
-        env["SILENCE_TIMEOUT_S"] = env["OFFLINE_SILENCE_S"]
-    if env.get("VOBIZ_REQUIRE_SIGNATURE") and not env.get("VOBIZ_VERIFY_SIGNATURES"):
-        required = env["VOBIZ_REQUIRE_SIGNATURE"].lower() in ("true", "1", "yes")
-        env["VOBIZ_VERIFY_SIGNATURES"] = "required" if required else "off"
-    return env
-
-
-def _check_together(values: dict[str, object]) -> None:
-    """The rules that span several variables."""
-    if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
-        missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
-        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
-                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
-    # Verification is asked for explicitly: a token set for outbound calls must not by itself
-    # start refusing webhooks.
-    mode = values.get("vobiz_verify_signatures", "off")
-    if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
-        raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
-                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
-                            "e.g. VOBIZ_AUTH_TOKEN=...")
-    if values.get("transfer_number") and not (values.get("vobiz_auth_id") and values.get("vobiz_auth_token")):
-        raise SettingsError(f"TRANSFER_NUMBER={values['transfer_number']!r} needs VOBIZ_AUTH_ID and "
-                            "VOBIZ_AUTH_TOKEN (a transfer is a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-
-
-def settings_help() -> str:
-    """The table for `vobiz-agent --help`: every variable, what it does, its default."""
-    lines = ["settings (environment variables, or a .env file in this directory; set variables win),",
-             "each with its default:"]
-    for setting in SETTINGS:
-        lines.append(f"  {setting.variable:<26} {setting.shown_default()}")
-        lines += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
-                               subsequent_indent=" " * 6)
-    return "\n".join(lines)
+SETTINGS = tuple(Setting(each.name, **each.metadata) for each in fields(Settings) if each.metadata)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2905,7 +2859,7 @@ async def health() -> tuple[dict, int]:
     # Overloaded is still 200: the process is healthy, it only takes no new calls for now.
     load = {**switchboard.load.figures(), "refusing": switchboard.load.overload()}
     report = {"status": "draining" if switchboard.draining else "ok", "calls": len(switchboard), "load": load}
-    if warning := open_door_warning(switchboard.settings):
+    if warning := switchboard.settings.open_door_warning:
         report["warning"] = warning
     return report, 503 if switchboard.draining else 200
 
@@ -2994,6 +2948,7 @@ def _log_hangup(params: dict[str, str]) -> None:
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
+SEND_TIMEOUT_S = 5  # a peer that takes none of our bytes for this long is cut off by the kernel
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -3008,25 +2963,25 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
-
-
-SEND_TIMEOUT_S = 5  # a peer that takes none of our bytes for this long is cut off by the kernel
-
-
 class ServerConfig(HypercornConfig):
     """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket
     writes from cancellation, so a peer that stops reading would hold its call, its slot
     and the shutdown for good. TCP_USER_TIMEOUT on the listening sockets (the accepted
     ones inherit it) makes the kernel abort such a connection: the write fails and
     the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.bind = [f"{host}:{settings.port}"]
+        self.websocket_max_message_size = MAX_MESSAGE_BYTES
+        # A request (headers or body) that sends nothing for this long is closed, so that
+        # unfinished requests can't pile up until the file descriptors run out.
+        self.read_timeout = settings.http_read_timeout_s
+        self.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
+        accept_log = logging.getLogger("trio.serve_listeners")
+        if not any(isinstance(each, AcceptTrouble) for each in accept_log.filters):
+            accept_log.addFilter(AcceptTrouble())
 
     def create_sockets(self):  # returns hypercorn.config.Sockets
         sockets = super().create_sockets()
@@ -3061,21 +3016,6 @@ class AcceptTrouble(logging.Filter):
         return True
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = ServerConfig()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
-    config.websocket_max_message_size = MAX_MESSAGE_BYTES
-    # A request (headers or body) that sends nothing for this long is closed, so that
-    # unfinished requests can't pile up until the file descriptors run out.
-    config.read_timeout = settings.http_read_timeout_s
-    config.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
-    accept_log = logging.getLogger("trio.serve_listeners")
-    if not any(isinstance(each, AcceptTrouble) for each in accept_log.filters):
-        accept_log.addFilter(AcceptTrouble())
-    return config
-
-
 VERIFICATION_BANNER = {
     "off": "Webhook signatures: off (VOBIZ_VERIFY_SIGNATURES=off): the webhooks answer anyone who can reach "
            "them. Set VOBIZ_VERIFY_SIGNATURES=when-signed or required, with VOBIZ_AUTH_TOKEN.",
@@ -3104,38 +3044,33 @@ def banner(settings: Settings) -> str:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Replicas behind one URL need one shared STREAM_SECRET.")
     lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
-    if warning := open_door_warning(settings):
+    if warning := settings.open_door_warning:
         lines.append(f"WARNING: {warning}")
-    return "\n".join(lines + _phone_banner(settings))
-
-
-def _phone_banner(settings: Settings) -> list[str]:
     # Browsers give the microphone only to https pages and to localhost.
-    local = settings.host in ("0.0.0.0", "::", "") or is_loopback(settings.host)
-    url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
-    if not settings.serves_phone:
-        if settings.phone is None:
-            return [("The browser softphone (/phone) is off: the AI agent listens on a public address. "
-                     "PHONE=true turns it on.")]
-        return []
-    lines = [f"Try it in your browser: {url}" + ("" if local else " (the microphone needs https or localhost)")]
-    if settings.uses_ai and not is_loopback(settings.host):
-        lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
-                     "and spend your provider budget.")
-    return lines
-
-
-def open_door_warning(settings: Settings) -> str | None:
-    """What /health and the banner say when anyone can make the AI agent spend money."""
-    if settings.uses_ai and settings.vobiz_verify_signatures == "off":
-        return ("webhook verification is off and the AI agent is on: anyone who can reach /answer can "
-                "spend your provider budget. Set VOBIZ_AUTH_TOKEN and VOBIZ_VERIFY_SIGNATURES=required.")
-    return None
+    local = settings.host in ("0.0.0.0", "::", "") or settings.loopback
+    if settings.serves_phone:
+        url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
+        lines.append(f"Try it in your browser: {url}"
+                     + ("" if local else " (the microphone needs https or localhost)"))
+        if settings.uses_ai and not settings.loopback:
+            lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
+                         "and spend your provider budget.")
+    elif settings.phone is None:
+        lines.append("The browser softphone (/phone) is off: the AI agent listens on a public address. "
+                     "PHONE=true turns it on.")
+    return "\n".join(lines)
 
 
 def command_line() -> argparse.ArgumentParser:
+    """The flags; --help ends with every setting, what it does and its default."""
+    table = ["settings (environment variables, or a .env file in this directory; set variables win),",
+             "each with its default:"]
+    for setting in SETTINGS:
+        table.append(f"  {setting.variable:<26} {setting.shown_default()}")
+        table += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.",
-                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="\n".join(table), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
@@ -3158,92 +3093,76 @@ def main(argv: list[str] | None = None) -> None:
     flags = {"HOST": args.host, "PORT": args.port}  # flags win over variables
     try:
         settings = Settings.from_env({**os.environ, **{name: v for name, v in flags.items() if v is not None}})
+        if args.command == "call" and args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
+            parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
+        call = OutboundCall(settings, args) if args.command == "call" else None
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
-    if args.command == "call":
-        if args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
-            parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
-        options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url,
-                   "time_limit": args.time_limit, "machine_detection": args.machine_detection}
-        caller = args.caller or settings.vobiz_from
-        call_command(settings, args.to, caller, args.answer_url, options)
+    if call:  # prints the request_uuid, or stops with one line saying why not
+        if refusal := trio.run(call.place):
+            sys.exit(f"vobiz-agent: {refusal}")
         return
-    configure_logging(settings)
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
     print(banner(settings), flush=True)
-    trio.run(serve_until_signalled, create_app(settings), hypercorn_config(settings))
+    trio.run(serve_until_signalled, create_app(settings), ServerConfig(settings))
 
 
-# Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
-# fetches our answer URL and the call proceeds exactly like an inbound one.
-
-
-class CallRefused(Exception):
-    """Vobiz did not queue the call; the message says why, in one line."""
-
-
-@dataclass(frozen=True)
 class OutboundCall:
-    url: str
-    headers: dict[str, str]
-    body: dict[str, str | int]
+    """`vobiz-agent call`: the Make Call request of Vobiz's REST API. When the callee answers,
+    Vobiz fetches our answer URL and the call proceeds exactly like an inbound one."""
 
+    ERRORS: ClassVar[dict[int, str]] = {
+        401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
+        402: "the Vobiz account has no balance left (HTTP 402)",
+        429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
+    }
 
-def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | None,
-                  options: Mapping[str, str | int | None] | None = None) -> OutboundCall:
-    """The Make Call request. `options`: ring_url, fallback_url, time_limit, machine_detection."""
-    options = options or {}
-    for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id), ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token),
-                        ("--from (or VOBIZ_FROM)", caller)):
-        if not value:
-            raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-    answer_url = answer_url or (settings.public_url and settings.public_url + "/answer")
-    if not answer_url:
-        raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
-    return OutboundCall(
+    def __init__(self, settings: Settings, args: argparse.Namespace):
+        caller = args.caller or settings.vobiz_from
+        for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
+                            ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
+            if not value:
+                raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+        answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
+        if not answer_url:
+            raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
         # Casing and the trailing slash matter: /account/... or /Call answers 401.
-        url=f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/",
-        headers={"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token},
-        body={"from": caller, "to": to, "answer_url": answer_url, "answer_method": "POST",
-              "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
-              "ring_url": options.get("ring_url") or urljoin(answer_url, "ring"), "ring_method": "POST",
-              **_make_call_options(options)},
-    )
+        self.url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
+        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
+        self.body: dict[str, str | int] = {
+            "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
+            "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
+            "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
+        # The optional parameters, left out when not given. No fallback URL by default: ours
+        # would fail exactly when the answer URL does.
+        if args.fallback_url:
+            self.body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
+        if args.time_limit:
+            self.body["time_limit"] = args.time_limit  # seconds
+        if args.machine_detection:
+            self.body["machine_detection"] = args.machine_detection  # "true" or "hangup"
 
-
-def _make_call_options(options: Mapping[str, str | int | None]) -> dict[str, str | int]:
-    """The optional Make Call parameters, as the API documents them; absent ones are left out.
-    No fallback URL by default: ours would fail exactly when the answer URL does."""
-    body: dict[str, str | int] = {}
-    if options.get("fallback_url"):
-        body |= {"fallback_url": options["fallback_url"], "fallback_method": "POST"}
-    if options.get("time_limit"):
-        body["time_limit"] = int(options["time_limit"])  # seconds
-    if options.get("machine_detection"):
-        body["machine_detection"] = options["machine_detection"]  # "true" or "hangup"
-    return body
-
-
-CALL_ERRORS = {
-    401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
-    402: "the Vobiz account has no balance left (HTTP 402)",
-    429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
-}
-
-
-async def place_call(settings: Settings, call: OutboundCall) -> str:
-    """Ask Vobiz to place the call; returns its request_uuid (the future CallUUID)."""
-    try:
-        async with httpx.AsyncClient(timeout=15) as client:
-            response = await client.post(call.url, json=call.body, headers=call.headers)
-    except httpx.HTTPError as error:
-        raise CallRefused(f"could not reach {call.url}: {type(error).__name__} {error}".strip()) from None
-    if response.status_code in (200, 201):  # the docs say 200; the API has been seen answering 201
+    async def place(self) -> str | None:
+        """Ask Vobiz to place the call and print its request_uuid (the future CallUUID); None, or why not."""
         try:
-            return str(response.json()["request_uuid"])
+            async with httpx.AsyncClient(timeout=15) as client:
+                response = await client.post(self.url, json=self.body, headers=self.headers)
+        except httpx.HTTPError as error:
+            return f"could not reach {self.url}: {type(error).__name__} {error}".strip()
+        if response.status_code not in (200, 201):  # the docs say 200; the API has been seen answering 201
+            return (self.ERRORS.get(response.status_code)
+                    or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+        try:
+            print(response.json()["request_uuid"])
         except (ValueError, KeyError, TypeError):
-            raise CallRefused(f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}") from None
-    raise CallRefused(CALL_ERRORS.get(response.status_code)
-                      or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+            return f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}"
+        return None
 
 
 async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> str | None:
@@ -3260,15 +3179,6 @@ async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> s
     if response.status_code in (200, 202):
         return None
     return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
-
-
-def call_command(settings: Settings, to: str, caller: str, answer_url: str | None,
-                 options: Mapping[str, str | int | None] | None = None) -> None:
-    """`vobiz-agent call`: print the request_uuid, or stop with one line saying why not."""
-    try:
-        print(trio.run(place_call, settings, outbound_call(settings, to, caller, answer_url, options)))
-    except (SettingsError, CallRefused) as error:
-        sys.exit(f"vobiz-agent: {error}")
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
