@@ -2354,11 +2354,10 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 class Metrics:
-    """The app's Prometheus metrics, served by /metrics: counters made on first use, gauges, and the
-    turn-latency histogram. Each app has its own registry, so several servers in one process (the
-    tests start many) keep their own counts; `name` is the metric's name without `vobiz_agent_`."""
+    """The app's Prometheus metrics, served by /metrics. Each app has its own registry, so several
+    servers in one process (the tests start many) keep their own counts; `name` is the metric's
+    name without `vobiz_agent_`."""
 
-    LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
     HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
         "calls_refused_total": "Calls and media sockets refused, by reason",
@@ -2376,7 +2375,7 @@ class Metrics:
         self.gauges: dict[str, prometheus_client.Gauge] = {}
         self.turn_latency = prometheus_client.Histogram(
             "vobiz_agent_turn_latency_seconds", "End of the caller's speech to the first agent audio heard",
-            buckets=self.LATENCY_BUCKETS_S, registry=self.registry)
+            buckets=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0), registry=self.registry)
 
     def count(self, name: str, **labels: str) -> None:
         if name not in self.counters:  # its label names are fixed by its first use
@@ -2407,20 +2406,17 @@ prometheus_client.disable_created_metrics()  # no `_created` series beside every
 class LoadMonitor:
     """How loaded this process is, measured: what admission decides on, and /health shows.
 
-    Past one core's capacity every live call degrades at once (gappy audio,
-    late replies), so a new call must be refused *before* that. Three measures:
-    - lag: a tiny task asks to wake every TICK_S and notes how late it woke.
-      Every call's timers and frames wait in the same queue, so they are that
-      late too. The figure is the worst of the last WINDOW_S.
-    - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
-      as a share of one core. A new call is admitted only if the CPU with
-      it stays under the threshold, counting every live call at the cost
-      per call last measured while most calls were settled (a call that
-      began within the window has cost only part of it): so a burst of new
-      calls does not look cheap. Until measured, MAX_CALLS calls fill a core.
-    - behind: how far the calls are behind in reading their callers' audio
-      (Vobiz sends it in real time, so a backlog means we are not keeping up);
-      the median call's, so that one caller's bad network does not count.
+    Past one core's capacity every live call degrades at once (gappy audio, late replies),
+    so a new call must be refused *before* that. The measures, each over the last WINDOW_S:
+    - lag: a tiny task asks to wake every TICK_S and notes how late it woke. Every call's
+      timers and frames wait in the same queue, so they are that late too. The worst counts.
+    - CPU: the process's CPU time as a share of one core. A new call is admitted only if the
+      CPU with it stays under the threshold, counting every live call at the cost per call
+      last measured while most calls were settled (a call that began within the window has
+      cost only part of it), so a burst of new calls does not look cheap.
+    - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
+      real time, so a backlog means we are not keeping up); the median call's, so that one
+      caller's bad network does not count.
     """
 
     TICK_S = 0.05
@@ -2431,11 +2427,11 @@ class LoadMonitor:
         self.settings, self.calls, self.metrics = settings, calls, metrics
         self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
         self.starts: deque[float] = deque()  # when each call of the last second was answered
-        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
+        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late)
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
+        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
         self.lag_s = self.cpu = self.behind_s = 0.0
         self.cpu_per_call = 1 / settings.max_calls  # until measured: MAX_CALLS calls fill a core
-        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
         self.scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -2452,18 +2448,17 @@ class LoadMonitor:
 
     def sample(self, now: float) -> None:
         """Bring the figures up to date (twice a second) and publish them as gauges."""
-        while self.wakes and self.wakes[0][0] < now - self.WINDOW_S:
-            self.wakes.popleft()
+        start = now - self.WINDOW_S
+        for window in (self.wakes, self.cpu_samples):
+            while window and window[0][0] < start:
+                window.popleft()
+        while self.ended and self.ended[0][1] < start:
+            self.ended.popleft()
         self.lag_s = max((late for _, late in self.wakes), default=0.0)
         self.cpu_samples.append((now, time.process_time()))
-        while self.cpu_samples[0][0] < now - self.WINDOW_S:
-            self.cpu_samples.popleft()
         (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
         self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
         # How many calls the window's CPU was spent on: one live for a second of it counts 1/3.
-        while self.ended and self.ended[0][1] < now - self.WINDOW_S:
-            self.ended.popleft()
-        start = now - self.WINDOW_S
         live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
         gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
         new = sum(call.began > start for call in self.calls)
@@ -2474,10 +2469,12 @@ class LoadMonitor:
             self.cpu_per_call = self.cpu / (live + gone)
         behind = sorted(call.behind_s() for call in self.calls)
         self.behind_s = behind[len(behind) // 2] if behind else 0.0
-        self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
-        self.metrics.set_gauge("cpu_share", self.cpu)
-        self.metrics.set_gauge("cpu_share_per_call", self.cpu_per_call)
-        self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
+        for name, value in (("event_loop_lag_seconds", self.lag_s), ("cpu_share", self.cpu),
+                            ("cpu_share_per_call", self.cpu_per_call), ("inbound_behind_seconds", self.behind_s)):
+            self.metrics.set_gauge(name, value)
+
+    def call_started(self) -> None:
+        self.starts.append(trio.current_time())
 
     def call_ended(self, call: Call) -> None:
         self.ended.append((call.began, trio.current_time()))
@@ -2499,9 +2496,6 @@ class LoadMonitor:
         if len(self.starts) >= settings.load_max_starts_per_s:
             return "overloaded: calls starting"
         return None
-
-    def call_started(self) -> None:
-        self.starts.append(trio.current_time())
 
     def figures(self) -> dict[str, float]:
         return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
@@ -2539,60 +2533,29 @@ class Switchboard:
     def __len__(self) -> int:
         return len(self.calls)
 
-    def add(self, call: Call) -> None:
-        if not self.calls:
-            self.emptied = trio.Event()
-        self.calls.add(call)
-
-    def remove(self, call: Call) -> None:
-        self.calls.discard(call)
-        self.load.call_ended(call)
-        now = trio.current_time()
-        self._forget_stale(now)
-        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
-        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
-        # come first) may not.
-        over = call.call_id in self.hung_up
-        self.hung_up.discard(call.call_id)
-        if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
-            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
-            self.conversations[call.call_id] = (call.responder, now)
-        else:
-            self.forget(call.call_id)
-        if not self.calls:
-            self.emptied.set()
-
-    def forget(self, call_id: str) -> None:
-        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
-        if any(c.call_id == call_id for c in self.calls):
-            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
-        else:
-            self.conversations.pop(call_id, None)
-
-    def _forget_stale(self, now: float) -> None:
-        """Drop conversations unseen for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
-        live = {c.call_id for c in self.calls}
-        for old_id, (_, seen) in list(self.conversations.items()):
-            if seen >= now - self.RESUME_WINDOW_S:
-                break
-            if old_id not in live:
-                del self.conversations[old_id]
-
-    async def wait_until_empty(self) -> None:
-        await self.emptied.wait()
-
-    def expect(self, call_id: str) -> None:
-        """/answer accepted this call: count it now, its socket is on the way."""
-        self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
-        self.load.call_started()
-
-    def live(self, call_id: str) -> bool:
-        return any(call.call_id == call_id for call in self.calls)
+    def busy(self) -> str | None:
+        """Why a new call can't be taken now, or None."""
+        if self.draining:
+            return "draining"
+        self._forget_old()
+        if len(self.calls) + len(self.expected) >= self.settings.max_calls:
+            return "busy"
+        return self.load.overload()
 
     def holds(self, call_id: str) -> bool:
         """Is this call live, expected, or resumable here? Then a new /answer for it is not a new call."""
         self._forget_old()
         return self.live(call_id) or call_id in self.expected or call_id in self.conversations
+
+    def issue_media_url(self, call_id: str, base: str) -> str:
+        """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`); the call
+        holds its slot from now until its socket comes (or does not)."""
+        settings = self.settings
+        nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
+        token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
+        self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
+        self.load.call_started()
+        return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
     def admit(self, call_id: str) -> tuple[str | None, bool]:
         """At a socket's door: (why it is refused or None, whether this process answered it).
@@ -2612,6 +2575,11 @@ class Switchboard:
             return None, False  # a reconnect of a call we hold: its conversation goes on here
         return self.busy(), False
 
+    def add(self, call: Call) -> None:
+        if not self.calls:
+            self.emptied = trio.Event()
+        self.calls.add(call)
+
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
         """The call's responder: the one it had before a reconnect, or a new one."""
         self._forget_old()
@@ -2623,7 +2591,36 @@ class Switchboard:
         self.conversations[call_id] = (responder, trio.current_time())
         return responder, resumed
 
+    def remove(self, call: Call) -> None:
+        self.calls.discard(call)
+        self.load.call_ended(call)
+        self._forget_old()
+        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
+        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
+        # come first) may not.
+        over = call.call_id in self.hung_up
+        self.hung_up.discard(call.call_id)
+        if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
+            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
+            self.conversations[call.call_id] = (call.responder, trio.current_time())
+        else:
+            self.forget(call.call_id)
+        if not self.calls:
+            self.emptied.set()
+
+    def forget(self, call_id: str) -> None:
+        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
+        if self.live(call_id):
+            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
+        else:
+            self.conversations.pop(call_id, None)
+
+    def live(self, call_id: str) -> bool:
+        return any(call.call_id == call_id for call in self.calls)
+
     def _forget_old(self) -> None:
+        """Release the slots of answers whose socket never came, and drop conversations unseen
+        for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
         now = trio.current_time()
         for call_id, until in list(self.expected.items()):
             if until < now:
@@ -2631,16 +2628,15 @@ class Switchboard:
                 # Its socket may have gone to another worker or host: nothing to warn about, by itself.
                 log.info("call %s: answered, but no media socket came here: slot released", call_id)
                 self.metrics.count("answers_without_socket_total")
-        self._forget_stale(now)
+        live = {call.call_id for call in self.calls}
+        for call_id, (_, seen) in list(self.conversations.items()):
+            if seen >= now - self.RESUME_WINDOW_S:
+                break
+            if call_id not in live:
+                del self.conversations[call_id]
 
-    def busy(self) -> str | None:
-        """Why a new call can't be taken now, or None."""
-        if self.draining:
-            return "draining"
-        self._forget_old()
-        if len(self.calls) + len(self.expected) >= self.settings.max_calls:
-            return "busy"
-        return self.load.overload()
+    async def wait_until_empty(self) -> None:
+        await self.emptied.wait()
 
     async def drain(self) -> None:
         """Stop taking calls, let live ones finish, then end the rest politely."""
@@ -2654,54 +2650,45 @@ class Switchboard:
             await self.wait_until_empty()
 
 
-def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
-    """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`),
-    counted against MAX_CALLS from this moment until its socket comes (or does not)."""
-    settings = switchboard.settings
-    nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
-    token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
-    switchboard.expect(call_id)
-    return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
-
-
-def stream_url_lifetime(settings: Settings) -> float:
-    return settings.max_call_s + STREAM_URL_MARGIN_S
-
-
 WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording", "/transfer")
 WEBHOOK_MAX_BYTES = 8 * 1024  # Vobiz posts forms of well under 1 KiB
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-
-
-def busy_xml() -> bytes:
-    """Reject the call without answering it: the caller hears a busy tone, and nobody is billed
-    (a <Speak> would answer the call first)."""
-    response = ET.Element("Response")
-    ET.SubElement(response, "Hangup", reason="busy")
-    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
+XML = {"Content-Type": "application/xml"}  # the headers of a webhook's XML answer
+# Reject the call without answering it: the caller hears a busy tone, and nobody is billed
+# (a <Speak> would answer the call first).
+BUSY_XML = b"<?xml version='1.0' encoding='utf-8'?>\n<Response><Hangup reason=\"busy\" /></Response>"
 
 
 def create_app(settings: Settings) -> QuartTrio:
-    """The web app: Vobiz's three webhooks, health and metrics, the media WebSocket,
+    """The web app: Vobiz's webhooks, health and metrics, the media WebSocket,
     and the browser softphone (when settings.serves_phone)."""
     app = QuartTrio(__name__)
-    app.switchboard = Switchboard(settings, make_agent(settings))
+    app.switchboard = switchboard = Switchboard(settings, make_agent(settings))
     app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
     app.config["BODY_TIMEOUT"] = settings.http_read_timeout_s
     app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
-    for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status),
-                       ("/ring", ring), ("/recording", recording), ("/transfer", transfer)):
-        app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
+    for path in WEBHOOK_PATHS:  # Vobiz may use GET or POST; the webhooks but two only tell us something
+        view = {"/answer": answer, "/transfer": transfer}.get(path, notice)
+        app.add_url_rule(path, view_func=view, methods=["GET", "POST"])
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
     app.add_websocket("/ws/<call_id>/<token>", view_func=media_stream)
     if settings.serves_phone:
         app.add_url_rule("/phone", view_func=phone)
         app.add_url_rule("/phone/call", view_func=phone_call, methods=["POST"])
-    app.before_serving(start_load_monitor)
-    app.after_serving(release_agent)
+
+    @app.before_serving
+    async def start_load_monitor() -> None:
+        app.add_background_task(switchboard.load.run)
+
+    @app.after_serving
+    async def release_agent() -> None:
+        switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
+        if client := switchboard.agent.client:
+            await client.aclose()
+
     return app
 
 
@@ -2720,12 +2707,10 @@ async def check_signature() -> Response | None:
     return Response("forbidden\n", 403)
 
 
-async def answer() -> Response:
+async def answer() -> Response | tuple[bytes, int, dict[str, str]]:
     switchboard, params = current_app.switchboard, await _webhook_params()
     if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
-        _log_hangup(params)
-        switchboard.forget(params.get("CallUUID", ""))
-        return _xml(empty_xml())
+        return await notice()
     call_id = params.get("CallUUID", "")
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
         log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
@@ -2733,21 +2718,70 @@ async def answer() -> Response:
     if switchboard.holds(call_id):  # knowing a CallUUID must not be a way into its conversation
         log.warning("call %s: a second answer for a call that is live or resumable here: refused", call_id)
         switchboard.metrics.count("calls_refused_total", reason="duplicate")
-        return _xml(busy_xml())
+        return BUSY_XML, 200, XML
     if reason := switchboard.busy():
         log.warning("call %s: refused (%s), the caller hears a busy tone", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
         # Draining, this replica is going away, not the service: 503 tells a load balancer
         # (and Vobiz, which retries) to try another replica. Full is a real "busy": 200.
-        return Response(busy_xml(), 503 if reason == "draining" else 200, content_type="application/xml")
-    base = switchboard.settings.public_url or _request_base()
-    media_url = issue_media_url(switchboard, call_id, base)
+        return BUSY_XML, 503 if reason == "draining" else 200, XML
+    settings = switchboard.settings
+    base = settings.public_url or _request_base()
+    media_url = switchboard.issue_media_url(call_id, base)
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
-    settings = switchboard.settings
-    return _xml(stream_xml(media_url, base + "/stream-status", settings.stream_max_retries,
-                           base + "/recording" if settings.record_calls else None))
+    return stream_xml(media_url, base + "/stream-status", settings.stream_max_retries,
+                      base + "/recording" if settings.record_calls else None), 200, XML
 
+
+# The recording's URL, under the names Plivo-derived platforms have used for it.
+RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")
+
+
+async def notice() -> tuple[bytes, int, dict[str, str]]:
+    """The webhooks that only tell us something: each is one line in the log."""
+    params = await _webhook_params()
+    call_id = _clean(params.get("CallUUID"))
+    match request.path:
+        case "/hangup" | "/answer":  # /answer: its Event=Hangup, when the call has no hangup URL
+            log.info("call %s: hung up after %s s, cause %s (%s), by %s", call_id, _clean(params.get("Duration")),
+                     _clean(params.get("HangupCause")), _clean(params.get("HangupCauseName")),
+                     _clean(params.get("HangupSource")))
+            current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
+        case "/ring":  # an outbound call's ring_url: the callee's phone is ringing
+            log.info("call %s: ringing %s", call_id, _clean(params.get("To")))
+        case "/stream-status":
+            fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
+            log.info("call %s: stream %s %s %s", call_id, _clean(params.get("StreamID")),
+                     _clean(params.get("Event")), fields)
+        case "/recording":  # <Record>'s action and callback: where the call's recording is. Fetching
+            # it needs the account's X-Auth-ID/X-Auth-Token, so the URL alone gives nothing away.
+            url = _clean(next((params[key] for key in RECORDING_URL_FIELDS if params.get(key)), ""), 300)
+            recording_id = _clean(params.get("RecordingID"))
+            if url:
+                log.info("call %s: recording %s (%s s): %s", call_id, recording_id,
+                         _clean(params.get("RecordingDuration", "?")), url,
+                         extra={"fields": {"call": call_id, "recording_url": url, "recording_id": recording_id}})
+            else:
+                log.info("call %s: recording started", call_id)
+    return empty_xml(), 200, XML  # nothing for the call to do (<Record redirect="false">)
+
+
+async def transfer() -> tuple[bytes, int, dict[str, str]]:
+    """Where a transfer sends the call (the aleg_url): dial the person. The caller ID is ours on
+    this call unless TRANSFER_CALLER_ID says otherwise: carriers refuse caller IDs we don't own."""
+    settings, params = current_app.switchboard.settings, await _webhook_params()
+    if not settings.transfer_number:
+        log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
+        return empty_xml(), 200, XML
+    log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
+    response = ET.Element("Response")
+    dial = ET.SubElement(response, "Dial")
+    ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
+    if caller_id := settings.transfer_caller_id or ours:
+        dial.set("callerId", caller_id)
+    ET.SubElement(dial, "Number").text = settings.transfer_number
+    return ET.tostring(response, encoding="utf-8", xml_declaration=True), 200, XML
 
 
 # The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
@@ -2757,26 +2791,18 @@ async def answer() -> Response:
 # the same Call, the same logs, metrics and limits.
 
 
-@cache
-def phone_page() -> bytes | None:
+async def phone() -> Response:
     """phone.html: beside this file in a checkout; where `pip install` put it otherwise
     (pyproject.toml's data-files, found through the package's list of installed files)."""
-    beside = Path(__file__).with_name("phone.html")
-    if beside.is_file():
-        return beside.read_bytes()
-    with suppress(importlib.metadata.PackageNotFoundError):
-        for file in importlib.metadata.files("vobiz-agent") or ():
-            if file.name == "phone.html":
-                return file.locate().read_bytes()
-    return None
-
-
-async def phone() -> Response:
-    page = phone_page()
-    if page is None:
+    page = Path(__file__).with_name("phone.html")
+    if not page.is_file():
+        with suppress(importlib.metadata.PackageNotFoundError):
+            installed = importlib.metadata.files("vobiz-agent") or ()
+            page = next((file.locate() for file in installed if file.name == "phone.html"), page)
+    if not page.is_file():
         log.warning("GET /phone: phone.html is not installed beside vobiz_agent.py or with the package")
         return Response("phone.html is not installed\n", 404)
-    return Response(page, content_type="text/html; charset=utf-8")
+    return Response(page.read_bytes(), content_type="text/html; charset=utf-8")
 
 
 async def phone_call() -> tuple[dict, int]:
@@ -2788,70 +2814,7 @@ async def phone_call() -> tuple[dict, int]:
         return {"error": reason}, 503
     call_id = str(uuid.uuid4())
     log.info("call %s: answering the browser softphone at %s", call_id, _clean(request.remote_addr))
-    return {"callId": call_id, "mediaUrl": issue_media_url(switchboard, call_id, _request_base())}, 200
-
-
-async def hangup() -> Response:
-    params = await _webhook_params()
-    _log_hangup(params)
-    current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
-    return Response("", 200)
-
-
-def transfer_xml(number: str, caller_id: str) -> bytes:
-    response = ET.Element("Response")
-    dial = ET.SubElement(response, "Dial")
-    if caller_id:
-        dial.set("callerId", caller_id)
-    ET.SubElement(dial, "Number").text = number
-    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
-
-
-async def transfer() -> Response:
-    """Where a transfer sends the call (the aleg_url): dial the person. The caller ID is ours on
-    this call unless TRANSFER_CALLER_ID says otherwise: carriers refuse caller IDs we don't own."""
-    settings, params = current_app.switchboard.settings, await _webhook_params()
-    if not settings.transfer_number:
-        log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
-        return _xml(empty_xml())
-    ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
-    log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
-    return _xml(transfer_xml(settings.transfer_number, settings.transfer_caller_id or ours or ""))
-
-
-async def ring() -> Response:
-    """An outbound call's ring_url: the callee's phone is ringing."""
-    params = await _webhook_params()
-    log.info("call %s: ringing %s", _clean(params.get("CallUUID")), _clean(params.get("To")))
-    return Response("", 200)
-
-
-# The recording's URL, under the names Plivo-derived platforms have used for it.
-RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")
-
-
-async def recording() -> Response:
-    """<Record>'s action and callback: log where the call's recording is (fetching it needs
-    the account's X-Auth-ID/X-Auth-Token, so the URL alone gives nothing away)."""
-    params = await _webhook_params()
-    url = next((params[key] for key in RECORDING_URL_FIELDS if params.get(key)), "")
-    duration = params.get("RecordingDuration", "?")  # seconds
-    if url:
-        log.info("call %s: recording %s (%s s): %s", _clean(params.get("CallUUID")),
-                 _clean(params.get("RecordingID")), _clean(duration), _clean(url, 300),
-                 extra={"fields": {"call": _clean(params.get("CallUUID")), "recording_url": _clean(url, 300),
-                                   "recording_id": _clean(params.get("RecordingID"))}})
-    else:
-        log.info("call %s: recording started", _clean(params.get("CallUUID")))
-    return _xml(empty_xml())  # redirect="false": nothing for the call to do
-
-
-async def stream_status() -> Response:
-    params = await _webhook_params()
-    fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
-    log.info("call %s: stream %s %s %s", _clean(params.get("CallUUID")), _clean(params.get("StreamID")),
-             _clean(params.get("Event")), fields)
-    return Response("", 200)
+    return {"callId": call_id, "mediaUrl": switchboard.issue_media_url(call_id, _request_base())}, 200
 
 
 async def health() -> tuple[dict, int]:
@@ -2871,16 +2834,6 @@ async def prometheus_metrics() -> Response:
     return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
-async def start_load_monitor() -> None:
-    current_app.add_background_task(current_app.switchboard.load.run)
-
-
-async def release_agent() -> None:
-    current_app.switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
-    if client := current_app.switchboard.agent.client:
-        await client.aclose()
-
-
 async def media_stream(call_id: str, token: str) -> Response | None:
     """The media WebSocket. Everything is checked before the socket is accepted (a refused
     peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
@@ -2888,7 +2841,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     switchboard, now = current_app.switchboard, time.time()
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
         stream_token_problem(switchboard.settings.stream_secret, call_id, token, now,
-                             stream_url_lifetime(switchboard.settings))
+                             switchboard.settings.max_call_s + STREAM_URL_MARGIN_S)
     status = 403
     if problem is None:
         problem, answered_here = switchboard.admit(call_id)
@@ -2931,16 +2884,6 @@ def _request_base(incoming=request) -> str:
     host = incoming.headers.get("X-Forwarded-Host", incoming.host).split(",")[0].strip()
     proto = {"ws": "http", "wss": "https"}.get(proto, proto)
     return f"{proto}://{host}"
-
-
-def _xml(document: bytes) -> Response:
-    return Response(document, content_type="application/xml")
-
-
-def _log_hangup(params: dict[str, str]) -> None:
-    log.info("call %s: hung up after %s s, cause %s (%s), by %s", _clean(params.get("CallUUID")),
-             _clean(params.get("Duration")), _clean(params.get("HangupCause")),
-             _clean(params.get("HangupCauseName")), _clean(params.get("HangupSource")))
 
 
 # ─────────────────────────────────────────────────────────────────────────────
