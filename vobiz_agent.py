@@ -124,8 +124,8 @@ class Settings:
     host: str = variable("0.0.0.0", "address to listen on")
     port: int = variable(5000, "port to listen on", "number", low=1, high=65535)
     public_url: str | None = variable(  # without a trailing slash
-        None, "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for the `<Stream>` URL "
-        "and the status callback", "url", choices=WEB, example="https://abc.ngrok.app")
+        None, "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for the `<Stream>` URL and "
+        "the status callback", "url", choices=WEB, example="https://abc.ngrok.app")
     log_level: str = variable("INFO", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", "choice",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = variable("text", "`json` for one JSON object per line (log collectors)", "choice",
@@ -133,16 +133,14 @@ class Settings:
     barge_in_min_ms: int = variable(200, "how long the caller must talk over the agent to stop it (also the "
                                     "offline agent's minimum speech)", "number", low=0, high=2000)
     # The AI agent: used when both keys are set.
-    deepgram_api_key: str = variable("", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an "
-                                     "error")
+    deepgram_api_key: str = variable("", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error")
     deepgram_url: str = variable("wss://api.deepgram.com/v1/listen", "the live transcription endpoint", "url",
                                  choices=("ws", "wss"))
     deepgram_model: str = variable("nova-3", "the speech-to-text model")
     deepgram_language: str = variable("en", "the caller's language")
     deepgram_endpointing_ms: int = variable(300, "quiet that ends a phrase", "number", low=10, high=5000)
     openai_api_key: str = variable("", "any string for a local server")
-    openai_base_url: str = variable("https://api.openai.com/v1", "any OpenAI-compatible server", "url",
-                                    choices=WEB)
+    openai_base_url: str = variable("https://api.openai.com/v1", "any OpenAI-compatible server", "url", choices=WEB)
     openai_model: str = variable("gpt-4o-mini", "the chat model")
     openai_timeout_s: float = variable(10.0, "connect / first token / first byte timeout", "number",
                                        low=0.1, high=120)
@@ -164,8 +162,8 @@ class Settings:
     vobiz_parent_auth_token: str = variable("", "a sub-account's parent (main) account token: checks "
                                             "`-MA-V2`/`-MA-V3` signatures")
     vobiz_verify_signatures: str = variable(
-        "off", "`off`, `when-signed` (signed webhooks must be right) or `required` (unsigned ones refused "
-        "too); the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", "choice",
+        "off", "`off`, `when-signed` (signed webhooks must be right) or `required` (unsigned ones refused too); "
+        "the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", "choice",
         choices=("off", "when-signed", "required"))
     vobiz_api_url: str = variable("https://api.vobiz.ai/api/v1", "the Vobiz REST API, for outbound calls and "
                                   "transfers", "url", choices=WEB)
@@ -174,42 +172,40 @@ class Settings:
                                     "tool; 0 on the echo agent)")
     transfer_caller_id: str = variable("", "the caller ID the person sees on a transfer",
                                        shown="our number on the call")
-    record_calls: bool = variable(False, "record every call (`<Record recordSession>`); the recording's URL "
-                                  "is logged", "flag", example="true")
+    record_calls: bool = variable(False, "record every call (`<Record recordSession>`); the recording's URL is "
+                                  "logged", "flag", example="true")
     stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False, metadata={
         "help": "signs the media URLs; give every replica the same one", "kind": "secret",
         "shown": "random per process"})
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
-    max_calls: int = variable(50, "calls per process, counted from `/answer`; more get a busy tone "
-                              "(unanswered, unbilled)", "number", low=1, high=100_000)
+    max_calls: int = variable(50, "calls per process, counted from `/answer`; more get a busy tone (unanswered, "
+                              "unbilled)", "number", low=1, high=100_000)
     stream_max_retries: int = variable(3, "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped "
                                        "socket", "number", low=0, high=10)
     max_call_s: float = variable(3600.0, "every call says goodbye and ends after this long", "number",
                                  low=10, high=86_400)
-    silence_timeout_s: float = variable(60.0, "every agent says goodbye after this long without a word from "
-                                        "the caller (old name `OFFLINE_SILENCE_S`)", "number", low=1, high=86_400)
-    idle_timeout_s: float = variable(30.0, "end a call whose socket carries no valid media this long",
-                                     "number", low=1, high=3600)
+    silence_timeout_s: float = variable(60.0, "every agent says goodbye after this long without a word from the "
+                                        "caller (old name `OFFLINE_SILENCE_S`)", "number", low=1, high=86_400)
+    idle_timeout_s: float = variable(30.0, "end a call whose socket carries no valid media this long", "number",
+                                     low=1, high=3600)
     http_read_timeout_s: float = variable(10.0, "close a connection that sends nothing this long", "number",
                                           low=1, high=300)
-    drain_timeout_s: float = variable(30.0, "on SIGTERM, how long live calls may go on", "number",
-                                      low=0, high=3600)
+    drain_timeout_s: float = variable(30.0, "on SIGTERM, how long live calls may go on", "number", low=0, high=3600)
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
     load_max_lag_ms: int = variable(50, "new calls hear busy while the event loop wakes this late (measured "
                                     "load)", "number", low=1, high=60_000)
     load_max_cpu: float = variable(0.75, "new calls hear busy while the process's CPU with one more call would "
                                    "pass this share of a core", "number", low=0.01, high=64.0)
-    load_max_behind_ms: int = variable(250, "new calls hear busy while the median call reads its caller's "
-                                       "audio this far behind", "number", low=1, high=60_000)
-    load_max_starts_per_s: int = variable(10, "new calls hear busy while this many were answered within the "
-                                          "last second (a burst of set-ups stalls the calls already live)",
-                                          "number", low=1, high=10_000)
+    load_max_behind_ms: int = variable(250, "new calls hear busy while the median call reads its caller's audio "
+                                       "this far behind", "number", low=1, high=60_000)
+    load_max_starts_per_s: int = variable(10, "new calls hear busy while this many were answered within the last "
+                                          "second (a burst of set-ups stalls the calls already live)", "number",
+                                          low=1, high=10_000)
     offline_max_turns: int = variable(20, "the echo agent says goodbye after this many turns", "number",
                                       low=1, high=10_000)
     phone: bool | None = variable(  # None: decided by serves_phone
-        None, "serve the browser softphone at `/phone`; `true` with the AI agent on a public address lets "
-        "anyone who reaches it spend your provider budget", "flag",
-        shown="on with the offline agent or a loopback HOST")
+        None, "serve the browser softphone at `/phone`; `true` with the AI agent on a public address lets anyone "
+        "who reaches it spend your provider budget", "flag", shown="on with the offline agent or a loopback HOST")
 
     @property
     def uses_ai(self) -> bool:
@@ -2581,14 +2577,11 @@ class Switchboard:
         self.calls.add(call)
 
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
-        """The call's responder: the one it had before a reconnect, or a new one."""
+        """The call's responder, and whether it is the one it had before a reconnect (else a new one)."""
         self._forget_old()
-        if call_id in self.conversations:
-            responder, _ = self.conversations.pop(call_id)  # re-inserted last: the dict stays in time order
-            resumed = True
-        else:
-            responder, resumed = self.agent.responder(log), False
-        self.conversations[call_id] = (responder, trio.current_time())
+        resumed = call_id in self.conversations
+        responder = self.conversations.pop(call_id)[0] if resumed else self.agent.responder(log)
+        self.conversations[call_id] = (responder, trio.current_time())  # last: the dict stays in time order
         return responder, resumed
 
     def remove(self, call: Call) -> None:
@@ -2940,11 +2933,8 @@ class AcceptTrouble(logging.Filter):
     This turns a burst of them into one line, and says what to do about it."""
 
     QUIET_S = 60.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.until = 0.0
-        self.hidden = 0
+    until = 0.0  # quiet until then,
+    hidden = 0  # and how many lines it has hidden since the last one
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = time.monotonic()
@@ -2973,16 +2963,13 @@ def banner(settings: Settings) -> str:
              if settings.uses_ai else "offline echo agent")
     lines = [f"vobiz-agent ({agent}) listening on http://{settings.host}:{settings.port}"]
     if settings.public_url:
-        lines += [
-            f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
-            f"Hangup URL: {settings.public_url}/hangup",
-        ]
+        lines += [f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
+                  f"Hangup URL: {settings.public_url}/hangup"]
     else:
-        lines += [
-            f"PUBLIC_URL is not set. Expose port {settings.port} with a tunnel (e.g. `ngrok http {settings.port}`),",
-            "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
-            "into the Vobiz console. Until then /answer builds URLs from the request's Host header.",
-        ]
+        port = settings.port
+        lines += [f"PUBLIC_URL is not set. Expose port {port} with a tunnel (e.g. `ngrok http {port}`),",
+                  "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
+                  "into the Vobiz console. Until then /answer builds URLs from the request's Host header."]
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Replicas behind one URL need one shared STREAM_SECRET.")
@@ -3046,10 +3033,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"vobiz-agent: {refusal}")
         return
     handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
     print(banner(settings), flush=True)
