@@ -2785,7 +2785,7 @@ async def transfer() -> tuple[bytes, int, dict[str, str]]:
 
 
 async def phone() -> Response:
-    """phone.html: beside this file in a checkout; where `pip install` put it otherwise
+    """The page, phone.html: beside this file in a checkout; where `pip install` put it otherwise
     (pyproject.toml's data-files, found through the package's list of installed files)."""
     page = Path(__file__).with_name("phone.html")
     if not page.is_file():
