@@ -583,7 +583,7 @@ LOAD_ADMISSION_OFF = {"load_max_lag_ms": 60_000, "load_max_cpu": 64.0, "load_max
 async def start_server(nursery, **settings) -> Server:
     settings = vobiz_agent.Settings(host="127.0.0.1", port=0, **{**LOAD_ADMISSION_OFF, **settings})
     app = vobiz_agent.create_app(settings)
-    urls = await nursery.start(partial(serve, app, vobiz_agent.hypercorn_config(settings)))
+    urls = await nursery.start(partial(serve, app, vobiz_agent.ServerConfig(settings)))
     return Server(app, urls[0])
 
 

@@ -2666,7 +2666,7 @@ async def test_over_the_load_threshold_new_calls_hear_busy_and_the_reason_is_cou
             hog_the_loop(stall_s)  # busy most of the time: late timers, a core's worth of CPU
             await trio.sleep(pause_s)
         response = await server.post("/answer", data={"CallUUID": "one-too-many"})
-    assert response.content == vobiz_agent.busy_xml()
+    assert response.content == vobiz_agent.BUSY_XML
     metrics = (await server.get("/metrics")).text
     assert f'vobiz_agent_calls_refused_total{{reason="{reason}"}} 1' in metrics
     assert "vobiz_agent_event_loop_lag_seconds " in metrics and "vobiz_agent_cpu_share " in metrics
@@ -2681,7 +2681,7 @@ async def test_a_burst_of_calls_is_admitted_only_as_fast_as_calls_can_start(nurs
     server = await start_server(nursery, load_max_starts_per_s=3)
     answers = [await server.post("/answer", data={"CallUUID": f"burst-{n}"}) for n in range(4)]
     assert [ET.fromstring(a.content).find("Stream") is not None for a in answers] == [True, True, True, False]
-    assert answers[3].content == vobiz_agent.busy_xml()  # a busy tone: unanswered, unbilled
+    assert answers[3].content == vobiz_agent.BUSY_XML  # a busy tone: unanswered, unbilled
     metrics = (await server.get("/metrics")).text
     assert 'vobiz_agent_calls_refused_total{reason="overloaded: calls starting"} 1.0' in metrics
     assert (await server.get("/health")).json()["load"]["refusing"] == "overloaded: calls starting"

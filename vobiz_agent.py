@@ -66,7 +66,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache, partial
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -108,70 +108,118 @@ class SettingsError(Exception):
     """A setting that cannot be used; the message is meant for the operator."""
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a friendly voice assistant on a phone call. Answer in one to three short, "
-    "spoken sentences. Use plain words: no lists, markdown, emoji or URLs. If you did not "
-    "catch something, ask the caller to repeat it."
-)
+def variable(default: object, help: str, kind: str = "text", **checks: object):
+    """A field of Settings read from the environment variable of its name in upper case: a row of
+    SETTINGS. `kind` says how its text is read (see Setting.parse), `checks` what it allows."""
+    return field(default=default, metadata={"help": help, "kind": kind, **checks})
+
+
+WEB = ("http", "https")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, with its default; SETTINGS below says how each is read from the environment."""
+    """Every setting: its default, what it means, and how its variable is read and checked."""
 
-    host: str = "0.0.0.0"
-    port: int = 5000
-    public_url: str | None = None  # e.g. https://abc.ngrok.app, without a trailing slash
-    log_level: str = "INFO"
-    log_format: str = "text"  # or "json": one JSON object per line, for log collectors
-    barge_in_min_ms: int = 200  # how long the caller must talk over the agent to stop it
+    host: str = variable("0.0.0.0", "address to listen on")
+    port: int = variable(5000, "port to listen on", "number", low=1, high=65535)
+    public_url: str | None = variable(  # without a trailing slash
+        None, "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for the `<Stream>` URL and "
+        "the status callback", "url", choices=WEB, example="https://abc.ngrok.app")
+    log_level: str = variable("INFO", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", "choice",
+                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = variable("text", "`json` for one JSON object per line (log collectors)", "choice",
+                               choices=("text", "json"))
+    barge_in_min_ms: int = variable(200, "how long the caller must talk over the agent to stop it (also the "
+                                    "offline agent's minimum speech)", "number", low=0, high=2000)
     # The AI agent: used when both keys are set.
-    deepgram_api_key: str = ""
-    deepgram_url: str = "wss://api.deepgram.com/v1/listen"
-    deepgram_model: str = "nova-3"
-    deepgram_language: str = "en"
-    deepgram_endpointing_ms: int = 300
-    openai_api_key: str = ""
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_model: str = "gpt-4o-mini"
-    openai_timeout_s: float = 10.0  # connect, and wait for the first token or byte
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    tts_model: str = "gpt-4o-mini-tts"
-    tts_voice: str = "alloy"
-    tts_base_url: str = ""  # the voice's server, when it is not the model's (empty: OPENAI_BASE_URL)
-    tts_api_key: str = ""  # its key (empty: OPENAI_API_KEY)
-    greeting: str = "Hello! How can I help you today?"
+    deepgram_api_key: str = variable("", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error")
+    deepgram_url: str = variable("wss://api.deepgram.com/v1/listen", "the live transcription endpoint", "url",
+                                 choices=("ws", "wss"))
+    deepgram_model: str = variable("nova-3", "the speech-to-text model")
+    deepgram_language: str = variable("en", "the caller's language")
+    deepgram_endpointing_ms: int = variable(300, "quiet that ends a phrase", "number", low=10, high=5000)
+    openai_api_key: str = variable("", "any string for a local server")
+    openai_base_url: str = variable("https://api.openai.com/v1", "any OpenAI-compatible server", "url", choices=WEB)
+    openai_model: str = variable("gpt-4o-mini", "the chat model")
+    openai_timeout_s: float = variable(10.0, "connect / first token / first byte timeout", "number",
+                                       low=0.1, high=120)
+    system_prompt: str = variable(
+        "You are a friendly voice assistant on a phone call. Answer in one to three short, spoken sentences. "
+        "Use plain words: no lists, markdown, emoji or URLs. If you did not catch something, ask the caller "
+        "to repeat it.", "short spoken sentences, no markdown", shown="a phone-assistant prompt")
+    tts_model: str = variable("gpt-4o-mini-tts", "the text-to-speech model")
+    tts_voice: str = variable("alloy", "the text-to-speech voice")
+    tts_base_url: str = variable(  # empty: OPENAI_BASE_URL
+        "", "the voice's server, when it is not the model's (Groq, Ollama, vLLM and LM Studio speak no `pcm`)",
+        "url", choices=WEB, shown="OPENAI_BASE_URL", example="https://api.openai.com/v1")
+    tts_api_key: str = variable("", "the voice server's key", shown="OPENAI_API_KEY")  # empty: OPENAI_API_KEY
+    greeting: str = variable("Hello! How can I help you today?", "spoken when the caller's audio starts flowing")
     # Trust and operations.
-    vobiz_auth_id: str = ""
-    vobiz_auth_token: str = ""  # the account's token: outbound calls, transfers, V2/V3 signatures
-    vobiz_parent_auth_token: str = ""  # a sub-account's parent: -MA-V2/-MA-V3 signatures
-    vobiz_verify_signatures: str = "off"  # "off", "when-signed" or "required"
-    vobiz_api_url: str = "https://api.vobiz.ai/api/v1"
-    vobiz_from: str = ""  # the caller id of `vobiz-agent call`
-    stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    vobiz_auth_id: str = variable("", "your account id (`MA_…`), for outbound calls and transfers")
+    vobiz_auth_token: str = variable("", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and "
+                                     "transfers; checks V2/V3 signatures")
+    vobiz_parent_auth_token: str = variable("", "a sub-account's parent (main) account token: checks "
+                                            "`-MA-V2`/`-MA-V3` signatures")
+    vobiz_verify_signatures: str = variable(
+        "off", "`off`, `when-signed` (signed webhooks must be right) or `required` (unsigned ones refused too); "
+        "the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", "choice",
+        choices=("off", "when-signed", "required"))
+    vobiz_api_url: str = variable("https://api.vobiz.ai/api/v1", "the Vobiz REST API, for outbound calls and "
+                                  "transfers", "url", choices=WEB)
+    vobiz_from: str = variable("", "the caller id for `call` when `--from` is not given")
+    transfer_number: str = variable("", "a person's number: the agent can transfer the caller there (a model "
+                                    "tool; 0 on the echo agent)")
+    transfer_caller_id: str = variable("", "the caller ID the person sees on a transfer",
+                                       shown="our number on the call")
+    record_calls: bool = variable(False, "record every call (`<Record recordSession>`); the recording's URL is "
+                                  "logged", "flag", example="true")
+    stream_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False, metadata={
+        "help": "signs the media URLs; give every replica the same one", "kind": "secret",
+        "shown": "random per process"})
     stream_secret_generated: bool = True  # no STREAM_SECRET: only this process can verify its URLs
-    transfer_number: str = ""  # set: the agent can hand the caller to this number (a person)
-    transfer_caller_id: str = ""  # the caller ID that person sees; default our own number on the call
-    max_calls: int = 50
-    record_calls: bool = False  # Vobiz records each whole call; the recording's URL is logged
-    offline_max_turns: int = 20  # the echo test says goodbye after this many turns
-    silence_timeout_s: float = 60.0  # every agent says goodbye after this long without a word from the caller
+    max_calls: int = variable(50, "calls per process, counted from `/answer`; more get a busy tone (unanswered, "
+                              "unbilled)", "number", low=1, high=100_000)
+    stream_max_retries: int = variable(3, "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped "
+                                       "socket", "number", low=0, high=10)
+    max_call_s: float = variable(3600.0, "every call says goodbye and ends after this long", "number",
+                                 low=10, high=86_400)
+    silence_timeout_s: float = variable(60.0, "every agent says goodbye after this long without a word from the "
+                                        "caller (old name `OFFLINE_SILENCE_S`)", "number", low=1, high=86_400)
+    idle_timeout_s: float = variable(30.0, "end a call whose socket carries no valid media this long", "number",
+                                     low=1, high=3600)
+    http_read_timeout_s: float = variable(10.0, "close a connection that sends nothing this long", "number",
+                                          low=1, high=300)
+    drain_timeout_s: float = variable(30.0, "on SIGTERM, how long live calls may go on", "number", low=0, high=3600)
     # Admission by measured load: over any of these, new calls hear "busy" (MAX_CALLS stays the hard cap).
-    load_max_lag_ms: int = 50  # the event loop woke a timer this late, within the last few seconds
-    load_max_cpu: float = 0.75  # the process's CPU (share of one core), counting the new call too
-    load_max_behind_ms: int = 250  # the median call reads its caller's audio this far behind real time
-    load_max_starts_per_s: int = 10  # calls answered within the last second (each sets up its sockets at once)
-    idle_timeout_s: float = 30.0
-    drain_timeout_s: float = 30.0
-    phone: bool | None = None  # the browser softphone at /phone; None: decided by serves_phone
-    stream_max_retries: int = 3  # how often Vobiz may reconnect a dropped media socket
-    max_call_s: float = 3600.0  # every call ends (with a goodbye) after this long
-    http_read_timeout_s: float = 10.0  # a connection that sends nothing this long is closed
+    load_max_lag_ms: int = variable(50, "new calls hear busy while the event loop wakes this late (measured "
+                                    "load)", "number", low=1, high=60_000)
+    load_max_cpu: float = variable(0.75, "new calls hear busy while the process's CPU with one more call would "
+                                   "pass this share of a core", "number", low=0.01, high=64.0)
+    load_max_behind_ms: int = variable(250, "new calls hear busy while the median call reads its caller's audio "
+                                       "this far behind", "number", low=1, high=60_000)
+    load_max_starts_per_s: int = variable(10, "new calls hear busy while this many were answered within the last "
+                                          "second (a burst of set-ups stalls the calls already live)", "number",
+                                          low=1, high=10_000)
+    offline_max_turns: int = variable(20, "the echo agent says goodbye after this many turns", "number",
+                                      low=1, high=10_000)
+    phone: bool | None = variable(  # None: decided by serves_phone
+        None, "serve the browser softphone at `/phone`; `true` with the AI agent on a public address lets anyone "
+        "who reaches it spend your provider budget", "flag", shown="on with the offline agent or a loopback HOST")
 
     @property
     def uses_ai(self) -> bool:
         return bool(self.deepgram_api_key and self.openai_api_key)
+
+    @property
+    def loopback(self) -> bool:
+        """Listening on a loopback address: only programs on this machine can connect."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def serves_phone(self) -> bool:
@@ -179,39 +227,62 @@ class Settings:
         AI agent on a public address (calls that spend your provider budget) only with PHONE=true."""
         if self.phone is not None:
             return self.phone
-        return not self.uses_ai or is_loopback(self.host)
+        return not self.uses_ai or self.loopback
+
+    @property
+    def open_door_warning(self) -> str | None:
+        """What /health and the banner say when anyone can make the AI agent spend money."""
+        if self.uses_ai and self.vobiz_verify_signatures == "off":
+            return ("webhook verification is off and the AI agent is on: anyone who can reach /answer can "
+                    "spend your provider budget. Set VOBIZ_AUTH_TOKEN and VOBIZ_VERIFY_SIGNATURES=required.")
+        return None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """The variables that are set, each read by its row of SETTINGS; the rest keep their defaults."""
-        env = _with_old_names(env)
-        values = {setting.field: setting.parse(setting, env[setting.variable])
+        env = dict(env)  # old spellings still work where the new variable is not set
+        if env.get("OFFLINE_SILENCE_S") and not env.get("SILENCE_TIMEOUT_S"):
+            env["SILENCE_TIMEOUT_S"] = env["OFFLINE_SILENCE_S"]
+        if env.get("VOBIZ_REQUIRE_SIGNATURE") and not env.get("VOBIZ_VERIFY_SIGNATURES"):
+            required = env["VOBIZ_REQUIRE_SIGNATURE"].lower() in ("true", "1", "yes")
+            env["VOBIZ_VERIFY_SIGNATURES"] = "required" if required else "off"
+        values = {setting.field: setting.parse(env[setting.variable])
                   for setting in SETTINGS if env.get(setting.variable)}
-        _check_together(values)
+        # The rules that span several variables.
+        if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
+            missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
+            raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
+                                f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
+        # Verification is asked for explicitly: a token set for outbound calls must not by itself
+        # start refusing webhooks.
+        mode = values.get("vobiz_verify_signatures", "off")
+        if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
+            raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
+                                "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
+                                "e.g. VOBIZ_AUTH_TOKEN=...")
+        if values.get("transfer_number") and not (values.get("vobiz_auth_id") and values.get("vobiz_auth_token")):
+            raise SettingsError(f"TRANSFER_NUMBER={values['transfer_number']!r} needs VOBIZ_AUTH_ID and "
+                                "VOBIZ_AUTH_TOKEN (a transfer is a Vobiz API request), "
+                                "e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
         return cls(**values, stream_secret_generated="stream_secret" not in values)
-
-
-def _as_is(setting: Setting, value: str) -> str:
-    return value
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A row of the settings table: an environment variable, read into the Settings field of the
-    same name in lower case by `parse`, which checks it against `low`…`high` or `choices`."""
+    """A row of the settings table: the environment variable of a Settings field, read by `parse`."""
 
-    variable: str
+    field: str  # the Settings field; its variable is the name in upper case
     help: str
-    parse: Callable[[Setting, str], object] = _as_is  # checks and converts the variable's text
-    low: float = 0
+    kind: str = "text"
+    low: float = 0  # a number's range
     high: float = 0
     choices: tuple[str, ...] = ()  # the values a choice allows, or the schemes a URL may have
     example: str = ""  # a good value for error messages, when the default is none
     shown: str = ""  # the default as --help and README show it, when its value would not do
 
     @property
-    def field(self) -> str:
-        return self.variable.lower()
+    def variable(self) -> str:
+        return self.field.upper()
 
     @property
     def default(self) -> object:
@@ -229,160 +300,39 @@ class Setting:
         return SettingsError(f"{self.variable}={value!r} is {why}, e.g. {self.variable}="
                              f"{self.example or self.shown_default()}")
 
-
-def _number(setting: Setting, value: str) -> float:
-    try:
-        number = type(setting.default)(value)  # int or float, as the default is
-    except ValueError:
-        number = None
-    if number is None or not setting.low <= number <= setting.high:
-        raise setting.refuse(value, f"not a number from {setting.low:g} to {setting.high:g}")
-    return number
-
-
-def is_loopback(host: str) -> bool:
-    """A loopback address: only programs on this machine can connect."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url(setting: Setting, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in setting.choices or not parts.netloc or parts.query:
-        raise setting.refuse(value, f"not a {'/'.join(setting.choices)} base URL")
-    return value.rstrip("/")
-
-
-def _choice(setting: Setting, value: str) -> str:
-    for choice in setting.choices:
-        if value.upper() == choice.upper():
-            return choice
-    raise SettingsError(f"{setting.variable}={value!r} is not one of {', '.join(setting.choices)}, "
-                        f"e.g. {setting.variable}={setting.choices[1]}")
+    def parse(self, value: str) -> object:
+        """The variable's text, checked and converted to the field's type."""
+        match self.kind:
+            case "secret":  # the HMAC key
+                return value.encode()
+            case "number":
+                try:
+                    number = type(self.default)(value)  # int or float, as the default is
+                except ValueError:
+                    number = None
+                if number is None or not self.low <= number <= self.high:
+                    raise self.refuse(value, f"not a number from {self.low:g} to {self.high:g}")
+                return number
+            case "url":
+                parts = urlsplit(value)
+                if parts.scheme not in self.choices or not parts.netloc or parts.query:
+                    raise self.refuse(value, f"not a {'/'.join(self.choices)} base URL")
+                return value.rstrip("/")
+            case "choice":
+                for choice in self.choices:
+                    if value.upper() == choice.upper():
+                        return choice
+                raise SettingsError(f"{self.variable}={value!r} is not one of {', '.join(self.choices)}, "
+                                    f"e.g. {self.variable}={self.choices[1]}")
+            case "flag":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise self.refuse(value, "not true or false")
+                return value.lower() in ("true", "1", "yes")
+            case _:  # "text": as it is
+                return value
 
 
-def _flag(setting: Setting, value: str) -> bool:
-    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise setting.refuse(value, "not true or false")
-    return value.lower() in ("true", "1", "yes")
-
-
-def _bytes(setting: Setting, value: str) -> bytes:
-    return value.encode()
-
-
-WEB = ("http", "https")
-SETTINGS = (
-    Setting("HOST", "address to listen on"),
-    Setting("PORT", "port to listen on", _number, 1, 65535),
-    Setting("PUBLIC_URL", "the public base URL Vobiz reaches, e.g. `https://abc.ngrok.app`; used for "
-            "the `<Stream>` URL and the status callback", _url, choices=WEB, example="https://abc.ngrok.app"),
-    Setting("LOG_LEVEL", "`DEBUG`, `INFO`, `WARNING` or `ERROR`", _choice, choices=LOG_LEVELS),
-    Setting("LOG_FORMAT", "`json` for one JSON object per line (log collectors)", _choice,
-            choices=("text", "json")),
-    Setting("BARGE_IN_MIN_MS", "how long the caller must talk over the agent to stop it (also the "
-            "offline agent's minimum speech)", _number, 0, 2000),
-    Setting("DEEPGRAM_API_KEY", "with `OPENAI_API_KEY`: use the AI agent. Only one of the two is an error"),
-    Setting("DEEPGRAM_URL", "the live transcription endpoint", _url, choices=("ws", "wss")),
-    Setting("DEEPGRAM_MODEL", "the speech-to-text model"),
-    Setting("DEEPGRAM_LANGUAGE", "the caller's language"),
-    Setting("DEEPGRAM_ENDPOINTING_MS", "quiet that ends a phrase", _number, 10, 5000),
-    Setting("OPENAI_API_KEY", "any string for a local server"),
-    Setting("OPENAI_BASE_URL", "any OpenAI-compatible server", _url, choices=WEB),
-    Setting("OPENAI_MODEL", "the chat model"),
-    Setting("OPENAI_TIMEOUT_S", "connect / first token / first byte timeout", _number, 0.1, 120),
-    Setting("SYSTEM_PROMPT", "short spoken sentences, no markdown", shown="a phone-assistant prompt"),
-    Setting("TTS_MODEL", "the text-to-speech model"),
-    Setting("TTS_VOICE", "the text-to-speech voice"),
-    Setting("TTS_BASE_URL", "the voice's server, when it is not the model's (Groq, Ollama, vLLM and LM Studio "
-            "speak no `pcm`)", _url, choices=WEB, shown="OPENAI_BASE_URL", example="https://api.openai.com/v1"),
-    Setting("TTS_API_KEY", "the voice server's key", shown="OPENAI_API_KEY"),
-    Setting("GREETING", "spoken when the caller's audio starts flowing"),
-    Setting("VOBIZ_AUTH_ID", "your account id (`MA_…`), for outbound calls and transfers"),
-    Setting("VOBIZ_AUTH_TOKEN", "the account's token: with `VOBIZ_AUTH_ID`, outbound calls and transfers; "
-            "checks V2/V3 signatures"),
-    Setting("VOBIZ_PARENT_AUTH_TOKEN", "a sub-account's parent (main) account token: checks "
-            "`-MA-V2`/`-MA-V3` signatures"),
-    Setting("VOBIZ_VERIFY_SIGNATURES", "`off`, `when-signed` (signed webhooks must be right) or `required` "
-            "(unsigned ones refused too); the old `VOBIZ_REQUIRE_SIGNATURE=true` means `required`", _choice,
-            choices=("off", "when-signed", "required")),
-    Setting("VOBIZ_API_URL", "the Vobiz REST API, for outbound calls and transfers", _url, choices=WEB),
-    Setting("VOBIZ_FROM", "the caller id for `call` when `--from` is not given"),
-    Setting("TRANSFER_NUMBER", "a person's number: the agent can transfer the caller there (a model tool; "
-            "0 on the echo agent)"),
-    Setting("TRANSFER_CALLER_ID", "the caller ID the person sees on a transfer", shown="our number on the call"),
-    Setting("RECORD_CALLS", "record every call (`<Record recordSession>`); the recording's URL is logged",
-            _flag, example="true"),
-    Setting("STREAM_SECRET", "signs the media URLs; give every replica the same one", _bytes,
-            shown="random per process"),
-    Setting("MAX_CALLS", "calls per process, counted from `/answer`; more get a busy tone (unanswered, "
-            "unbilled)", _number, 1, 100_000),
-    Setting("STREAM_MAX_RETRIES", "`maxRetries` on `<Stream>`: how often Vobiz reconnects a dropped socket",
-            _number, 0, 10),
-    Setting("MAX_CALL_S", "every call says goodbye and ends after this long", _number, 10, 86_400),
-    Setting("SILENCE_TIMEOUT_S", "every agent says goodbye after this long without a word from the caller "
-            "(old name `OFFLINE_SILENCE_S`)", _number, 1, 86_400),
-    Setting("IDLE_TIMEOUT_S", "end a call whose socket carries no valid media this long", _number, 1, 3600),
-    Setting("HTTP_READ_TIMEOUT_S", "close a connection that sends nothing this long", _number, 1, 300),
-    Setting("DRAIN_TIMEOUT_S", "on SIGTERM, how long live calls may go on", _number, 0, 3600),
-    Setting("LOAD_MAX_LAG_MS", "new calls hear busy while the event loop wakes this late (measured load)",
-            _number, 1, 60_000),
-    Setting("LOAD_MAX_CPU", "new calls hear busy while the process's CPU with one more call would pass this "
-            "share of a core", _number, 0.01, 64.0),
-    Setting("LOAD_MAX_BEHIND_MS", "new calls hear busy while the median call reads its caller's audio this "
-            "far behind", _number, 1, 60_000),
-    Setting("LOAD_MAX_STARTS_PER_S", "new calls hear busy while this many were answered within the last second "
-            "(a burst of set-ups stalls the calls already live)", _number, 1, 10_000),
-    Setting("OFFLINE_MAX_TURNS", "the echo agent says goodbye after this many turns", _number, 1, 10_000),
-    Setting("PHONE", "serve the browser softphone at `/phone`; `true` with the AI agent on a public address "
-            "lets anyone who reaches it spend your provider budget", _flag,
-            shown="on with the offline agent or a loopback HOST"),
-)
-
-
-
-def _with_old_names(env: Mapping[str, str]) -> Mapping[str, str]:
-    """Old spellings still work where the new variable is not set."""
-    env = dict(env)
-    if env.get("OFFLINE_SILENCE_S") and not env.get("SILENCE_TIMEOUT_S"):
-        env["SILENCE_TIMEOUT_S"] = env["OFFLINE_SILENCE_S"]
-    if env.get("VOBIZ_REQUIRE_SIGNATURE") and not env.get("VOBIZ_VERIFY_SIGNATURES"):
-        required = env["VOBIZ_REQUIRE_SIGNATURE"].lower() in ("true", "1", "yes")
-        env["VOBIZ_VERIFY_SIGNATURES"] = "required" if required else "off"
-    return env
-
-
-def _check_together(values: dict[str, object]) -> None:
-    """The rules that span several variables."""
-    if bool(values.get("deepgram_api_key")) != bool(values.get("openai_api_key")):
-        missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
-        raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
-                            f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
-    # Verification is asked for explicitly: a token set for outbound calls must not by itself
-    # start refusing webhooks.
-    mode = values.get("vobiz_verify_signatures", "off")
-    if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
-        raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
-                            "VOBIZ_AUTH_TOKEN (and VOBIZ_PARENT_AUTH_TOKEN for a sub-account), "
-                            "e.g. VOBIZ_AUTH_TOKEN=...")
-    if values.get("transfer_number") and not (values.get("vobiz_auth_id") and values.get("vobiz_auth_token")):
-        raise SettingsError(f"TRANSFER_NUMBER={values['transfer_number']!r} needs VOBIZ_AUTH_ID and "
-                            "VOBIZ_AUTH_TOKEN (a transfer is a Vobiz API request), e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-
-
-def settings_help() -> str:
-    """The table for `vobiz-agent --help`: every variable, what it does, its default."""
-    lines = ["settings (environment variables, or a .env file in this directory; set variables win),",
-             "each with its default:"]
-    for setting in SETTINGS:
-        lines.append(f"  {setting.variable:<26} {setting.shown_default()}")
-        lines += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
-                               subsequent_indent=" " * 6)
-    return "\n".join(lines)
+SETTINGS = tuple(Setting(each.name, **each.metadata) for each in fields(Settings) if each.metadata)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2400,11 +2350,10 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 class Metrics:
-    """The app's Prometheus metrics, served by /metrics: counters made on first use, gauges, and the
-    turn-latency histogram. Each app has its own registry, so several servers in one process (the
-    tests start many) keep their own counts; `name` is the metric's name without `vobiz_agent_`."""
+    """The app's Prometheus metrics, served by /metrics. Each app has its own registry, so several
+    servers in one process (the tests start many) keep their own counts; `name` is the metric's
+    name without `vobiz_agent_`."""
 
-    LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
     HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
         "calls_refused_total": "Calls and media sockets refused, by reason",
@@ -2422,7 +2371,7 @@ class Metrics:
         self.gauges: dict[str, prometheus_client.Gauge] = {}
         self.turn_latency = prometheus_client.Histogram(
             "vobiz_agent_turn_latency_seconds", "End of the caller's speech to the first agent audio heard",
-            buckets=self.LATENCY_BUCKETS_S, registry=self.registry)
+            buckets=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0), registry=self.registry)
 
     def count(self, name: str, **labels: str) -> None:
         if name not in self.counters:  # its label names are fixed by its first use
@@ -2453,20 +2402,17 @@ prometheus_client.disable_created_metrics()  # no `_created` series beside every
 class LoadMonitor:
     """How loaded this process is, measured: what admission decides on, and /health shows.
 
-    Past one core's capacity every live call degrades at once (gappy audio,
-    late replies), so a new call must be refused *before* that. Three measures:
-    - lag: a tiny task asks to wake every TICK_S and notes how late it woke.
-      Every call's timers and frames wait in the same queue, so they are that
-      late too. The figure is the worst of the last WINDOW_S.
-    - CPU: the process's CPU time (time.process_time) over the last WINDOW_S,
-      as a share of one core. A new call is admitted only if the CPU with
-      it stays under the threshold, counting every live call at the cost
-      per call last measured while most calls were settled (a call that
-      began within the window has cost only part of it): so a burst of new
-      calls does not look cheap. Until measured, MAX_CALLS calls fill a core.
-    - behind: how far the calls are behind in reading their callers' audio
-      (Vobiz sends it in real time, so a backlog means we are not keeping up);
-      the median call's, so that one caller's bad network does not count.
+    Past one core's capacity every live call degrades at once (gappy audio, late replies),
+    so a new call must be refused *before* that. The measures, each over the last WINDOW_S:
+    - lag: a tiny task asks to wake every TICK_S and notes how late it woke. Every call's
+      timers and frames wait in the same queue, so they are that late too. The worst counts.
+    - CPU: the process's CPU time as a share of one core. A new call is admitted only if the
+      CPU with it stays under the threshold, counting every live call at the cost per call
+      last measured while most calls were settled (a call that began within the window has
+      cost only part of it), so a burst of new calls does not look cheap.
+    - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
+      real time, so a backlog means we are not keeping up); the median call's, so that one
+      caller's bad network does not count.
     """
 
     TICK_S = 0.05
@@ -2477,11 +2423,11 @@ class LoadMonitor:
         self.settings, self.calls, self.metrics = settings, calls, metrics
         self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
         self.starts: deque[float] = deque()  # when each call of the last second was answered
-        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late), the last WINDOW_S
+        self.wakes: deque[tuple[float, float]] = deque()  # (when, how late)
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
+        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
         self.lag_s = self.cpu = self.behind_s = 0.0
         self.cpu_per_call = 1 / settings.max_calls  # until measured: MAX_CALLS calls fill a core
-        self.ended: deque[tuple[float, float]] = deque()  # (began, ended) of calls that ended in the window
         self.scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -2498,18 +2444,17 @@ class LoadMonitor:
 
     def sample(self, now: float) -> None:
         """Bring the figures up to date (twice a second) and publish them as gauges."""
-        while self.wakes and self.wakes[0][0] < now - self.WINDOW_S:
-            self.wakes.popleft()
+        start = now - self.WINDOW_S
+        for window in (self.wakes, self.cpu_samples):
+            while window and window[0][0] < start:
+                window.popleft()
+        while self.ended and self.ended[0][1] < start:
+            self.ended.popleft()
         self.lag_s = max((late for _, late in self.wakes), default=0.0)
         self.cpu_samples.append((now, time.process_time()))
-        while self.cpu_samples[0][0] < now - self.WINDOW_S:
-            self.cpu_samples.popleft()
         (began, cpu_then), (_, cpu_now) = self.cpu_samples[0], self.cpu_samples[-1]
         self.cpu = (cpu_now - cpu_then) / (now - began) if now > began else 0.0
         # How many calls the window's CPU was spent on: one live for a second of it counts 1/3.
-        while self.ended and self.ended[0][1] < now - self.WINDOW_S:
-            self.ended.popleft()
-        start = now - self.WINDOW_S
         live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
         gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
         new = sum(call.began > start for call in self.calls)
@@ -2520,10 +2465,12 @@ class LoadMonitor:
             self.cpu_per_call = self.cpu / (live + gone)
         behind = sorted(call.behind_s() for call in self.calls)
         self.behind_s = behind[len(behind) // 2] if behind else 0.0
-        self.metrics.set_gauge("event_loop_lag_seconds", self.lag_s)
-        self.metrics.set_gauge("cpu_share", self.cpu)
-        self.metrics.set_gauge("cpu_share_per_call", self.cpu_per_call)
-        self.metrics.set_gauge("inbound_behind_seconds", self.behind_s)
+        for name, value in (("event_loop_lag_seconds", self.lag_s), ("cpu_share", self.cpu),
+                            ("cpu_share_per_call", self.cpu_per_call), ("inbound_behind_seconds", self.behind_s)):
+            self.metrics.set_gauge(name, value)
+
+    def call_started(self) -> None:
+        self.starts.append(trio.current_time())
 
     def call_ended(self, call: Call) -> None:
         self.ended.append((call.began, trio.current_time()))
@@ -2545,9 +2492,6 @@ class LoadMonitor:
         if len(self.starts) >= settings.load_max_starts_per_s:
             return "overloaded: calls starting"
         return None
-
-    def call_started(self) -> None:
-        self.starts.append(trio.current_time())
 
     def figures(self) -> dict[str, float]:
         return {"event_loop_lag_ms": round(self.lag_s * 1000, 1), "cpu": round(self.cpu, 3),
@@ -2585,60 +2529,29 @@ class Switchboard:
     def __len__(self) -> int:
         return len(self.calls)
 
-    def add(self, call: Call) -> None:
-        if not self.calls:
-            self.emptied = trio.Event()
-        self.calls.add(call)
-
-    def remove(self, call: Call) -> None:
-        self.calls.discard(call)
-        self.load.call_ended(call)
-        now = trio.current_time()
-        self._forget_stale(now)
-        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
-        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
-        # come first) may not.
-        over = call.call_id in self.hung_up
-        self.hung_up.discard(call.call_id)
-        if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
-            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
-            self.conversations[call.call_id] = (call.responder, now)
-        else:
-            self.forget(call.call_id)
-        if not self.calls:
-            self.emptied.set()
-
-    def forget(self, call_id: str) -> None:
-        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
-        if any(c.call_id == call_id for c in self.calls):
-            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
-        else:
-            self.conversations.pop(call_id, None)
-
-    def _forget_stale(self, now: float) -> None:
-        """Drop conversations unseen for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
-        live = {c.call_id for c in self.calls}
-        for old_id, (_, seen) in list(self.conversations.items()):
-            if seen >= now - self.RESUME_WINDOW_S:
-                break
-            if old_id not in live:
-                del self.conversations[old_id]
-
-    async def wait_until_empty(self) -> None:
-        await self.emptied.wait()
-
-    def expect(self, call_id: str) -> None:
-        """/answer accepted this call: count it now, its socket is on the way."""
-        self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
-        self.load.call_started()
-
-    def live(self, call_id: str) -> bool:
-        return any(call.call_id == call_id for call in self.calls)
+    def busy(self) -> str | None:
+        """Why a new call can't be taken now, or None."""
+        if self.draining:
+            return "draining"
+        self._forget_old()
+        if len(self.calls) + len(self.expected) >= self.settings.max_calls:
+            return "busy"
+        return self.load.overload()
 
     def holds(self, call_id: str) -> bool:
         """Is this call live, expected, or resumable here? Then a new /answer for it is not a new call."""
         self._forget_old()
         return self.live(call_id) or call_id in self.expected or call_id in self.conversations
+
+    def issue_media_url(self, call_id: str, base: str) -> str:
+        """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`); the call
+        holds its slot from now until its socket comes (or does not)."""
+        settings = self.settings
+        nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
+        token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
+        self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
+        self.load.call_started()
+        return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
     def admit(self, call_id: str) -> tuple[str | None, bool]:
         """At a socket's door: (why it is refused or None, whether this process answered it).
@@ -2658,18 +2571,49 @@ class Switchboard:
             return None, False  # a reconnect of a call we hold: its conversation goes on here
         return self.busy(), False
 
+    def add(self, call: Call) -> None:
+        if not self.calls:
+            self.emptied = trio.Event()
+        self.calls.add(call)
+
     def conversation(self, call_id: str, log: CallLog) -> tuple[Responder, bool]:
-        """The call's responder: the one it had before a reconnect, or a new one."""
+        """The call's responder, and whether it is the one it had before a reconnect (else a new one)."""
         self._forget_old()
-        if call_id in self.conversations:
-            responder, _ = self.conversations.pop(call_id)  # re-inserted last: the dict stays in time order
-            resumed = True
-        else:
-            responder, resumed = self.agent.responder(log), False
-        self.conversations[call_id] = (responder, trio.current_time())
+        resumed = call_id in self.conversations
+        responder = self.conversations.pop(call_id)[0] if resumed else self.agent.responder(log)
+        self.conversations[call_id] = (responder, trio.current_time())  # last: the dict stays in time order
         return responder, resumed
 
+    def remove(self, call: Call) -> None:
+        self.calls.discard(call)
+        self.load.call_ended(call)
+        self._forget_old()
+        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
+        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
+        # come first) may not.
+        over = call.call_id in self.hung_up
+        self.hung_up.discard(call.call_id)
+        if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
+            self.conversations.pop(call.call_id, None)  # re-inserted last: the dict stays in time order
+            self.conversations[call.call_id] = (call.responder, trio.current_time())
+        else:
+            self.forget(call.call_id)
+        if not self.calls:
+            self.emptied.set()
+
+    def forget(self, call_id: str) -> None:
+        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
+        if self.live(call_id):
+            self.hung_up.add(call_id)  # its socket has yet to close: forget it then
+        else:
+            self.conversations.pop(call_id, None)
+
+    def live(self, call_id: str) -> bool:
+        return any(call.call_id == call_id for call in self.calls)
+
     def _forget_old(self) -> None:
+        """Release the slots of answers whose socket never came, and drop conversations unseen
+        for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
         now = trio.current_time()
         for call_id, until in list(self.expected.items()):
             if until < now:
@@ -2677,16 +2621,15 @@ class Switchboard:
                 # Its socket may have gone to another worker or host: nothing to warn about, by itself.
                 log.info("call %s: answered, but no media socket came here: slot released", call_id)
                 self.metrics.count("answers_without_socket_total")
-        self._forget_stale(now)
+        live = {call.call_id for call in self.calls}
+        for call_id, (_, seen) in list(self.conversations.items()):
+            if seen >= now - self.RESUME_WINDOW_S:
+                break
+            if call_id not in live:
+                del self.conversations[call_id]
 
-    def busy(self) -> str | None:
-        """Why a new call can't be taken now, or None."""
-        if self.draining:
-            return "draining"
-        self._forget_old()
-        if len(self.calls) + len(self.expected) >= self.settings.max_calls:
-            return "busy"
-        return self.load.overload()
+    async def wait_until_empty(self) -> None:
+        await self.emptied.wait()
 
     async def drain(self) -> None:
         """Stop taking calls, let live ones finish, then end the rest politely."""
@@ -2700,54 +2643,45 @@ class Switchboard:
             await self.wait_until_empty()
 
 
-def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
-    """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`),
-    counted against MAX_CALLS from this moment until its socket comes (or does not)."""
-    settings = switchboard.settings
-    nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
-    token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
-    switchboard.expect(call_id)
-    return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
-
-
-def stream_url_lifetime(settings: Settings) -> float:
-    return settings.max_call_s + STREAM_URL_MARGIN_S
-
-
 WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording", "/transfer")
 WEBHOOK_MAX_BYTES = 8 * 1024  # Vobiz posts forms of well under 1 KiB
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-
-
-def busy_xml() -> bytes:
-    """Reject the call without answering it: the caller hears a busy tone, and nobody is billed
-    (a <Speak> would answer the call first)."""
-    response = ET.Element("Response")
-    ET.SubElement(response, "Hangup", reason="busy")
-    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
+XML = {"Content-Type": "application/xml"}  # the headers of a webhook's XML answer
+# Reject the call without answering it: the caller hears a busy tone, and nobody is billed
+# (a <Speak> would answer the call first).
+BUSY_XML = b"<?xml version='1.0' encoding='utf-8'?>\n<Response><Hangup reason=\"busy\" /></Response>"
 
 
 def create_app(settings: Settings) -> QuartTrio:
-    """The web app: Vobiz's three webhooks, health and metrics, the media WebSocket,
+    """The web app: Vobiz's webhooks, health and metrics, the media WebSocket,
     and the browser softphone (when settings.serves_phone)."""
     app = QuartTrio(__name__)
-    app.switchboard = Switchboard(settings, make_agent(settings))
+    app.switchboard = switchboard = Switchboard(settings, make_agent(settings))
     app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
     app.config["BODY_TIMEOUT"] = settings.http_read_timeout_s
     app.webhook_guard = WebhookGuard(settings.vobiz_verify_signatures, settings.vobiz_auth_token,
                                      settings.vobiz_parent_auth_token)
     app.before_request(check_signature)
-    for path, view in (("/answer", answer), ("/hangup", hangup), ("/stream-status", stream_status),
-                       ("/ring", ring), ("/recording", recording), ("/transfer", transfer)):
-        app.add_url_rule(path, view_func=view, methods=["GET", "POST"])  # Vobiz may use either
+    for path in WEBHOOK_PATHS:  # Vobiz may use GET or POST; the webhooks but two only tell us something
+        view = {"/answer": answer, "/transfer": transfer}.get(path, notice)
+        app.add_url_rule(path, view_func=view, methods=["GET", "POST"])
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/metrics", view_func=prometheus_metrics)
     app.add_websocket("/ws/<call_id>/<token>", view_func=media_stream)
     if settings.serves_phone:
         app.add_url_rule("/phone", view_func=phone)
         app.add_url_rule("/phone/call", view_func=phone_call, methods=["POST"])
-    app.before_serving(start_load_monitor)
-    app.after_serving(release_agent)
+
+    @app.before_serving
+    async def start_load_monitor() -> None:
+        app.add_background_task(switchboard.load.run)
+
+    @app.after_serving
+    async def release_agent() -> None:
+        switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
+        if client := switchboard.agent.client:
+            await client.aclose()
+
     return app
 
 
@@ -2766,12 +2700,10 @@ async def check_signature() -> Response | None:
     return Response("forbidden\n", 403)
 
 
-async def answer() -> Response:
+async def answer() -> Response | tuple[bytes, int, dict[str, str]]:
     switchboard, params = current_app.switchboard, await _webhook_params()
     if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
-        _log_hangup(params)
-        switchboard.forget(params.get("CallUUID", ""))
-        return _xml(empty_xml())
+        return await notice()
     call_id = params.get("CallUUID", "")
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
         log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
@@ -2779,21 +2711,70 @@ async def answer() -> Response:
     if switchboard.holds(call_id):  # knowing a CallUUID must not be a way into its conversation
         log.warning("call %s: a second answer for a call that is live or resumable here: refused", call_id)
         switchboard.metrics.count("calls_refused_total", reason="duplicate")
-        return _xml(busy_xml())
+        return BUSY_XML, 200, XML
     if reason := switchboard.busy():
         log.warning("call %s: refused (%s), the caller hears a busy tone", call_id, reason)
         switchboard.metrics.count("calls_refused_total", reason=reason)
         # Draining, this replica is going away, not the service: 503 tells a load balancer
         # (and Vobiz, which retries) to try another replica. Full is a real "busy": 200.
-        return Response(busy_xml(), 503 if reason == "draining" else 200, content_type="application/xml")
-    base = switchboard.settings.public_url or _request_base()
-    media_url = issue_media_url(switchboard, call_id, base)
+        return BUSY_XML, 503 if reason == "draining" else 200, XML
+    settings = switchboard.settings
+    base = settings.public_url or _request_base()
+    media_url = switchboard.issue_media_url(call_id, base)
     log.info("call %s: answering, %s → %s (%s)", call_id, _clean(params.get("From")),
              _clean(params.get("To")), _clean(params.get("Direction")))
-    settings = switchboard.settings
-    return _xml(stream_xml(media_url, base + "/stream-status", settings.stream_max_retries,
-                           base + "/recording" if settings.record_calls else None))
+    return stream_xml(media_url, base + "/stream-status", settings.stream_max_retries,
+                      base + "/recording" if settings.record_calls else None), 200, XML
 
+
+# The recording's URL, under the names Plivo-derived platforms have used for it.
+RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")
+
+
+async def notice() -> tuple[bytes, int, dict[str, str]]:
+    """The webhooks that only tell us something: each is one line in the log."""
+    params = await _webhook_params()
+    call_id = _clean(params.get("CallUUID"))
+    match request.path:
+        case "/hangup" | "/answer":  # /answer: its Event=Hangup, when the call has no hangup URL
+            log.info("call %s: hung up after %s s, cause %s (%s), by %s", call_id, _clean(params.get("Duration")),
+                     _clean(params.get("HangupCause")), _clean(params.get("HangupCauseName")),
+                     _clean(params.get("HangupSource")))
+            current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
+        case "/ring":  # an outbound call's ring_url: the callee's phone is ringing
+            log.info("call %s: ringing %s", call_id, _clean(params.get("To")))
+        case "/stream-status":
+            fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
+            log.info("call %s: stream %s %s %s", call_id, _clean(params.get("StreamID")),
+                     _clean(params.get("Event")), fields)
+        case "/recording":  # <Record>'s action and callback: where the call's recording is. Fetching
+            # it needs the account's X-Auth-ID/X-Auth-Token, so the URL alone gives nothing away.
+            url = _clean(next((params[key] for key in RECORDING_URL_FIELDS if params.get(key)), ""), 300)
+            recording_id = _clean(params.get("RecordingID"))
+            if url:
+                log.info("call %s: recording %s (%s s): %s", call_id, recording_id,
+                         _clean(params.get("RecordingDuration", "?")), url,
+                         extra={"fields": {"call": call_id, "recording_url": url, "recording_id": recording_id}})
+            else:
+                log.info("call %s: recording started", call_id)
+    return empty_xml(), 200, XML  # nothing for the call to do (<Record redirect="false">)
+
+
+async def transfer() -> tuple[bytes, int, dict[str, str]]:
+    """Where a transfer sends the call (the aleg_url): dial the person. The caller ID is ours on
+    this call unless TRANSFER_CALLER_ID says otherwise: carriers refuse caller IDs we don't own."""
+    settings, params = current_app.switchboard.settings, await _webhook_params()
+    if not settings.transfer_number:
+        log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
+        return empty_xml(), 200, XML
+    log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
+    response = ET.Element("Response")
+    dial = ET.SubElement(response, "Dial")
+    ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
+    if caller_id := settings.transfer_caller_id or ours:
+        dial.set("callerId", caller_id)
+    ET.SubElement(dial, "Number").text = settings.transfer_number
+    return ET.tostring(response, encoding="utf-8", xml_declaration=True), 200, XML
 
 
 # The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
@@ -2803,26 +2784,18 @@ async def answer() -> Response:
 # the same Call, the same logs, metrics and limits.
 
 
-@cache
-def phone_page() -> bytes | None:
-    """phone.html: beside this file in a checkout; where `pip install` put it otherwise
-    (pyproject.toml's data-files, found through the package's list of installed files)."""
-    beside = Path(__file__).with_name("phone.html")
-    if beside.is_file():
-        return beside.read_bytes()
-    with suppress(importlib.metadata.PackageNotFoundError):
-        for file in importlib.metadata.files("vobiz-agent") or ():
-            if file.name == "phone.html":
-                return file.locate().read_bytes()
-    return None
-
-
 async def phone() -> Response:
-    page = phone_page()
-    if page is None:
+    """The page, phone.html: beside this file in a checkout; where `pip install` put it otherwise
+    (pyproject.toml's data-files, found through the package's list of installed files)."""
+    page = Path(__file__).with_name("phone.html")
+    if not page.is_file():
+        with suppress(importlib.metadata.PackageNotFoundError):
+            installed = importlib.metadata.files("vobiz-agent") or ()
+            page = next((file.locate() for file in installed if file.name == "phone.html"), page)
+    if not page.is_file():
         log.warning("GET /phone: phone.html is not installed beside vobiz_agent.py or with the package")
         return Response("phone.html is not installed\n", 404)
-    return Response(page, content_type="text/html; charset=utf-8")
+    return Response(page.read_bytes(), content_type="text/html; charset=utf-8")
 
 
 async def phone_call() -> tuple[dict, int]:
@@ -2834,70 +2807,7 @@ async def phone_call() -> tuple[dict, int]:
         return {"error": reason}, 503
     call_id = str(uuid.uuid4())
     log.info("call %s: answering the browser softphone at %s", call_id, _clean(request.remote_addr))
-    return {"callId": call_id, "mediaUrl": issue_media_url(switchboard, call_id, _request_base())}, 200
-
-
-async def hangup() -> Response:
-    params = await _webhook_params()
-    _log_hangup(params)
-    current_app.switchboard.forget(params.get("CallUUID", ""))  # the call is over: nothing to resume
-    return Response("", 200)
-
-
-def transfer_xml(number: str, caller_id: str) -> bytes:
-    response = ET.Element("Response")
-    dial = ET.SubElement(response, "Dial")
-    if caller_id:
-        dial.set("callerId", caller_id)
-    ET.SubElement(dial, "Number").text = number
-    return ET.tostring(response, encoding="utf-8", xml_declaration=True)
-
-
-async def transfer() -> Response:
-    """Where a transfer sends the call (the aleg_url): dial the person. The caller ID is ours on
-    this call unless TRANSFER_CALLER_ID says otherwise: carriers refuse caller IDs we don't own."""
-    settings, params = current_app.switchboard.settings, await _webhook_params()
-    if not settings.transfer_number:
-        log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
-        return _xml(empty_xml())
-    ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
-    log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
-    return _xml(transfer_xml(settings.transfer_number, settings.transfer_caller_id or ours or ""))
-
-
-async def ring() -> Response:
-    """An outbound call's ring_url: the callee's phone is ringing."""
-    params = await _webhook_params()
-    log.info("call %s: ringing %s", _clean(params.get("CallUUID")), _clean(params.get("To")))
-    return Response("", 200)
-
-
-# The recording's URL, under the names Plivo-derived platforms have used for it.
-RECORDING_URL_FIELDS = ("RecordUrl", "RecordingUrl", "RecordFile", "recording_url")
-
-
-async def recording() -> Response:
-    """<Record>'s action and callback: log where the call's recording is (fetching it needs
-    the account's X-Auth-ID/X-Auth-Token, so the URL alone gives nothing away)."""
-    params = await _webhook_params()
-    url = next((params[key] for key in RECORDING_URL_FIELDS if params.get(key)), "")
-    duration = params.get("RecordingDuration", "?")  # seconds
-    if url:
-        log.info("call %s: recording %s (%s s): %s", _clean(params.get("CallUUID")),
-                 _clean(params.get("RecordingID")), _clean(duration), _clean(url, 300),
-                 extra={"fields": {"call": _clean(params.get("CallUUID")), "recording_url": _clean(url, 300),
-                                   "recording_id": _clean(params.get("RecordingID"))}})
-    else:
-        log.info("call %s: recording started", _clean(params.get("CallUUID")))
-    return _xml(empty_xml())  # redirect="false": nothing for the call to do
-
-
-async def stream_status() -> Response:
-    params = await _webhook_params()
-    fields = " ".join(f"{key}={_clean(params[key])}" for key in ("Name", "Error") if params.get(key))
-    log.info("call %s: stream %s %s %s", _clean(params.get("CallUUID")), _clean(params.get("StreamID")),
-             _clean(params.get("Event")), fields)
-    return Response("", 200)
+    return {"callId": call_id, "mediaUrl": switchboard.issue_media_url(call_id, _request_base())}, 200
 
 
 async def health() -> tuple[dict, int]:
@@ -2905,7 +2815,7 @@ async def health() -> tuple[dict, int]:
     # Overloaded is still 200: the process is healthy, it only takes no new calls for now.
     load = {**switchboard.load.figures(), "refusing": switchboard.load.overload()}
     report = {"status": "draining" if switchboard.draining else "ok", "calls": len(switchboard), "load": load}
-    if warning := open_door_warning(switchboard.settings):
+    if warning := switchboard.settings.open_door_warning:
         report["warning"] = warning
     return report, 503 if switchboard.draining else 200
 
@@ -2917,16 +2827,6 @@ async def prometheus_metrics() -> Response:
     return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
-async def start_load_monitor() -> None:
-    current_app.add_background_task(current_app.switchboard.load.run)
-
-
-async def release_agent() -> None:
-    current_app.switchboard.load.scope.cancel()  # a background task: it would hold shutdown up
-    if client := current_app.switchboard.agent.client:
-        await client.aclose()
-
-
 async def media_stream(call_id: str, token: str) -> Response | None:
     """The media WebSocket. Everything is checked before the socket is accepted (a refused
     peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
@@ -2934,7 +2834,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     switchboard, now = current_app.switchboard, time.time()
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
         stream_token_problem(switchboard.settings.stream_secret, call_id, token, now,
-                             stream_url_lifetime(switchboard.settings))
+                             switchboard.settings.max_call_s + STREAM_URL_MARGIN_S)
     status = 403
     if problem is None:
         problem, answered_here = switchboard.admit(call_id)
@@ -2979,21 +2879,12 @@ def _request_base(incoming=request) -> str:
     return f"{proto}://{host}"
 
 
-def _xml(document: bytes) -> Response:
-    return Response(document, content_type="application/xml")
-
-
-def _log_hangup(params: dict[str, str]) -> None:
-    log.info("call %s: hung up after %s s, cause %s (%s), by %s", _clean(params.get("CallUUID")),
-             _clean(params.get("Duration")), _clean(params.get("HangupCause")),
-             _clean(params.get("HangupCauseName")), _clean(params.get("HangupSource")))
-
-
 # ─────────────────────────────────────────────────────────────────────────────
 # The command line.
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
+SEND_TIMEOUT_S = 5  # a peer that takes none of our bytes for this long is cut off by the kernel
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -3008,25 +2899,25 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
-
-
-SEND_TIMEOUT_S = 5  # a peer that takes none of our bytes for this long is cut off by the kernel
-
-
 class ServerConfig(HypercornConfig):
     """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket
     writes from cancellation, so a peer that stops reading would hold its call, its slot
     and the shutdown for good. TCP_USER_TIMEOUT on the listening sockets (the accepted
     ones inherit it) makes the kernel abort such a connection: the write fails and
     the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.bind = [f"{host}:{settings.port}"]
+        self.websocket_max_message_size = MAX_MESSAGE_BYTES
+        # A request (headers or body) that sends nothing for this long is closed, so that
+        # unfinished requests can't pile up until the file descriptors run out.
+        self.read_timeout = settings.http_read_timeout_s
+        self.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
+        accept_log = logging.getLogger("trio.serve_listeners")
+        if not any(isinstance(each, AcceptTrouble) for each in accept_log.filters):
+            accept_log.addFilter(AcceptTrouble())
 
     def create_sockets(self):  # returns hypercorn.config.Sockets
         sockets = super().create_sockets()
@@ -3042,11 +2933,8 @@ class AcceptTrouble(logging.Filter):
     This turns a burst of them into one line, and says what to do about it."""
 
     QUIET_S = 60.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.until = 0.0
-        self.hidden = 0
+    until = 0.0  # quiet until then,
+    hidden = 0  # and how many lines it has hidden since the last one
 
     def filter(self, record: logging.LogRecord) -> bool:
         now = time.monotonic()
@@ -3059,21 +2947,6 @@ class AcceptTrouble(logging.Filter):
         record.exc_info = record.exc_text = None
         self.until, self.hidden = now + self.QUIET_S, 0
         return True
-
-
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = ServerConfig()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
-    config.websocket_max_message_size = MAX_MESSAGE_BYTES
-    # A request (headers or body) that sends nothing for this long is closed, so that
-    # unfinished requests can't pile up until the file descriptors run out.
-    config.read_timeout = settings.http_read_timeout_s
-    config.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
-    accept_log = logging.getLogger("trio.serve_listeners")
-    if not any(isinstance(each, AcceptTrouble) for each in accept_log.filters):
-        accept_log.addFilter(AcceptTrouble())
-    return config
 
 
 VERIFICATION_BANNER = {
@@ -3090,52 +2963,44 @@ def banner(settings: Settings) -> str:
              if settings.uses_ai else "offline echo agent")
     lines = [f"vobiz-agent ({agent}) listening on http://{settings.host}:{settings.port}"]
     if settings.public_url:
-        lines += [
-            f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
-            f"Hangup URL: {settings.public_url}/hangup",
-        ]
+        lines += [f"Answer URL (Vobiz console → your application, method POST): {settings.public_url}/answer",
+                  f"Hangup URL: {settings.public_url}/hangup"]
     else:
-        lines += [
-            f"PUBLIC_URL is not set. Expose port {settings.port} with a tunnel (e.g. `ngrok http {settings.port}`),",
-            "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
-            "into the Vobiz console. Until then /answer builds URLs from the request's Host header.",
-        ]
+        port = settings.port
+        lines += [f"PUBLIC_URL is not set. Expose port {port} with a tunnel (e.g. `ngrok http {port}`),",
+                  "then start again with PUBLIC_URL=https://<your-tunnel-host> to see the Answer URL to paste",
+                  "into the Vobiz console. Until then /answer builds URLs from the request's Host header."]
     if settings.stream_secret_generated:
         lines.append("STREAM_SECRET is not set: media URLs are signed with a random per-process secret. "
                      "Replicas behind one URL need one shared STREAM_SECRET.")
     lines.append(VERIFICATION_BANNER[settings.vobiz_verify_signatures])
-    if warning := open_door_warning(settings):
+    if warning := settings.open_door_warning:
         lines.append(f"WARNING: {warning}")
-    return "\n".join(lines + _phone_banner(settings))
-
-
-def _phone_banner(settings: Settings) -> list[str]:
     # Browsers give the microphone only to https pages and to localhost.
-    local = settings.host in ("0.0.0.0", "::", "") or is_loopback(settings.host)
-    url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
-    if not settings.serves_phone:
-        if settings.phone is None:
-            return [("The browser softphone (/phone) is off: the AI agent listens on a public address. "
-                     "PHONE=true turns it on.")]
-        return []
-    lines = [f"Try it in your browser: {url}" + ("" if local else " (the microphone needs https or localhost)")]
-    if settings.uses_ai and not is_loopback(settings.host):
-        lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
-                     "and spend your provider budget.")
-    return lines
-
-
-def open_door_warning(settings: Settings) -> str | None:
-    """What /health and the banner say when anyone can make the AI agent spend money."""
-    if settings.uses_ai and settings.vobiz_verify_signatures == "off":
-        return ("webhook verification is off and the AI agent is on: anyone who can reach /answer can "
-                "spend your provider budget. Set VOBIZ_AUTH_TOKEN and VOBIZ_VERIFY_SIGNATURES=required.")
-    return None
+    local = settings.host in ("0.0.0.0", "::", "") or settings.loopback
+    if settings.serves_phone:
+        url = f"http://{'localhost' if local else settings.host}:{settings.port}/phone"
+        lines.append(f"Try it in your browser: {url}"
+                     + ("" if local else " (the microphone needs https or localhost)"))
+        if settings.uses_ai and not settings.loopback:
+            lines.append("PHONE=true on a public address: anyone who can reach /phone can call the AI agent "
+                         "and spend your provider budget.")
+    elif settings.phone is None:
+        lines.append("The browser softphone (/phone) is off: the AI agent listens on a public address. "
+                     "PHONE=true turns it on.")
+    return "\n".join(lines)
 
 
 def command_line() -> argparse.ArgumentParser:
+    """The flags; --help ends with every setting, what it does and its default."""
+    table = ["settings (environment variables, or a .env file in this directory; set variables win),",
+             "each with its default:"]
+    for setting in SETTINGS:
+        table.append(f"  {setting.variable:<26} {setting.shown_default()}")
+        table += textwrap.wrap(setting.help.replace("`", ""), 96, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
     parser = argparse.ArgumentParser(prog="vobiz-agent", description="Answer Vobiz calls with a voice agent.",
-                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="\n".join(table), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to listen on (default $HOST or 0.0.0.0)")
     parser.add_argument("--port", help="port to listen on (default $PORT or 5000)")
     commands = parser.add_subparsers(dest="command", metavar="call", help="place an outbound call (else: serve)")
@@ -3158,92 +3023,74 @@ def main(argv: list[str] | None = None) -> None:
     flags = {"HOST": args.host, "PORT": args.port}  # flags win over variables
     try:
         settings = Settings.from_env({**os.environ, **{name: v for name, v in flags.items() if v is not None}})
+        if args.command == "call" and args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
+            parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
+        call = OutboundCall(settings, args) if args.command == "call" else None
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
-    if args.command == "call":
-        if args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
-            parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
-        options = {"ring_url": args.ring_url, "fallback_url": args.fallback_url,
-                   "time_limit": args.time_limit, "machine_detection": args.machine_detection}
-        caller = args.caller or settings.vobiz_from
-        call_command(settings, args.to, caller, args.answer_url, options)
+    if call:  # prints the request_uuid, or stops with one line saying why not
+        if refusal := trio.run(call.place):
+            sys.exit(f"vobiz-agent: {refusal}")
         return
-    configure_logging(settings)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
     print(banner(settings), flush=True)
-    trio.run(serve_until_signalled, create_app(settings), hypercorn_config(settings))
+    trio.run(serve_until_signalled, create_app(settings), ServerConfig(settings))
 
 
-# Outbound calls: Vobiz's REST API places the call; when it is answered, Vobiz
-# fetches our answer URL and the call proceeds exactly like an inbound one.
-
-
-class CallRefused(Exception):
-    """Vobiz did not queue the call; the message says why, in one line."""
-
-
-@dataclass(frozen=True)
 class OutboundCall:
-    url: str
-    headers: dict[str, str]
-    body: dict[str, str | int]
+    """`vobiz-agent call`: the Make Call request of Vobiz's REST API. When the callee answers,
+    Vobiz fetches our answer URL and the call proceeds exactly like an inbound one."""
 
+    ERRORS: ClassVar[dict[int, str]] = {
+        401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
+        402: "the Vobiz account has no balance left (HTTP 402)",
+        429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
+    }
 
-def outbound_call(settings: Settings, to: str, caller: str, answer_url: str | None,
-                  options: Mapping[str, str | int | None] | None = None) -> OutboundCall:
-    """The Make Call request. `options`: ring_url, fallback_url, time_limit, machine_detection."""
-    options = options or {}
-    for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id), ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token),
-                        ("--from (or VOBIZ_FROM)", caller)):
-        if not value:
-            raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-    answer_url = answer_url or (settings.public_url and settings.public_url + "/answer")
-    if not answer_url:
-        raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
-    return OutboundCall(
+    def __init__(self, settings: Settings, args: argparse.Namespace):
+        caller = args.caller or settings.vobiz_from
+        for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
+                            ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
+            if not value:
+                raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+        answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
+        if not answer_url:
+            raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
         # Casing and the trailing slash matter: /account/... or /Call answers 401.
-        url=f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/",
-        headers={"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token},
-        body={"from": caller, "to": to, "answer_url": answer_url, "answer_method": "POST",
-              "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
-              "ring_url": options.get("ring_url") or urljoin(answer_url, "ring"), "ring_method": "POST",
-              **_make_call_options(options)},
-    )
+        self.url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
+        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
+        self.body: dict[str, str | int] = {
+            "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
+            "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
+            "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
+        # The optional parameters, left out when not given. No fallback URL by default: ours
+        # would fail exactly when the answer URL does.
+        if args.fallback_url:
+            self.body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
+        if args.time_limit:
+            self.body["time_limit"] = args.time_limit  # seconds
+        if args.machine_detection:
+            self.body["machine_detection"] = args.machine_detection  # "true" or "hangup"
 
-
-def _make_call_options(options: Mapping[str, str | int | None]) -> dict[str, str | int]:
-    """The optional Make Call parameters, as the API documents them; absent ones are left out.
-    No fallback URL by default: ours would fail exactly when the answer URL does."""
-    body: dict[str, str | int] = {}
-    if options.get("fallback_url"):
-        body |= {"fallback_url": options["fallback_url"], "fallback_method": "POST"}
-    if options.get("time_limit"):
-        body["time_limit"] = int(options["time_limit"])  # seconds
-    if options.get("machine_detection"):
-        body["machine_detection"] = options["machine_detection"]  # "true" or "hangup"
-    return body
-
-
-CALL_ERRORS = {
-    401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
-    402: "the Vobiz account has no balance left (HTTP 402)",
-    429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
-}
-
-
-async def place_call(settings: Settings, call: OutboundCall) -> str:
-    """Ask Vobiz to place the call; returns its request_uuid (the future CallUUID)."""
-    try:
-        async with httpx.AsyncClient(timeout=15) as client:
-            response = await client.post(call.url, json=call.body, headers=call.headers)
-    except httpx.HTTPError as error:
-        raise CallRefused(f"could not reach {call.url}: {type(error).__name__} {error}".strip()) from None
-    if response.status_code in (200, 201):  # the docs say 200; the API has been seen answering 201
+    async def place(self) -> str | None:
+        """Ask Vobiz to place the call and print its request_uuid (the future CallUUID); None, or why not."""
         try:
-            return str(response.json()["request_uuid"])
+            async with httpx.AsyncClient(timeout=15) as client:
+                response = await client.post(self.url, json=self.body, headers=self.headers)
+        except httpx.HTTPError as error:
+            return f"could not reach {self.url}: {type(error).__name__} {error}".strip()
+        if response.status_code not in (200, 201):  # the docs say 200; the API has been seen answering 201
+            return (self.ERRORS.get(response.status_code)
+                    or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+        try:
+            print(response.json()["request_uuid"])
         except (ValueError, KeyError, TypeError):
-            raise CallRefused(f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}") from None
-    raise CallRefused(CALL_ERRORS.get(response.status_code)
-                      or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+            return f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}"
+        return None
 
 
 async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> str | None:
@@ -3260,15 +3107,6 @@ async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> s
     if response.status_code in (200, 202):
         return None
     return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
-
-
-def call_command(settings: Settings, to: str, caller: str, answer_url: str | None,
-                 options: Mapping[str, str | int | None] | None = None) -> None:
-    """`vobiz-agent call`: print the request_uuid, or stop with one line saying why not."""
-    try:
-        print(trio.run(place_call, settings, outbound_call(settings, to, caller, answer_url, options)))
-    except (SettingsError, CallRefused) as error:
-        sys.exit(f"vobiz-agent: {error}")
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
