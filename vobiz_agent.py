@@ -1398,11 +1398,10 @@ HANG_UP_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {}},
 }}
 
-
 # With TRANSFER_NUMBER set, the model may hand the caller to a person. The call says
 # "connecting you now" itself, so the model needs to say nothing before calling it.
 TRANSFER_TOOL = {"type": "function", "function": {
-    "name": "transfer_call",
+    "name": TRANSFER_CALL,
     "description": "Transfer the phone call to a person. Use it when the caller asks for a human, "
                    "or when you cannot help them. The caller is told that they are being connected.",
     "parameters": {"type": "object", "properties": {}},
