@@ -829,7 +829,7 @@ PROFILE_OUTPUT = os.path.join(tempfile.gettempdir(), "bench_vobiz_agent_profile.
 # The per-message path: what vobiz_agent.py does for each frame in and out, with what it calls.
 PER_MESSAGE = ("Call.listen_to_vobiz", "parse_frame", "Call._hear", "DeepgramEars.hear",
                "DeepgramEars._send_audio", "DeepgramEars._receive", "Player.send_frame", "Outbound.play_audio",
-               "Call.send", "TrioWebsocket.send", "FrameEncoder.encode", "chat_tokens", "speech_pcm")
+               "Call.send", "TrioWebsocket.send", "FrameEncoder.encode", "ProviderAPI.chat", "ProviderAPI.speech")
 
 
 async def profiled_load(py_spy: str) -> float:

@@ -2409,7 +2409,7 @@ def test_a_chunk_of_any_shape_gives_text_or_a_provider_error(value):
     for data in (json.dumps(value), json.dumps({"choices": [{"index": 0, "delta": value}]}),
                  json.dumps({"choices": [{"index": 0, "delta": {"content": value, "tool_calls": value}}]})):
         try:
-            text = vobiz_agent.chat_delta(data, tools)
+            text = vobiz_agent.ProviderAPI.chat_delta(data, tools)
         except vobiz_agent.ProviderError:
             continue
         assert isinstance(text, str)
@@ -2430,8 +2430,8 @@ def test_any_lines_at_all_give_text_or_a_provider_error(lines):
                 yield line
         texts = []
         try:
-            async for data in vobiz_agent.server_sent_events(stream()):
-                texts.append(vobiz_agent.chat_delta(data, set()))
+            async for data in vobiz_agent.ProviderAPI.server_sent_events(stream()):
+                texts.append(vobiz_agent.ProviderAPI.chat_delta(data, set()))
         except vobiz_agent.ProviderError:
             pass
         return texts
@@ -2444,7 +2444,7 @@ def test_only_the_first_choice_is_spoken():
     line = next(line for line in recorded_lines("openai", "openai-gpt-4o-mini-text.sse") if "London" in line)
     chunk = json.loads(line[len("data: "):])
     chunk["choices"].insert(0, {"index": 1, "delta": {"content": "Paris"}, "finish_reason": None})
-    assert vobiz_agent.chat_delta(json.dumps(chunk), set()) == chunk["choices"][1]["delta"]["content"]
+    assert vobiz_agent.ProviderAPI.chat_delta(json.dumps(chunk), set()) == chunk["choices"][1]["delta"]["content"]
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])  # all three are SSE line ends
@@ -2471,7 +2471,7 @@ def test_reasoning_in_content_is_cut_wherever_the_chunks_split_the_tags():
         async def tokens():
             for piece in pieces:
                 yield piece
-        return "".join([text async for text in vobiz_agent.without_reasoning(tokens())])
+        return "".join([text async for text in vobiz_agent.ProviderAPI.without_reasoning(tokens())])
 
     for size in (1, 2, 3, 7, 8, 9):
         pieces = [content[i : i + size] for i in range(0, len(content), size)]

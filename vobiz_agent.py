@@ -920,19 +920,22 @@ class Utterance:
     text: str = ""
     heard: bool = False
 
+    @classmethod
+    def whole(cls, label: str, pcm: bytes, text: str, rate: int = 24000) -> Utterance:
+        """One whose audio is all at hand (a chime, the caller's own words)."""
+        async def once() -> AsyncIterator[bytes]:
+            yield pcm
+
+        return cls(label, rate, once(), text)
+
 
 Play = Callable[[Utterance], Awaitable[None]]
-
-
-class Listener(Protocol):
-    """What ears report to (the Call)."""
-
-    def speech_started(self, onset: float) -> None: ...
-
-    def turn_ended(self, turn: Turn) -> None: ...
+CallLog = Callable[..., None]  # the call's log(level, message, *args, error=None): lines that name the call
 
 
 class Ears(Protocol):
+    """They report to the Call: `speech_started(onset)` (it may stop talking), `turn_ended(turn)`."""
+
     dropped: int  # caller frames dropped on the way to speech-to-text (a slow provider), for the call's log
 
     def hear(self, payload: bytes) -> None:
@@ -944,26 +947,23 @@ class Ears(Protocol):
 
 HANG_UP = "hang_up"  # a reply ended with this: say goodbye and end the call
 TRANSFER_CALL = "transfer_call"  # or with this: hand the call to a person
+
+
 class Responder(Protocol):
-    """The brain and mouth of one call: they speak by awaiting `play(utterance)`."""
+    """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns
+    the tool the reply ended with: None (talk on), HANG_UP (say goodbye, end the call) or TRANSFER_CALL
+    (to a person). `resume`: a reconnect landed where the conversation is not known ("sorry, we were
+    cut off"); `announce`: a fixed line for the call ("connecting you now")."""
 
     async def greet(self, play: Play) -> None: ...
 
-    async def resume(self, play: Play) -> None:
-        """A reconnect that landed where the conversation is not known: "sorry, we were cut off"."""
+    async def resume(self, play: Play) -> None: ...
 
-    async def reply(self, turn: Turn, play: Play) -> str | None:
-        """Answer a turn; the tool the reply ended with: None (the conversation goes on),
-        HANG_UP (end the call after a goodbye) or TRANSFER_CALL (hand the call to a person)."""
+    async def reply(self, turn: Turn, play: Play) -> str | None: ...
 
-    async def announce(self, label: str, text: str, play: Play) -> None:
-        """Say a fixed line for the call ("connecting you now")."""
+    async def announce(self, label: str, text: str, play: Play) -> None: ...
 
     async def farewell(self, reason: str, play: Play) -> None: ...
-
-
-class CallLog(Protocol):
-    def __call__(self, level: int, message: str, *args: object, error: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -971,20 +971,16 @@ class Agent:
     """What the process's agent gives each call: its ears and its responder (make_agent
     builds it from the settings: the offline echo test, or the AI agent)."""
 
-    ears: Callable[[MediaFormat, Listener, CallLog], Ears]
+    ears: Callable[[MediaFormat, Call, CallLog], Ears]
     responder: Callable[[CallLog], Responder]
     digit_pause_s: float  # keys pressed within this of each other are one "digits" turn
     client: httpx.AsyncClient | None = None  # the providers' connection pool, closed at shutdown
 
 
 class VoiceActivity:
-    """Is this frame speech? Loud enough, and well above the line's noise floor.
-
-    The floor is learnt from the quiet frames (quickly down, slowly up), so a
-    noisy line raises the bar and a quiet one lowers it. It also measures how
-    long the current run of speech has lasted: short dips inside a word don't
-    end it, a longer gap does.
-    """
+    """Is this frame speech? Loud enough, and well above the line's noise floor, which is learnt
+    from the quiet frames (quickly down, slowly up): a noisy line raises the bar, a quiet one lowers
+    it. Also how long the current run of speech has lasted: dips inside a word don't end it, a gap does."""
 
     MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
     ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
@@ -1017,12 +1013,9 @@ class VoiceActivity:
 
 
 class EnergyEars:
-    """Turn-taking by loudness alone, for the offline agent.
-
-    Speech must last `speech_min_s` before it counts (a click or a cough is not
-    speech), and a turn ends after SILENCE_END_S of quiet. The turn's audio is
-    kept, with a little from before the onset: first consonants are quiet.
-    """
+    """Turn-taking by loudness alone, for the offline agent. Speech must last `speech_min_s` before
+    it counts (a click or a cough is not speech), and a turn ends after SILENCE_END_S of quiet. The
+    turn's audio is kept, with a little from before the onset: first consonants are quiet."""
 
     SILENCE_END_S = 0.60
     PRE_ROLL_S = 0.10
@@ -1030,7 +1023,7 @@ class EnergyEars:
     MAX_TURN_S = 30.0
     dropped = 0  # loudness is measured in hear(): no queue, nothing dropped
 
-    def __init__(self, media_format: MediaFormat, listener: Listener, speech_min_s: float):
+    def __init__(self, media_format: MediaFormat, listener: Call, speech_min_s: float):
         self.format = media_format
         self.listener = listener
         self.speech_min_s = speech_min_s
@@ -1079,70 +1072,44 @@ class EchoResponder:
         self.transfers = transfers  # pressing 0 hands the call to TRANSFER_NUMBER
 
     async def greet(self, play: Play) -> None:
-        await play(Utterance("greeting", 24000, _once(chime((660.0, 880.0))), text="(chime)"))
+        await play(Utterance.whole("greeting", chime((660.0, 880.0)), "(chime)"))
 
     async def resume(self, play: Play) -> None:
-        await play(Utterance("sorry", 24000, _once(chime((660.0, 660.0))), text="(cut-off chime)"))
+        await play(Utterance.whole("sorry", chime((660.0, 660.0)), "(cut-off chime)"))
 
     async def reply(self, turn: Turn, play: Play) -> str | None:
         if turn.kind == "digits":  # a keypad echo: each key's own tone pair
             for key in turn.digits:
                 if key == "0" and self.transfers:
                     return TRANSFER_CALL
-                await play(Utterance("keypad", 24000, _once(dtmf_tone(key)), text=f"(the tone of {key})"))
+                await play(Utterance.whole("keypad", dtmf_tone(key), f"(the tone of {key})"))
             return None
         self.turns += 1
-        await play(Utterance("echo", turn.rate, _once(turn.audio), text="(the caller's own words)"))
+        await play(Utterance.whole("echo", turn.audio, "(the caller's own words)", rate=turn.rate))
         return HANG_UP if self.turns >= self.max_turns else None
 
     async def announce(self, label: str, text: str, play: Play) -> None:
         """No voice to say `text` with: a rising chime before a transfer, falling tones for an apology."""
         pcm = chime((660.0, 990.0)) if label == "transfer" else trouble_tone()
-        await play(Utterance(label, 24000, _once(pcm), text=f"({text})"))
+        await play(Utterance.whole(label, pcm, f"({text})"))
 
     async def farewell(self, reason: str, play: Play) -> None:
-        await play(Utterance("goodbye", 24000, _once(chime((880.0, 660.0))), text="(goodbye chime)"))
-
-
-async def _once(pcm: bytes) -> AsyncIterator[bytes]:
-    yield pcm
-
-
-# The AI agent's ears: Deepgram live transcription over a WebSocket.
-
-
-def deepgram_url(settings: Settings, media_format: MediaFormat) -> str:
-    """The listen URL, telling Deepgram exactly what audio we forward (unchanged)."""
-    query = {
-        "model": settings.deepgram_model,
-        "language": settings.deepgram_language,
-        "encoding": "mulaw" if media_format.sample_width == 1 else "linear16",
-        "sample_rate": media_format.rate,
-        "channels": 1,
-        "interim_results": "true",  # words while the caller is still talking: an early barge-in signal
-        "endpointing": settings.deepgram_endpointing_ms,  # this much quiet ends a phrase (speech_final)
-        "utterance_end_ms": 1000,  # a backstop for when endpointing misses in noise
-        "vad_events": "true",  # SpeechStarted
-        "smart_format": "true",
-    }
-    return f"{settings.deepgram_url}?{urlencode(query)}"
+        await play(Utterance.whole("goodbye", chime((880.0, 660.0)), "(goodbye chime)"))
 
 
 class DeepgramEars:
-    """Speech-to-text with Deepgram, and turn-taking from what it reports.
+    """The AI agent's ears: Deepgram live transcription over a WebSocket, and turn-taking from it.
 
-    hear() never waits: payloads go into a short queue that a sender task drains
-    into Deepgram's socket, so a slow Deepgram can never delay reading Vobiz's
-    frames. The queue holds BUFFER_S of audio: a transcript of older audio would
-    end the turn that much late, so when it is full (Deepgram slow, or away) the
-    oldest frame is dropped, counted, and logged once per burst.
+    hear() never waits: payloads go into a short queue that a sender task drains into Deepgram's
+    socket, so a slow Deepgram never delays reading Vobiz's frames. The queue holds BUFFER_S of
+    audio: a transcript of older audio would end the turn that much late, so when it is full
+    (Deepgram slow, or away) the oldest frame is dropped, counted, and logged once per burst.
 
-    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd`
-    when finals are pending and no newer words are. If our own VAD has heard
-    silence for the endpointing time plus FINALIZE_MARGIN_S and no final came
-    (noise can keep Deepgram's endpointing from firing), we send `Finalize`.
-    A possible barge-in (SpeechStarted) is confirmed only once the caller has
-    spoken for `barge_in_min_s`, by our own energy measure, or once words arrive.
+    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd` when finals
+    are pending and no newer words are. If our own VAD has heard silence for the endpointing time
+    plus FINALIZE_MARGIN_S and no final came (noise can keep Deepgram's endpointing from firing),
+    we send `Finalize`. A possible barge-in (SpeechStarted) is confirmed once the caller has spoken
+    for `barge_in_min_s` by our own energy measure, or once words arrive.
     """
 
     BUFFER_S = 0.3  # the most caller audio waiting for Deepgram; older audio is dropped
@@ -1152,8 +1119,8 @@ class DeepgramEars:
     USABLE_AFTER_S = 2.0  # a connection that stayed up this long worked; a briefer one is part of the outage
     FINALIZE_MARGIN_S = 0.5  # beyond the endpointing time, before we ask Deepgram for its final
 
-    def __init__(self, settings: Settings, media_format: MediaFormat, listener: Listener, log: CallLog):
-        self.url = deepgram_url(settings, media_format)
+    def __init__(self, settings: Settings, media_format: MediaFormat, listener: Call, log: CallLog):
+        self.url = self.listen_url(settings, media_format)
         self.headers = [("Authorization", f"Token {settings.deepgram_api_key}")]
         self.format = media_format
         self.listener = listener
@@ -1167,7 +1134,6 @@ class DeepgramEars:
         self.dropping = False  # in a burst of drops (logged once)
         self.finalize_due = False  # the sender owes Deepgram a Finalize, after the audio queued before it
         self.finalize_sent = False  # for the current stretch of silence
-        self.apologized = False  # for the current outage
         self.vad = VoiceActivity()
         self.maybe_speaking = False  # SpeechStarted came; not yet confirmed
         self.speaking = False  # confirmed: reported to the listener
@@ -1176,6 +1142,23 @@ class DeepgramEars:
         self.words_pending = False  # interim words newer than the last final
         self.words_at = 0.0  # when the last words came
 
+    @staticmethod
+    def listen_url(settings: Settings, media_format: MediaFormat) -> str:
+        """The listen URL, telling Deepgram exactly what audio we forward (unchanged)."""
+        query = {
+            "model": settings.deepgram_model,
+            "language": settings.deepgram_language,
+            "encoding": "mulaw" if media_format.sample_width == 1 else "linear16",
+            "sample_rate": media_format.rate,
+            "channels": 1,
+            "interim_results": "true",  # words while the caller is still talking: an early barge-in signal
+            "endpointing": settings.deepgram_endpointing_ms,  # this much quiet ends a phrase (speech_final)
+            "utterance_end_ms": 1000,  # a backstop for when endpointing misses in noise
+            "vad_events": "true",  # SpeechStarted
+            "smart_format": "true",
+        }
+        return f"{settings.deepgram_url}?{urlencode(query)}"
+
     def hear(self, payload: bytes) -> None:
         pcm = self.format.to_pcm(payload)
         self.vad.voiced(pcm, len(pcm) / 2 / self.format.rate)
@@ -1183,7 +1166,12 @@ class DeepgramEars:
             self._confirm_speech()
         self._finalize_if_silent()
         if len(self.outbox) >= self.outbox_frames:
-            self._drop_oldest()
+            self.outbox.popleft()
+            self.dropped += 1
+            if not self.dropping:
+                self.dropping = True
+                self.log(logging.WARNING, "speech-to-text is behind: dropping the oldest caller audio, "
+                         "keeping the last %.1f s", self.BUFFER_S, error="stt_behind")
         self.outbox.append(payload)
         self.queued.set()
 
@@ -1197,14 +1185,6 @@ class DeepgramEars:
         silent_s = min(self.vad.quiet_s, trio.current_time() - self.words_at)
         if waiting and silent_s >= self.finalize_after_s and not self.finalize_sent:
             self.finalize_sent = self.finalize_due = True  # the sender sends it after the audio queued now
-
-    def _drop_oldest(self) -> None:
-        self.outbox.popleft()
-        self.dropped += 1
-        if not self.dropping:
-            self.dropping = True
-            self.log(logging.WARNING, "speech-to-text is behind: dropping the oldest caller audio, "
-                     "keeping the last %.1f s", self.BUFFER_S, error="stt_behind")
 
     def _confirm_speech(self) -> None:
         self.maybe_speaking = False
@@ -1264,27 +1244,23 @@ class DeepgramEars:
 
         An outage lasts until a connection has stayed up USABLE_AFTER_S: a Deepgram
         that accepts and then closes every stream is as down as one that refuses,
-        so its reconnects back off too, and the caller hears the apology."""
-        failures, down_since = 0, trio.current_time()  # no usable connection yet
+        so its reconnects back off too. Once an outage reaches APOLOGY_AFTER_S, the
+        caller hears the apology (once per outage), rather than silence."""
+        failures, down_since, apologized = 0, trio.current_time(), False  # no usable connection yet
         while True:
             problem, lasted = await self._stream(failures)
             now = trio.current_time()
             if lasted >= self.USABLE_AFTER_S:  # it worked; a new outage starts now
-                failures, down_since, self.apologized = 0, now, False
+                failures, down_since, apologized = 0, now, False
             delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
             self.log(logging.WARNING, "speech-to-text is down (%s); reconnecting in %.2f s", problem, delay,
                      error="stt")
             failures += 1
-            await self._back_off(delay, down_since)
-
-    async def _back_off(self, delay: float, down_since: float) -> None:
-        """Wait before reconnecting; once the outage reaches APOLOGY_AFTER_S, tell the caller (once)."""
-        wake, apology_at = trio.current_time() + delay, down_since + self.APOLOGY_AFTER_S
-        if not self.apologized and apology_at < wake:
-            await trio.sleep_until(apology_at)
-            self.apologized = True  # so the caller knows why nobody answers
-            self.listener.turn_ended(Turn(kind="ears-down"))
-        await trio.sleep_until(wake)
+            if not apologized and down_since + self.APOLOGY_AFTER_S < now + delay:
+                await trio.sleep_until(down_since + self.APOLOGY_AFTER_S)
+                apologized = True
+                self.listener.turn_ended(Turn(kind="ears-down"))
+            await trio.sleep_until(now + delay)
 
     async def _stream(self, failures: int) -> tuple[str, float]:
         """One connection to Deepgram, until it ends: returns why it ended, and how long it was up."""
@@ -1306,7 +1282,9 @@ class DeepgramEars:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.5), \
                             suppress(trio_websocket.ConnectionClosed):
                         await socket.send_message(json.dumps({"type": "CloseStream"}))
-                problem = _closed_by(socket.closed)
+                problem, closed = "Deepgram closed the stream", socket.closed
+                if closed:  # it says why in its close frame (e.g. 1011 NET-0001)
+                    problem += f" with {closed.code} {_clean(closed.reason or closed.name)}"
         except* (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as group:
             problem = _describe(group.exceptions[0])
         return problem, 0.0 if opened is None else trio.current_time() - opened
@@ -1356,29 +1334,11 @@ def _describe(error: BaseException) -> str:
     return f"refused with HTTP {status}" if status else f"{type(error).__name__} {error}".strip()
 
 
-def _closed_by(reason: trio_websocket.CloseReason | None) -> str:
-    """Why a connection that was up ended: Deepgram says so in its close frame (e.g. 1011 NET-0001)."""
-    if reason is None:
-        return "Deepgram closed the stream"
-    return f"Deepgram closed the stream with {reason.code} {_clean(reason.reason or reason.name)}"
-
-
-# The AI agent's brain: an OpenAI-compatible chat model, streamed.
+# The AI agent's brain and mouth: an OpenAI-compatible chat model and voice, streamed.
 
 
 class ProviderError(Exception):
     """A provider (LLM or TTS) failed: bad status, timeout, network error, or an error in its stream."""
-
-
-class ToolsRefused(ProviderError):
-    """The chat server refused a request because it offered tools (a model without tool support)."""
-
-
-@dataclass
-class ChatModel:
-    """What this process has learnt about its chat server."""
-
-    takes_tools: bool = True  # until it refuses them; then never offered again
 
 
 # The model may end the call: it calls this tool after saying goodbye.
@@ -1388,151 +1348,184 @@ HANG_UP_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {}},
 }}
 
-
 # With TRANSFER_NUMBER set, the model may hand the caller to a person. The call says
 # "connecting you now" itself, so the model needs to say nothing before calling it.
 TRANSFER_TOOL = {"type": "function", "function": {
-    "name": "transfer_call",
+    "name": TRANSFER_CALL,
     "description": "Transfer the phone call to a person. Use it when the caller asks for a human, "
                    "or when you cannot help them. The caller is told that they are being connected.",
     "parameters": {"type": "object", "properties": {}},
 }}
 
-
-async def chat_tokens(client: httpx.AsyncClient, settings: Settings, messages: list[dict],
-                      tools_called: set[str], tools: list[dict]) -> AsyncIterator[str]:
-    """Stream a chat completion: server-sent events, one JSON chunk each. Text comes out
-    as it arrives; the names of tools the model calls go into `tools_called`."""
-    body = {"model": settings.openai_model, "messages": messages, "stream": True}
-    if tools:
-        body["tools"] = tools
-    try:
-        async with client.stream("POST", f"{settings.openai_base_url}/chat/completions", json=body,
-                                 headers={"Authorization": f"Bearer {settings.openai_api_key}"}) as response:
-            if tools and response.status_code == 400:
-                detail = await _error_detail(response)
-                if "tool" in detail.lower() or "function" in detail.lower():
-                    raise ToolsRefused(f"LLM: HTTP 400 {detail}")
-            await _check(response, "LLM")
-            async for data in server_sent_events(response.aiter_lines()):
-                if data == "[DONE]":
-                    return
-                if text := chat_delta(data, tools_called):
-                    yield text
-    except httpx.HTTPError as error:
-        raise ProviderError(f"LLM: {type(error).__name__} {error}".strip()) from None
-
-
-async def server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r).
-
-    An event is `field: value` lines ended by a blank line; lines starting with ":"
-    are comments (keep-alives such as ": OPENROUTER PROCESSING"). `event: error` is
-    the provider reporting a failure mid-stream (Groq does), so it becomes a ProviderError."""
-    event, data = "", []
-    async for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")  # "data: x" and "data:x" are the same line
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                event = value
-            continue
-        text, kind = "\n".join(data), event
-        event, data = "", []
-        if kind == "error":
-            raise ProviderError(f"LLM: {_error_message(_json(text) or text)}")
-        if text:
-            yield text
-
-
-def chat_delta(data: str, tools_called: set[str]) -> str:
-    """The text one streamed chunk adds to the reply (of choice 0); the names of tools it
-    calls go into `tools_called`. An error object in the chunk (OpenRouter sends them)
-    raises ProviderError. Any other shape, however odd, adds nothing: it never breaks a call."""
-    chunk = _json(data)
-    if _get(chunk, "error"):
-        raise ProviderError(f"LLM: {_error_message(chunk)}")
-    first = [choice for choice in _list(_get(chunk, "choices"))
-             if isinstance(choice, dict) and choice.get("index", 0) == 0]
-    delta = _get(first[0], "delta") if first else None
-    for call in _list(_get(delta, "tool_calls")):
-        name = _get(_get(call, "function"), "name")
-        if isinstance(name, str) and name:  # later chunks of the same call carry only its arguments
-            tools_called.add(name)
-    return _spoken_content(_get(delta, "content"))
-
-
-def _spoken_content(content: object) -> str:
-    """`content` is a string, null, or (Mistral's reasoning models) a list of typed parts,
-    of which only the `text` parts are the answer. Reasoning fields are never read."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part["text"] for part in content
-                       if _get(part, "type") == "text" and isinstance(part.get("text"), str))
-    return ""
-
-
-def _json(data: str | bytes) -> object:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
-        return None
-
-
-def _error_message(body: object) -> str:
-    """The provider's own words from an error body: {"error": {"message": …}}, {"error": "…"}, …"""
-    error = _get(body, "error") or body
-    message = _get(error, "message") or error
-    return _clean(message if isinstance(message, str) else json.dumps(message), 200)
-
-
-async def _error_detail(response: httpx.Response) -> str:
-    body = (await response.aread())[:2000]
-    parsed = _json(body)
-    return _error_message(parsed) if parsed is not None else _clean(body.decode("utf-8", "replace"), 200)
-
-
-async def _check(response: httpx.Response, who: str) -> None:
-    if response.status_code != 200:
-        raise ProviderError(f"{who}: HTTP {response.status_code} {await _error_detail(response)}")
-
-
+TTS_RATE = 24000  # the voice's speech comes as raw 16-bit PCM at this rate
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-async def without_reasoning(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Leave out the reasoning that R1/QwQ-style models write at the start of their
-    content as <think>…</think> (Together, the Hugging Face router, Ollama and vLLM
-    pass it on), however the chunks cut the tags. A reply that opens otherwise is
-    passed on untouched, held back only while it could still be the opening tag."""
-    state, held = "opening", ""  # opening → (thinking → after) → answer
-    async for token in tokens:
-        if state == "answer":
-            yield token
-            continue
-        held += token
-        if state == "opening":
-            start = held.lstrip()
-            if THINK_OPEN.startswith(start):
-                continue  # "", "<", "<th"…: could still be the tag
-            if not start.startswith(THINK_OPEN):
+class ProviderAPI:
+    """The OpenAI-compatible HTTP API: chat completions streamed as server-sent events (one
+    JSON chunk each), and speech streamed as raw PCM; and how to read what comes back.
+
+    One for the process, shared by every call: what one call learns of the chat server
+    (that its model takes no tools), the next call knows.
+    """
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient):
+        self.settings = settings
+        self.client = client
+        # What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it.
+        self.tools = [HANG_UP_TOOL, TRANSFER_TOOL] if settings.transfer_number else [HANG_UP_TOOL]
+        self.takes_tools = True  # until the chat server refuses them; then they are never offered again
+
+    async def chat(self, messages: list[dict], tools_called: set[str], log: CallLog) -> AsyncIterator[str]:
+        """The model's reply, text as it arrives; the names of tools it calls go into `tools_called`.
+        A model that refuses our tools (HTTP 400 naming them) is asked again without."""
+        url, key = f"{self.settings.openai_base_url}/chat/completions", self.settings.openai_api_key
+        try:
+            while True:
+                body = {"model": self.settings.openai_model, "messages": messages, "stream": True}
+                if offered := self.takes_tools:
+                    body["tools"] = self.tools
+                async with self.client.stream("POST", url, json=body,
+                                              headers={"Authorization": f"Bearer {key}"}) as response:
+                    failure = await self._failure(response, "LLM")
+                    if failure and offered and response.status_code == 400 \
+                            and ("tool" in str(failure).lower() or "function" in str(failure).lower()):
+                        if self.takes_tools:  # (another call may have learnt it meanwhile)
+                            self.takes_tools = False
+                            log(logging.WARNING, "%s: asking without tools from now on (the model cannot end "
+                                "calls)", failure, error="llm_no_tools")
+                        continue
+                    if failure:
+                        raise failure
+                    async for data in self.server_sent_events(response.aiter_lines()):
+                        if data == "[DONE]":
+                            return
+                        if text := self.chat_delta(data, tools_called):
+                            yield text
+                    return
+        except httpx.HTTPError as error:
+            raise ProviderError(f"LLM: {type(error).__name__} {error}".strip()) from None
+
+    async def speech(self, text: str) -> AsyncIterator[bytes]:
+        """`text` spoken, raw PCM at TTS_RATE as it arrives. The voice may live elsewhere than the
+        model (TTS_BASE_URL): most chat servers have no speech."""
+        settings = self.settings
+        url = f"{settings.tts_base_url or settings.openai_base_url}/audio/speech"
+        key = settings.tts_api_key or settings.openai_api_key
+        body = {"model": settings.tts_model, "voice": settings.tts_voice, "input": text, "response_format": "pcm"}
+        try:
+            async with self.client.stream("POST", url, json=body,
+                                          headers={"Authorization": f"Bearer {key}"}) as response:
+                if failure := await self._failure(response, "TTS"):
+                    raise failure
+                async for chunk in response.aiter_bytes():
+                    yield chunk  # any size: the player carries an odd byte over to the next chunk
+        except httpx.HTTPError as error:
+            raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
+
+    @classmethod
+    async def _failure(cls, response: httpx.Response, who: str) -> ProviderError | None:
+        """None for HTTP 200; else the error, in the provider's own words when its body has them."""
+        if response.status_code == 200:
+            return None
+        body = (await response.aread())[:2000]
+        parsed = cls._json(body)
+        detail = cls._error_message(parsed) if parsed is not None else _clean(body.decode("utf-8", "replace"), 200)
+        return ProviderError(f"{who}: HTTP {response.status_code} {detail}")
+
+    @classmethod
+    async def server_sent_events(cls, lines: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r).
+
+        An event is `field: value` lines ended by a blank line; lines starting with ":"
+        are comments (keep-alives such as ": OPENROUTER PROCESSING"). `event: error` is
+        the provider reporting a failure mid-stream (Groq does), so it becomes a ProviderError."""
+        event, data = "", []
+        async for line in lines:
+            if line:
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")  # "data: x" and "data:x" are the same line
+                if name == "data":
+                    data.append(value)
+                elif name == "event":
+                    event = value
+                continue
+            text, kind = "\n".join(data), event
+            event, data = "", []
+            if kind == "error":
+                raise ProviderError(f"LLM: {cls._error_message(cls._json(text) or text)}")
+            if text:
+                yield text
+
+    @classmethod
+    def chat_delta(cls, data: str, tools_called: set[str]) -> str:
+        """The text one streamed chunk adds to the reply (of choice 0); the names of tools it
+        calls go into `tools_called`. An error object in the chunk (OpenRouter sends them)
+        raises ProviderError. Any other shape, however odd, adds nothing: it never breaks a call.
+
+        `content` is a string, null, or (Mistral's reasoning models) a list of typed parts,
+        of which only the `text` parts are the answer. Reasoning fields are never read."""
+        chunk = cls._json(data)
+        if _get(chunk, "error"):
+            raise ProviderError(f"LLM: {cls._error_message(chunk)}")
+        first = [choice for choice in _list(_get(chunk, "choices"))
+                 if isinstance(choice, dict) and choice.get("index", 0) == 0]
+        delta = _get(first[0], "delta") if first else None
+        for call in _list(_get(delta, "tool_calls")):
+            name = _get(_get(call, "function"), "name")
+            if isinstance(name, str) and name:  # later chunks of the same call carry only its arguments
+                tools_called.add(name)
+        content = _get(delta, "content")
+        if isinstance(content, list):
+            return "".join(part["text"] for part in content
+                           if _get(part, "type") == "text" and isinstance(part.get("text"), str))
+        return content if isinstance(content, str) else ""
+
+    @staticmethod
+    async def without_reasoning(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Leave out the reasoning that R1/QwQ-style models write at the start of their
+        content as <think>…</think> (Together, the Hugging Face router, Ollama and vLLM
+        pass it on), however the chunks cut the tags. A reply that opens otherwise is
+        passed on untouched, held back only while it could still be the opening tag."""
+        state, held = "opening", ""  # opening → (thinking → after) → answer
+        async for token in tokens:
+            if state == "answer":
+                yield token
+                continue
+            held += token
+            if state == "opening":
+                start = held.lstrip()
+                if THINK_OPEN.startswith(start):
+                    continue  # "", "<", "<th"…: could still be the tag
+                if not start.startswith(THINK_OPEN):
+                    state = "answer"
+                    yield held
+                    continue
+                state, held = "thinking", start[len(THINK_OPEN):]
+            if state == "thinking":
+                end = held.find(THINK_CLOSE)
+                if end < 0:
+                    held = held[-len(THINK_CLOSE):]  # drop the reasoning; keep what may be a cut tag
+                    continue
+                state, held = "after", held[end + len(THINK_CLOSE):]
+            held = held.lstrip()  # the blank lines between the reasoning and the answer
+            if held:
                 state = "answer"
                 yield held
-                continue
-            state, held = "thinking", start[len(THINK_OPEN):]
-        if state == "thinking":
-            end = held.find(THINK_CLOSE)
-            if end < 0:
-                held = held[-len(THINK_CLOSE):]  # drop the reasoning; keep what may be a cut tag
-                continue
-            state, held = "after", held[end + len(THINK_CLOSE):]
-        held = held.lstrip()  # the blank lines between the reasoning and the answer
-        if held:
-            state = "answer"
-            yield held
+
+    @staticmethod
+    def _json(data: str | bytes) -> object:
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+            return None
+
+    @staticmethod
+    def _error_message(body: object) -> str:
+        """The provider's own words from an error body: {"error": {"message": …}}, {"error": "…"}, …"""
+        error = _get(body, "error") or body
+        message = _get(error, "message") or error
+        return _clean(message if isinstance(message, str) else json.dumps(message), 200)
 
 
 SENTENCE_ENDS = ".!?"
@@ -1573,26 +1566,6 @@ async def speakable_pieces(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
         yield pending.strip()
 
 
-# The AI agent's mouth: OpenAI text-to-speech, streamed as raw 24 kHz PCM.
-
-TTS_RATE = 24000
-
-
-async def speech_pcm(client: httpx.AsyncClient, settings: Settings, text: str) -> AsyncIterator[bytes]:
-    """The voice may live elsewhere than the model (TTS_BASE_URL): most chat servers have no speech."""
-    body = {"model": settings.tts_model, "voice": settings.tts_voice, "input": text, "response_format": "pcm"}
-    base_url = settings.tts_base_url or settings.openai_base_url
-    key = settings.tts_api_key or settings.openai_api_key
-    try:
-        async with client.stream("POST", f"{base_url}/audio/speech", json=body,
-                                 headers={"Authorization": f"Bearer {key}"}) as response:
-            await _check(response, "TTS")
-            async for chunk in response.aiter_bytes():
-                yield chunk  # any size: the player carries an odd byte over to the next chunk
-    except httpx.HTTPError as error:
-        raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
-
-
 # Two falling tones, quieter than the chimes: what the caller hears when the voice itself fails.
 trouble_tone = partial(chime, (480.0, 360.0), (0.2, 0.2), 6000, 0.03)
 
@@ -1629,27 +1602,23 @@ class Reply:
 class AIResponder:
     """One call's conversation with the language model, spoken sentence by sentence.
 
-    A reply is three things at once, all inside the call's reply scope: the
-    LLM stream is cut into sentences; each sentence's TTS request starts as soon
-    as the sentence is complete, before it is handed to the player; the player
-    plays them in order. Handing over waits while PREFETCH sentences are already
-    queued for the player, so while one plays up to PREFETCH + 1 more are being
-    synthesized (the queued ones and the one waiting to join them), and the LLM
-    stream is read no further until the player takes the next. Cancelling the
-    scope closes every HTTP stream at once.
+    A reply is three things at once, all inside the call's reply scope: the LLM stream is cut
+    into sentences; each sentence's TTS request starts as soon as it is complete, before it is
+    handed to the player; the player plays them in order. Handing over waits while PREFETCH
+    sentences are queued for the player, so while one plays up to PREFETCH + 1 more are being
+    synthesized (the queued ones and the one waiting to join them), and the LLM stream is read
+    no further until the player takes the next. Cancelling the scope closes every HTTP stream.
 
-    History is the call's Replies, and the model is told only what the caller
-    heard of each: it is read when the next request is built, after Vobiz has
-    acknowledged or voided each checkpoint.
+    History is the call's Replies, and the model is told only what the caller heard of each:
+    it is read when the next request is built, after Vobiz has acknowledged or voided each checkpoint.
     """
 
     PREFETCH = 1  # sentences queued for the player; one more is synthesized while it waits to join them
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient, log: CallLog, model: ChatModel):
+    def __init__(self, settings: Settings, api: ProviderAPI, log: CallLog):
         self.settings = settings
-        self.client = client
+        self.api = api
         self.log = log
-        self.model = model
         self.history: list[Reply] = []
 
     async def greet(self, play: Play) -> None:
@@ -1710,8 +1679,8 @@ class AIResponder:
                      tools_called: set[str]) -> None:
         async with ready:
             try:
-                tokens = _marking(without_reasoning(self._chat(messages, tools_called)), turn)
-                async with aclosing(speakable_pieces(tokens)) as pieces:
+                text = self.api.without_reasoning(self.api.chat(messages, tools_called, self.log))
+                async with aclosing(speakable_pieces(self._marking(text, turn))) as pieces:
                     async for piece in pieces:
                         turn.mark("first_sentence")
                         await ready.send(self._utterance(piece, turn, nursery, answer))
@@ -1722,28 +1691,11 @@ class AIResponder:
                 if not answer.utterances:  # never leave the caller in silence
                     await ready.send(self._utterance(LLM_APOLOGY, turn, nursery, answer, "apology"))
 
-    async def _chat(self, messages: list[dict], tools_called: set[str]) -> AsyncIterator[str]:
-        """The model's reply, offered our tools if the model takes tools. One that
-        refuses them (HTTP 400) is asked again without, and never offered them again."""
-        def stream(tools: list[dict]):
-            return aclosing(chat_tokens(self.client, self.settings, messages, tools_called, tools))
-
-        try:
-            async with stream(self._tools() if self.model.takes_tools else []) as tokens:
-                async for token in tokens:
-                    yield token
-        except ToolsRefused as refusal:
-            if self.model.takes_tools:
-                self.model.takes_tools = False
-                self.log(logging.WARNING, "%s: asking without tools from now on (the model cannot end calls)",
-                         refusal, error="llm_no_tools")
-            async with stream([]) as tokens:
-                async for token in tokens:
-                    yield token
-
-    def _tools(self) -> list[dict]:
-        """What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it."""
-        return [HANG_UP_TOOL, TRANSFER_TOOL] if self.settings.transfer_number else [HANG_UP_TOOL]
+    @staticmethod
+    async def _marking(tokens: AsyncIterator[str], turn: Turn) -> AsyncIterator[str]:
+        async for token in tokens:
+            turn.mark("llm_first_token")
+            yield token
 
     def _utterance(self, text: str, turn: Turn, nursery: trio.Nursery, reply: Reply,
                    label: str = "sentence") -> Utterance:
@@ -1757,19 +1709,13 @@ class AIResponder:
     async def _synthesize(self, text: str, turn: Turn, pcm: trio.MemorySendChannel[bytes]) -> None:
         async with pcm:
             try:
-                async with aclosing(speech_pcm(self.client, self.settings, text)) as chunks:
+                async with aclosing(self.api.speech(text)) as chunks:
                     async for chunk in chunks:
                         turn.mark("tts_first_byte")
                         pcm.send_nowait(chunk)
             except ProviderError as error:
                 self.log(logging.WARNING, "%s", error, error="tts")
                 pcm.send_nowait(trouble_tone())
-
-
-async def _marking(tokens: AsyncIterator[str], turn: Turn) -> AsyncIterator[str]:
-    async for token in tokens:
-        turn.mark("llm_first_token")
-        yield token
 
 
 def make_agent(settings: Settings) -> Agent:
@@ -1781,18 +1727,17 @@ def make_agent(settings: Settings) -> Agent:
         return Agent(ears=lambda media_format, listener, _: EnergyEars(media_format, listener, speech_min_s),
                      responder=lambda _: EchoResponder(settings.offline_max_turns, transfers),
                      digit_pause_s=0.3)  # keys typed in a quick run are echoed together, just after it
-    # One client for the process: its connection pool keeps TLS sessions warm between turns.
-    # Sized to the calls: each may stream one LLM reply and the speech of PREFETCH + 1 sentences
-    # ahead of the one playing (whose speech has usually all come by then: it comes faster than
-    # it plays); httpx's default of 100, shared, makes the 34th call's speech wait for a
-    # connection. And it keeps that many warm (the default keeps 20: the rest redo TCP and TLS
-    # every turn).
+    # One client for the process: its pool keeps TLS sessions warm between turns. Sized to the calls:
+    # each may stream one LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing
+    # (whose speech has usually all come: it comes faster than it plays); httpx's default of 100,
+    # shared, makes the 34th call's speech wait for a connection. And it keeps that many warm (the
+    # default keeps 20: the rest redo TCP and TLS every turn).
     streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
     pool = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s), limits=pool)
-    model = ChatModel()  # shared by every call: what one call learns, the next knows
+    api = ProviderAPI(settings, client)
     return Agent(ears=lambda media_format, listener, log: DeepgramEars(settings, media_format, listener, log),
-                 responder=lambda log: AIResponder(settings, client, log, model),
+                 responder=lambda log: AIResponder(settings, api, log),
                  digit_pause_s=1.0,  # a menu choice, or a number typed: sent to the model after a pause or #
                  client=client)
 
