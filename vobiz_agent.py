@@ -1991,9 +1991,7 @@ class Call:
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
         self.responder: Responder | None = None  # the conversation, chosen at `start`
-        # A reconnect that lands where its conversation is not known (another process, or this one
-        # after a restart) cannot go on: it says so instead of greeting again. Known: "go on" (_begin).
-        self.opening = "greet" if fresh else "apologise"
+        self.fresh = fresh  # the call's first socket (else a reconnect): see `opening` in _begin
         self.start: Start | None = None
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
@@ -2004,7 +2002,7 @@ class Call:
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()  # turns, barge-ins: for the call's last line
+        self.turns = self.barge_ins = 0  # for the call's last line (and /metrics)
         self.transcript = Transcript()
         self.player = Player(self.send, self.log, self.transcript)
         self.ended_by = "hang-up"  # until end(reason), a stop frame or a cut says otherwise
@@ -2070,7 +2068,9 @@ class Call:
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
         detached_log = partial(log_for_call, self.call_id, self.switchboard.metrics)
         self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
-        self.opening = "go on" if known else self.opening
+        # A reconnect that lands where the conversation is not known (another process,
+        # or this one after a restart) cannot go on: it says so instead of greeting again.
+        self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
         self.ears = self.switchboard.agent.ears(start.media_format, self, self.log)
@@ -2126,8 +2126,9 @@ class Call:
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
         self.last_speech = trio.current_time()
-        if trio.current_time() < self.player.play_clock:  # barge-in: stop the reply, flush Vobiz's queue
-            self._count("barge_ins")
+        if self.last_speech < self.player.play_clock:  # Vobiz is still playing: barge-in, stop and flush
+            self.barge_ins += 1
+            self.switchboard.metrics.count("barge_ins_total")
             if self.reply_scope is not None:
                 self.reply_scope.cancel()
             self.nursery.start_soon(self.player.clear_audio, self.player.interrupt(onset))
@@ -2187,7 +2188,8 @@ class Call:
         self.player.turn = turn
         self.transcript.caller_said(turn)
         if turn.kind == "speech":
-            self._count("turns")
+            self.turns += 1
+            self.switchboard.metrics.count("turns_total")
         outcome = await self.respond(partial(self.responder.reply, turn))
         self._log_latency(turn)
         self.player.turn = None
@@ -2268,10 +2270,6 @@ class Call:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
         log_for_call(self.call_id, self.switchboard.metrics, level, message, *args, error=error)
 
-    def _count(self, event: str) -> None:
-        self.counts[event] += 1  # for the call's last line, and /metrics as `event`_total
-        self.switchboard.metrics.count(f"{event}_total")
-
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
         self.switchboard.metrics.count("errors_total", kind=f"bad_frame_{kind}")
@@ -2293,16 +2291,16 @@ class Call:
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
-        log.info("call %s: turn %d latency: %s%s", self.call_id, self.counts["turns"], text,
+        log.info("call %s: turn %d latency: %s%s", self.call_id, self.turns, text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
-                 extra={"fields": {"call": self.call_id, "turn": self.counts["turns"], **steps}})
+                 extra={"fields": {"call": self.call_id, "turn": self.turns, **steps}})
 
     def _log_end(self) -> None:
         bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
         dropped = self.ears.dropped if self.ears else 0
         self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
-                 self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge_ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
+                 self.ended_by, trio.current_time() - self.began, self.turns,
+                 self.barge_ins, self.player.frames, f"; bad frames: {bad}" if bad else "",
                  f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
 
