@@ -2246,14 +2246,17 @@ class Call:
                 with trio.move_on_at(min(start_by, idle_at)):
                     await self.begun.wait()
                 continue
-            quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
-            if self.ended_by == "hang-up" and now >= min(self.ends_at, quiet_until):
-                over = now >= self.ends_at
-                self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
-                         f"the caller has been silent for {settings.silence_timeout_s:.0f} s")
-                self.end("time limit" if over else "silence")
-            # Once ending, only the idle timeout is left: the goodbye is on its way.
-            await trio.sleep_until(min(idle_at, quiet_until, self.ends_at) if self.ended_by == "hang-up" else idle_at)
+            wake = idle_at
+            if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
+                quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
+                if now >= self.ends_at or now >= quiet_until:
+                    over = now >= self.ends_at
+                    self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
+                             f"the caller has been silent for {settings.silence_timeout_s:.0f} s")
+                    self.end("time limit" if over else "silence")
+                    continue
+                wake = min(idle_at, quiet_until, self.ends_at)
+            await trio.sleep_until(wake)
 
     def replaced(self) -> None:
         """A reconnect of this call is at the door, and this socket has gone quiet: it is dead."""
