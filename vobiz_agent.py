@@ -2131,7 +2131,8 @@ class Call:
             self.switchboard.metrics.count("barge_ins_total")
             if self.reply_scope is not None:
                 self.reply_scope.cancel()
-            self.nursery.start_soon(self.player.clear_audio, self.player.interrupt(onset))
+            turn = self.player.interrupt(onset)
+            self.nursery.start_soon(self.player.clear_audio, turn)
         elif self.reply_scope is not None:
             # Still thinking, nothing heard yet: the caller had only paused. Drop
             # the reply; the responder hears the rest as part of the same turn.
