@@ -2236,17 +2236,14 @@ class Call:
         a stuck or hostile peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted
         from when the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
         settings = self.switchboard.settings
-        start_by = self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)
+        with trio.move_on_at(self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)):
+            await self.begun.wait()
+        if self.start is None:
+            return self._cut("no start", "no valid start frame in time")
         while True:
             now, idle_at = trio.current_time(), self.last_media + settings.idle_timeout_s
-            if self.start is None and now >= start_by:
-                return self._cut("no start", "no valid start frame in time")
             if now >= idle_at:
                 return self._cut("idle timeout", f"no media from Vobiz for {settings.idle_timeout_s:.0f} s")
-            if self.start is None:
-                with trio.move_on_at(min(start_by, idle_at)):
-                    await self.begun.wait()
-                continue
             wake = idle_at
             if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
                 quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
