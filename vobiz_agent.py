@@ -2016,8 +2016,13 @@ class Call:
                 self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.call_id} inbound")
                 self.nursery.start_soon(self.converse, name=f"call {self.call_id} conversation")
                 self.nursery.start_soon(self.watch_for_silence, name=f"call {self.call_id} idle watch")
-        finally:
-            self._log_end()
+        finally:  # the call's last line, its transcript, its count
+            bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
+            dropped = self.ears.dropped if self.ears else 0
+            self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
+                     self.ended_by, trio.current_time() - self.began, self.turns,
+                     self.barge_ins, self.player.frames, f"; bad frames: {bad}" if bad else "",
+                     f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
             if self.start is not None:  # else no conversation: the socket was refused or never started
                 self.transcript.log(self.call_id, self.ended_by, trio.current_time() - self.began)
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
@@ -2295,14 +2300,6 @@ class Call:
         log.info("call %s: turn %d latency: %s%s", self.call_id, self.turns, text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
                  extra={"fields": {"call": self.call_id, "turn": self.turns, **steps}})
-
-    def _log_end(self) -> None:
-        bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
-        dropped = self.ears.dropped if self.ears else 0
-        self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
-                 self.ended_by, trio.current_time() - self.began, self.turns,
-                 self.barge_ins, self.player.frames, f"; bad frames: {bad}" if bad else "",
-                 f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
 
 class Transcript:
