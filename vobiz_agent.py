@@ -1743,27 +1743,24 @@ def make_agent(settings: Settings) -> Agent:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The call: one WebSocket from Vobiz, one nursery. The inbound task reads
-# frames and feeds the ears; the conversation task (converse: the call's life)
-# greets and replies, and speaks through the Player, which paces the frames and
-# keeps what the caller heard. Each
-# reply runs in a cancel scope, so barge-in is one cancel(): whatever the reply
-# was doing (thinking, fetching speech, pacing frames) stops at once. When the
-# socket closes the nursery is cancelled and every task of the call ends with it.
+# The call: one WebSocket from Vobiz, one nursery. The inbound task reads frames and feeds
+# the ears; the conversation task (converse: the call's life) greets and replies, and speaks
+# through the Player, which paces the frames and keeps what the caller heard. Each reply runs
+# in a cancel scope, so barge-in is one cancel(): whatever the reply was doing (thinking,
+# fetching speech, pacing frames) stops at once. When the socket closes the nursery is
+# cancelled and every task of the call ends with it.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
 class Player:
-    """The agent's voice on one stream: paced playAudio frames, a checkpoint after each
-    utterance, and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
+    """The agent's voice on one stream: paced playAudio frames, a checkpoint after each utterance,
+    and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
 
-    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter.
-    When our own wake-ups come late (a busy event loop), the lead grows to
-    cover that lateness, up to LEAD_MAX_S, and shrinks back (halving its
-    excess every LEAD_HALF_LIFE_S) once they are on time again. A barge-in
-    flushes whatever is queued with one clearAudio, so a larger lead does
-    not mean the agent talks over the caller for longer.
-    """
+    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter. When our own
+    wake-ups come late (a busy event loop), the lead grows to cover that lateness, up to LEAD_MAX_S,
+    and shrinks back (halving its excess every LEAD_HALF_LIFE_S) once they are on time again. A
+    barge-in flushes whatever is queued with one clearAudio, so a larger lead does not mean the
+    agent talks over the caller for longer."""
 
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
@@ -1771,10 +1768,10 @@ class Player:
     LEAD_SHRINK = 0.5 ** (FRAME_SECONDS / LEAD_HALF_LIFE_S)  # per frame sent
     CLEARED_TIMEOUT_S = 1.0  # clearedAudio can be lost: never wait longer than this
 
-    def __init__(self, send: Callable[[str], Awaitable[None]], log: CallLog, transcript: list[dict]):
+    def __init__(self, send: Callable[[str], Awaitable[None]], log: CallLog, transcript: Transcript):
         self.send = send  # the call's own: a send to a caller who hung up ends the call
         self.log = log
-        self.transcript = transcript  # the call's: each utterance goes in as it begins
+        self.transcript = transcript
         self.outbound: Outbound | None = None  # the stream's frames, from its `start`
         self.play_clock = 0.0  # when Vobiz will have played everything we sent
         self.lead = self.LEAD_S  # how far ahead of Vobiz's playout we send
@@ -1785,31 +1782,24 @@ class Player:
         self.acked = trio.Event()  # set (and renewed) whenever a checkpoint is acknowledged
         self.utterances = self.frames = 0
 
-    def talking(self) -> bool:
-        """Is Vobiz still playing what we sent?"""
-        return trio.current_time() < self.play_clock
-
     async def play(self, utterance: Utterance) -> None:
         """Send one utterance as paced playAudio frames, then a checkpoint."""
         self.utterances += 1
         name = f"{utterance.label}-{self.utterances}"  # unique within the call
-        turn, frames = self.turn, 0
-        self.transcript.append({"utterance": utterance})
+        turn, first_frame = self.turn, self.frames
+        self.transcript.agent_said(utterance)
         encoder = FrameEncoder(utterance.rate)
         async with aclosing(utterance.pcm) as chunks:
             async for pcm in chunks:
                 for frame in encoder.encode(pcm):
                     await self.send_frame(frame)
-                    frames += 1
         for frame in encoder.flush():
             await self.send_frame(frame)
-            frames += 1
-        self.unheard[name] = (utterance, turn, frames)
+        self.unheard[name] = (utterance, turn, self.frames - first_frame)
         await self.send(self.outbound.checkpoint(name))
 
     def heard(self, checkpoint: str) -> None:
-        """Vobiz says it played `checkpoint`: the caller heard that utterance. The one place
-        an utterance becomes heard, which is all a responder's history keeps."""
+        """Vobiz played `checkpoint`: the one place an utterance becomes heard (all a history keeps)."""
         utterance, turn, frames = self.unheard.pop(checkpoint, (None, None, 0))
         if utterance is not None:
             utterance.heard = True
@@ -1827,15 +1817,10 @@ class Player:
                 await self.acked.wait()
 
     def interrupt(self, onset: float) -> Turn | None:
-        """The caller talks over the agent: Vobiz's queue is to be flushed (see clear_audio).
-
-        Whatever was queued at Vobiz is dropped unplayed, so its checkpoints
-        will never be acked: those utterances count as not heard. New audio
-        waits for clearedAudio, or it would race the flush and lose its start.
-        Returns the turn being answered, for its barge-in latency marks."""
-        for entry in self.transcript:  # whatever had not played yet is lost
-            if "utterance" in entry and not entry["utterance"].heard:
-                entry.setdefault("cut_off", True)
+        """The caller talks over the agent, and clear_audio flushes Vobiz's queue: what was queued
+        is never played nor acked. New audio waits for clearedAudio, or it would race the flush and
+        lose its start. Returns the turn being answered, for its barge-in latency marks."""
+        self.transcript.cut_off()
         self.unheard.clear()
         self.play_clock = trio.current_time()
         self.cleared = trio.Event()
@@ -1890,7 +1875,6 @@ class Call:
     what the ears report (speech_started, turn_ended), and its life (converse, end)."""
 
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
-
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
     START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
@@ -1899,12 +1883,10 @@ class Call:
                  ends_in: float | None = None):
         self.socket = socket
         self.switchboard = switchboard
-        self.agent = switchboard.agent
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
         self.responder: Responder | None = None  # the conversation, chosen at `start`
-        self.fresh = fresh  # the call's first socket (else a reconnect)
-        self.opening = "greet"  # or "go on" (a reconnect, conversation known), "apologise" (not known)
+        self.fresh = fresh  # the call's first socket (else a reconnect): see `opening` in _begin
         self.start: Start | None = None
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
@@ -1915,8 +1897,8 @@ class Call:
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()
-        self.transcript: list[dict] = []  # what was said, in order: see _log_transcript
+        self.turns = self.barge_ins = 0  # for the call's last line (and /metrics)
+        self.transcript = Transcript()
         self.player = Player(self.send, self.log, self.transcript)
         self.ended_by = "hang-up"  # until end(reason), a stop frame or a cut says otherwise
         self.began = self.last_media = self.last_speech = trio.current_time()
@@ -1929,9 +1911,15 @@ class Call:
                 self.nursery.start_soon(self.listen_to_vobiz, name=f"call {self.call_id} inbound")
                 self.nursery.start_soon(self.converse, name=f"call {self.call_id} conversation")
                 self.nursery.start_soon(self.watch_for_silence, name=f"call {self.call_id} idle watch")
-        finally:
-            self._log_end()
-            self._log_transcript()
+        finally:  # the call's last line, its transcript, its count
+            bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
+            dropped = self.ears.dropped if self.ears else 0
+            self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
+                     self.ended_by, trio.current_time() - self.began, self.turns,
+                     self.barge_ins, self.player.frames, f"; bad frames: {bad}" if bad else "",
+                     f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
+            if self.start is not None:  # else no conversation: the socket was refused or never started
+                self.transcript.log(self.call_id, self.ended_by, trio.current_time() - self.began)
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
 
     # Inbound: everything Vobiz sends. Nothing in here waits for anything but
@@ -1968,54 +1956,13 @@ class Call:
                 return True
         return False
 
-    async def watch_for_silence(self) -> None:
-        """End a call that carries nothing or goes on too long. A socket without a valid
-        `start` soon, or without valid media for IDLE_TIMEOUT_S, is a stuck or hostile
-        peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted from when
-        the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
-        settings = self.switchboard.settings
-        start_by = self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)
-        while True:
-            now = trio.current_time()
-            if self.start is None and now >= start_by:
-                return self._cut("no start", "no valid start frame in time")
-            if now >= self.last_media + settings.idle_timeout_s:
-                return self._cut("idle timeout", f"no media from Vobiz for {settings.idle_timeout_s:.0f} s")
-            deadlines = [self.last_media + settings.idle_timeout_s]
-            if self.start is None:
-                with trio.move_on_at(min(start_by, deadlines[0])):
-                    await self.begun.wait()
-                continue
-            if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
-                quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
-                if now >= self.ends_at or now >= quiet_until:
-                    over = now >= self.ends_at
-                    self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
-                             f"the caller has been silent for {settings.silence_timeout_s:.0f} s")
-                    self.end("time limit" if over else "silence")
-                    continue
-                deadlines += [quiet_until, self.ends_at]
-            await trio.sleep_until(min(deadlines))
-
-    def replaced(self) -> None:
-        """A reconnect of this call is at the door, and this socket has gone quiet: it is dead."""
-        self._cut("reconnect", f"no media for {trio.current_time() - self.last_media:.1f} s and a reconnect came")
-
-    def _cut(self, reason: str, why: str) -> None:
-        self.ended_by = reason
-        self.log(logging.WARNING, "%s: ending the call", why)
-        self.nursery.cancel_scope.cancel()
-
     def _begin(self, start: Start) -> None:
         if self.start is not None:
             raise BadFrame("start", f"second start (streamId {_clean(start.stream_id)}) ignored")
         if start.call_id != self.call_id:
-            self.log(logging.WARNING, "start is for call %s, not the call this URL was issued for: closing",
-                     _clean(start.call_id))
             self.switchboard.metrics.count("calls_refused_total", reason="wrong call")
-            self.ended_by = "refused"
-            self.nursery.cancel_scope.cancel()
-            return
+            why = f"start is for call {_clean(start.call_id)}, not the call this URL was issued for"
+            return self._cut("refused", why, then="closing")
         self.start = start
         self.begun.set()
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
@@ -2026,7 +1973,7 @@ class Call:
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
-        self.ears = self.agent.ears(start.media_format, self, self.log)
+        self.ears = self.switchboard.agent.ears(start.media_format, self, self.log)
         self.nursery.start_soon(self.ears.run, name=f"call {self.call_id} ears")
         self.log(logging.INFO, "stream %s %s, caller audio %s at %d Hz", _clean(start.stream_id),
                  {"greet": "started", "go on": "reconnected: the conversation goes on",
@@ -2064,25 +2011,28 @@ class Call:
     async def collect_keys(self, keys: trio.MemoryReceiveChannel[str]) -> None:
         """Key presses → "digits" turns: the keys pressed until '#' or a pause of the agent's
         `digit_pause_s` (the '#' that ends them is not one of them)."""
-        pause = self.agent.digit_pause_s
         async for key in keys:
-            pressed = [key]
-            while pressed[-1] != "#":
-                with trio.move_on_after(pause) as waited:
-                    pressed.append(await keys.receive())
+            digits = key
+            while digits[-1] != "#":
+                with trio.move_on_after(self.switchboard.agent.digit_pause_s) as waited:
+                    digits += await keys.receive()
                 if waited.cancelled_caught:
                     break
-            digits = "".join(pressed[:-1] if len(pressed) > 1 and pressed[-1] == "#" else pressed)
-            text = f"[the caller pressed {' '.join(digits)}]"
-            self.turn_ended(Turn(kind="digits", digits=digits, text=text))
+            digits = digits.removesuffix("#") or "#"  # a lone '#' is a key pressed, too
+            self.turn_ended(Turn(kind="digits", digits=digits, text=f"[the caller pressed {' '.join(digits)}]"))
 
     # What the ears report (the Listener side of the seam).
 
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
         self.last_speech = trio.current_time()
-        if self.player.talking():
-            self.barge_in(onset)
+        if self.last_speech < self.player.play_clock:  # Vobiz is still playing: barge-in, stop and flush
+            self.barge_ins += 1
+            self.switchboard.metrics.count("barge_ins_total")
+            if self.reply_scope is not None:
+                self.reply_scope.cancel()
+            turn = self.player.interrupt(onset)
+            self.nursery.start_soon(self.player.clear_audio, turn)
         elif self.reply_scope is not None:
             # Still thinking, nothing heard yet: the caller had only paused. Drop
             # the reply; the responder hears the rest as part of the same turn.
@@ -2099,14 +2049,6 @@ class Call:
             self.log(logging.WARNING, "dropped a turn: too many are waiting for a reply")
         except trio.ClosedResourceError:
             pass  # the call is ending: a goodbye is on its way, or a person answers now
-
-    def barge_in(self, onset: float) -> None:
-        """The caller talks over the agent: stop the reply, and flush Vobiz's queue."""
-        self._count("barge_ins")
-        if self.reply_scope is not None:
-            self.reply_scope.cancel()
-        turn = self.player.interrupt(onset)
-        self.nursery.start_soon(self.player.clear_audio, turn)
 
     # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever
     # ends a call from our side (the agent's hang_up, the caller's silence, MAX_CALL_S,
@@ -2144,11 +2086,11 @@ class Call:
             self.turns_in.close()
 
     async def answer(self, turn: Turn) -> str | None:
-        """One turn: into the transcript, answered in the reply scope, its latency logged."""
         self.player.turn = turn
-        self._note_turn(turn)
+        self.transcript.caller_said(turn)
         if turn.kind == "speech":
-            self._count("turns")
+            self.turns += 1
+            self.switchboard.metrics.count("turns_total")
         outcome = await self.respond(partial(self.responder.reply, turn))
         self._log_latency(turn)
         self.player.turn = None
@@ -2159,10 +2101,9 @@ class Call:
         to move the call to our /transfer XML. True if Vobiz took the request."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
         await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
-        settings = self.switchboard.settings
-        problem = await request_transfer(settings, self.call_id, self.public_base + "/transfer")
+        problem = await request_transfer(self.switchboard.settings, self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
-        self.transcript.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
+        self.transcript.entries.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
             self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
             self.end("transfer")
@@ -2188,16 +2129,47 @@ class Call:
         except ClientDisconnectedError:
             self.nursery.cancel_scope.cancel()
 
+    # The watchdog: a call that carries nothing, or goes on too long, is ended.
+
+    async def watch_for_silence(self) -> None:
+        """A socket without a valid `start` soon, or without valid media for IDLE_TIMEOUT_S, is
+        a stuck or hostile peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted
+        from when the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
+        settings = self.switchboard.settings
+        with trio.move_on_at(self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)):
+            await self.begun.wait()
+        if self.start is None:
+            return self._cut("no start", "no valid start frame in time")
+        while True:
+            now, idle_at = trio.current_time(), self.last_media + settings.idle_timeout_s
+            if now >= idle_at:
+                return self._cut("idle timeout", f"no media from Vobiz for {settings.idle_timeout_s:.0f} s")
+            wake = idle_at
+            if self.ended_by == "hang-up":  # not ending yet: the caller's silence, the time limit
+                quiet_until = max(self.last_speech, self.player.play_clock) + settings.silence_timeout_s
+                if now >= self.ends_at or now >= quiet_until:
+                    over = now >= self.ends_at
+                    self.log(logging.INFO, "%s: saying goodbye", "the call reached MAX_CALL_S" if over else
+                             f"the caller has been silent for {settings.silence_timeout_s:.0f} s")
+                    self.end("time limit" if over else "silence")
+                    continue
+                wake = min(idle_at, quiet_until, self.ends_at)
+            await trio.sleep_until(wake)
+
+    def replaced(self) -> None:
+        """A reconnect of this call is at the door, and this socket has gone quiet: it is dead."""
+        self._cut("reconnect", f"no media for {trio.current_time() - self.last_media:.1f} s and a reconnect came")
+
+    def _cut(self, reason: str, why: str, then: str = "ending the call") -> None:
+        self.ended_by = reason
+        self.log(logging.WARNING, "%s: %s", why, then)
+        self.nursery.cancel_scope.cancel()
+
     # The call's log: every line names the call.
 
     def log(self, level: int, message: str, *args: object, error: str | None = None) -> None:
         """A line in the call's log; `error` also counts it in /metrics under that kind."""
         log_for_call(self.call_id, self.switchboard.metrics, level, message, *args, error=error)
-
-    def _count(self, event: str) -> None:
-        """One more of `event` in this call (its last log line) and in /metrics (`event`_total)."""
-        self.counts[event] += 1
-        self.switchboard.metrics.count(f"{event}_total")
 
     def _complain(self, kind: str, detail: str) -> None:
         self.bad_frames[kind] += 1
@@ -2210,33 +2182,39 @@ class Call:
         if turn.kind != "speech" or not turn.speech_ended:
             return
         marks = dict(turn.marks)
-        heard = marks.pop("first_frame_heard", None)
-        due = marks.pop("first_frame_due", None)
+        heard, due = marks.pop("first_frame_heard", None), marks.pop("first_frame_due", None)
         onset, cleared = marks.pop("barge_in_onset", None), marks.pop("clear_audio_sent", None)
-        steps = {step: round((at - turn.speech_ended) * 1000) for step, at in marks.items()}
+        steps: dict[str, int | bool] = {step: round((at - turn.speech_ended) * 1000) for step, at in marks.items()}
         if heard or due:
+            self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
             steps["first_frame_heard"] = round(((heard or due) - turn.speech_ended) * 1000)
             steps["heard_is_estimate"] = heard is None
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
-        if heard or due:
-            self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
         text = " ".join(f"{step}={value}ms" for step, value in steps.items() if not isinstance(value, bool))
-        log.info("call %s: turn %d latency: %s%s", self.call_id, self.counts["turns"], text,
+        log.info("call %s: turn %d latency: %s%s", self.call_id, self.turns, text,
                  " (heard: estimated)" if steps.get("heard_is_estimate") else "",
-                 extra={"fields": {"call": self.call_id, "turn": self.counts["turns"], **steps}})
+                 extra={"fields": {"call": self.call_id, "turn": self.turns, **steps}})
 
-    def _log_end(self) -> None:
-        bad = ", ".join(f"{kind} ×{n}" for kind, n in self.bad_frames.items())
-        dropped = self.ears.dropped if self.ears else 0
-        self.log(logging.INFO, "ended by %s after %.1f s: %d turns, %d barge-ins, %d frames sent%s%s",
-                 self.ended_by, trio.current_time() - self.began, self.counts["turns"],
-                 self.counts["barge_ins"], self.player.frames, f"; bad frames: {bad}" if bad else "",
-                 f"; {dropped} frames dropped on the way to speech-to-text" if dropped else "")
 
-    def _note_turn(self, turn: Turn) -> None:
-        """The caller's side of the transcript: words (or, with no speech-to-text, how long
-        they spoke), keys, or why a turn came without either."""
+class Transcript:
+    """What was said in one call, in order, logged as one record when it ends: every turn, every
+    line of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
+    No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []  # an agent's line is {"utterance": …} until the end: it may yet be heard
+
+    def agent_said(self, utterance: Utterance) -> None:
+        self.entries.append({"utterance": utterance})  # as it begins to play
+
+    def cut_off(self) -> None:
+        for entry in self.entries:  # a barge-in: whatever had not played yet is lost
+            if "utterance" in entry and not entry["utterance"].heard:
+                entry.setdefault("cut_off", True)
+
+    def caller_said(self, turn: Turn) -> None:
+        """Words (or, with no speech-to-text, how long they spoke), keys, or why a turn had neither."""
         entry: dict[str, object] = {"who": "caller", "kind": turn.kind}
         if turn.kind == "digits":
             entry["digits"] = turn.digits
@@ -2244,37 +2222,32 @@ class Call:
             entry["text"] = turn.text
         elif turn.audio:
             entry["seconds"] = round(len(turn.audio) / 2 / turn.rate, 1)
-        self.transcript.append(entry)
+        self.entries.append(entry)
 
-    def _log_transcript(self) -> None:
-        """One record with the whole conversation, for the operator: every turn, every line
-        of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
-        No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
-        if self.start is None:
-            return  # no conversation: the socket was refused or never started
+    def log(self, call_id: str, ended_by: str, seconds: float) -> None:
         entries = []
-        for entry in self.transcript:
+        for entry in self.entries:
             if "utterance" in entry:
-                utterance = entry["utterance"]
-                heard = "heard" if utterance.heard else "cut off" if entry.get("cut_off") else "not heard"
-                entry = {"who": "agent", "label": utterance.label, "text": utterance.text, "heard": heard}
+                said = entry["utterance"]
+                heard = "heard" if said.heard else "cut off" if entry.get("cut_off") else "not heard"
+                entry = {"who": "agent", "label": said.label, "text": said.text, "heard": heard}
             entries.append(entry)
-        ended = {"ended_by": self.ended_by, "seconds": round(trio.current_time() - self.began, 1)}
-        summary = " | ".join(_transcript_line(entry) for entry in entries) or "(nothing said)"
-        log.info("call %s: transcript (%s after %.1f s): %s", self.call_id, self.ended_by, ended["seconds"],
-                 summary, extra={"fields": {"call": self.call_id, "transcript": entries, **ended}})
+        ended = {"ended_by": ended_by, "seconds": round(seconds, 1)}
+        summary = " | ".join(self._line(entry) for entry in entries) or "(nothing said)"
+        log.info("call %s: transcript (%s after %.1f s): %s", call_id, ended_by, ended["seconds"],
+                 summary, extra={"fields": {"call": call_id, "transcript": entries, **ended}})
 
-
-def _transcript_line(entry: dict) -> str:
-    if entry.get("event") == "transfer":
-        return f"transfer {entry['outcome']}"
-    if entry["who"] == "agent":
-        return f"agent: {json.dumps(entry['text'], ensure_ascii=False)} ({entry['heard']})"
-    if entry["kind"] == "digits":
-        return f"caller pressed {' '.join(entry['digits'])}"
-    if "text" in entry:
-        return f"caller: {json.dumps(entry['text'], ensure_ascii=False)}"
-    return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
+    @staticmethod
+    def _line(entry: dict) -> str:
+        if entry.get("event") == "transfer":
+            return f"transfer {entry['outcome']}"
+        if entry["who"] == "agent":
+            return f"agent: {json.dumps(entry['text'], ensure_ascii=False)} ({entry['heard']})"
+        if entry["kind"] == "digits":
+            return f"caller pressed {' '.join(entry['digits'])}"
+        if "text" in entry:
+            return f"caller: {json.dumps(entry['text'], ensure_ascii=False)}"
+        return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
 def log_for_call(label: str, metrics: Metrics, level: int, message: str, *args: object,
