@@ -2021,7 +2021,7 @@ class Call:
             digits = digits.removesuffix("#") or "#"  # a lone '#' is a key pressed, too
             self.turn_ended(Turn(kind="digits", digits=digits, text=f"[the caller pressed {' '.join(digits)}]"))
 
-    # What the ears report (the Listener side of the seam).
+    # What the ears report.
 
     def speech_started(self, onset: float) -> None:
         self.log(logging.DEBUG, "caller started speaking")
