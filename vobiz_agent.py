@@ -431,6 +431,17 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
     and above down by `attenuation_db`. Kaiser's formulas give the length and
     window shape for that attenuation and transition width (3400 → 5000 Hz).
     """
+
+    def bessel_i0(x: float) -> float:
+        """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
+        total = term = 1.0
+        k = 1
+        while term > 1e-12 * total:
+            term *= (x / (2 * k)) ** 2
+            total += term
+            k += 1
+        return total
+
     transition = 2 * math.pi * (stopband - passband) / rate
     taps = math.ceil((attenuation_db - 8) / (2.285 * transition)) | 1  # odd: a whole-sample delay
     beta = 0.1102 * (attenuation_db - 8.7)
@@ -440,29 +451,19 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
     for n in range(taps):
         t = n - middle
         ideal = 2 * cutoff if t == 0 else math.sin(2 * math.pi * cutoff * t) / (math.pi * t)
-        window = _bessel_i0(beta * math.sqrt(1 - (t / middle) ** 2)) / _bessel_i0(beta)
+        window = bessel_i0(beta * math.sqrt(1 - (t / middle) ** 2)) / bessel_i0(beta)
         coefficients.append(ideal * window)
     gain = sum(coefficients)
     return [c / gain for c in coefficients]  # unity gain at 0 Hz
 
 
-def _bessel_i0(x: float) -> float:
-    """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
-    total = term = 1.0
-    k = 1
-    while term > 1e-12 * total:
-        term *= (x / (2 * k)) ** 2
-        total += term
-        k += 1
-    return total
+class FrameEncoder:
+    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz, one chunk
+    at a time: low-pass filter and decimate, `ratecv` the rest of the way, μ-law, cut.
 
-
-class Downsampler:
-    """16-bit PCM at any rate → 16-bit PCM at 8 kHz, one chunk at a time.
-
-    Filtering and `ratecv` both remember the end of the previous chunk (the
-    filter its last taps-1 samples, ratecv its interpolation state), so a voice
-    split into chunks of any size comes out exactly as if it arrived whole.
+    Every stage remembers the end of the previous chunk (a sample split in two, the filter
+    its last taps-1 samples, ratecv its interpolation state, less than a frame of μ-law), so
+    a voice split into chunks of any size comes out exactly as if it arrived whole.
 
     The filter is polyphase: when the rate is a multiple of 8 kHz we compute
     only the output samples that decimation keeps (1 in 3 at 24 kHz), so the
@@ -473,20 +474,34 @@ class Downsampler:
     """
 
     def __init__(self, rate: int):
-        self.rate = rate
         # Decimate by the largest whole step that keeps at least 8 kHz; ratecv does the rest.
         self.step = max(d for d in range(1, max(rate // TELEPHONE_RATE, 1) + 1) if rate % d == 0)
+        self.decimated_rate = rate // self.step
         self.taps = lowpass_taps(rate) if rate > TELEPHONE_RATE else []
         self.history = bytes(2 * (len(self.taps) - 1)) if self.taps else b""
         self.ratecv_state = None
+        self.odd_byte = b""  # a sample split across two chunks waits here
+        self.ulaw = b""  # less than one frame, waiting for more
 
-    def feed(self, pcm: bytes) -> bytes:
+    def encode(self, pcm: bytes) -> list[bytes]:
+        pcm = self.odd_byte + pcm
+        whole = len(pcm) & ~1
+        self.odd_byte, pcm = pcm[whole:], pcm[:whole]
         if self.taps:
             pcm = self._filter(pcm)
-        rate = self.rate // self.step
-        if rate != TELEPHONE_RATE:
-            pcm, self.ratecv_state = audioop.ratecv(pcm, 2, 1, rate, TELEPHONE_RATE, self.ratecv_state)
-        return pcm
+        if self.decimated_rate != TELEPHONE_RATE:
+            pcm, self.ratecv_state = audioop.ratecv(pcm, 2, 1, self.decimated_rate, TELEPHONE_RATE,
+                                                    self.ratecv_state)
+        self.ulaw += audioop.lin2ulaw(pcm, 2)
+        cut = len(self.ulaw) - len(self.ulaw) % FRAME_BYTES
+        frames = [self.ulaw[i : i + FRAME_BYTES] for i in range(0, cut, FRAME_BYTES)]
+        self.ulaw = self.ulaw[cut:]
+        return frames
+
+    def flush(self) -> list[bytes]:
+        """The last, partial frame, padded with silence (Vobiz wants whole frames)."""
+        rest, self.ulaw = self.ulaw, b""
+        return [rest.ljust(FRAME_BYTES, ULAW_SILENCE)] if rest else []
 
     def _filter(self, pcm: bytes) -> bytes:
         samples = self.history + audioop.mul(pcm, 2, 0.5)
@@ -514,43 +529,26 @@ class Downsampler:
         return audioop.mul(total, 2, 2.0)
 
 
-class FrameEncoder:
-    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames."""
-
-    def __init__(self, rate: int):
-        self.downsampler = Downsampler(rate)
-        self.odd_byte = b""  # a sample split across two chunks waits here
-        self.ulaw = b""  # less than one frame, waiting for more
-
-    def encode(self, pcm: bytes) -> list[bytes]:
-        pcm = self.odd_byte + pcm
-        whole = len(pcm) & ~1
-        self.odd_byte = pcm[whole:]
-        self.ulaw += audioop.lin2ulaw(self.downsampler.feed(pcm[:whole]), 2)
-        cut = len(self.ulaw) - len(self.ulaw) % FRAME_BYTES
-        frames = [self.ulaw[i : i + FRAME_BYTES] for i in range(0, cut, FRAME_BYTES)]
-        self.ulaw = self.ulaw[cut:]
-        return frames
-
-    def flush(self) -> list[bytes]:
-        """The last, partial frame, padded with silence (Vobiz wants whole frames)."""
-        rest, self.ulaw = self.ulaw, b""
-        return [rest.ljust(FRAME_BYTES, ULAW_SILENCE)] if rest else []
-
-
 @cache
-def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
-          fade_out_s: float = 0.05, rate: int = 24000) -> bytes:
-    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
-    (falling), and the trouble tone. Made at 24 kHz so that every call sends speech-rate audio
-    through the whole chain, filter included."""
+def tones(segments: tuple[tuple[tuple[float, ...], float], ...], loudness: int, fade_in_s: float,
+          fade_out_s: float, rate: int = 24000) -> bytes:
+    """Sound we make ourselves, at 24 kHz so that it travels the whole chain speech does, filter
+    included: `segments` one after another, each (frequencies, seconds), the sum of those sines
+    (no frequencies: quiet), faded in and out so that it starts and ends without a click."""
     samples = array.array("h")
-    for frequency, length_s in zip(frequencies, seconds, strict=True):
+    for frequencies, length_s in segments:
         count = int(rate * length_s)
         for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (fade_out_s * rate))
-            samples.append(int(loudness * fade * math.sin(2 * math.pi * frequency * i / rate)))
+            fade = min(1.0, i / (fade_in_s * rate), (count - i) / (fade_out_s * rate))
+            samples.append(int(loudness * fade * sum(math.sin(2 * math.pi * f * i / rate) for f in frequencies)))
     return samples.tobytes()
+
+
+def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
+          fade_out_s: float = 0.05) -> bytes:
+    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
+    (falling), and the trouble tone."""
+    return tones(tuple(((f,), s) for f, s in zip(frequencies, seconds, strict=True)), loudness, 0.01, fade_out_s)
 
 
 # A keypad's tones: each key is one low (row) and one high (column) frequency at once.
@@ -558,25 +556,11 @@ DTMF_ROWS = {"123A": 697.0, "456B": 770.0, "789C": 852.0, "*0#D": 941.0}
 DTMF_COLUMNS = {"147*": 1209.0, "2580": 1336.0, "369#": 1477.0, "ABCD": 1633.0}
 
 
-def dtmf_frequencies(key: str) -> tuple[float, float]:
+def dtmf_tone(key: str) -> bytes:
+    """The tone pair of one key, 200 ms with soft edges, then 60 ms of quiet."""
     row = next(frequency for keys, frequency in DTMF_ROWS.items() if key in keys)
     column = next(frequency for keys, frequency in DTMF_COLUMNS.items() if key in keys)
-    return row, column
-
-
-@cache
-def dtmf_tone(key: str, rate: int = 24000) -> bytes:
-    """The tone pair of one key, 200 ms with soft edges, then 60 ms of quiet; made at
-    24 kHz like the chimes, so it travels the same chain as speech."""
-    low, high = dtmf_frequencies(key)
-    samples = array.array("h")
-    count = int(rate * 0.20)
-    for i in range(count):
-        fade = min(1.0, i / (0.005 * rate), (count - i) / (0.005 * rate))
-        samples.append(int(5000 * fade * (math.sin(2 * math.pi * low * i / rate)
-                                          + math.sin(2 * math.pi * high * i / rate))))
-    samples.extend([0] * int(rate * 0.06))
-    return samples.tobytes()
+    return tones((((row, column), 0.20), ((), 0.06)), 5000, 0.005, 0.005)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
