@@ -564,13 +564,10 @@ def dtmf_tone(key: str) -> bytes:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us, and the
-# ones we send back. Pure functions. The vendor's docs are https://vobiz.ai/docs/xml/stream
+# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
+# we send back, and the checks on who is asking. The vendor's docs are https://vobiz.ai/docs/xml/stream
 # and the pages under it; our protocol notes gather them with what real calls showed.
 # ─────────────────────────────────────────────────────────────────────────────
-
-MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
-MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at most five
 
 
 def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url: str | None = None) -> bytes:
@@ -604,8 +601,7 @@ def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url:
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
 
-def empty_xml() -> bytes:
-    return ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)
+EMPTY_XML = ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)  # nothing to do
 
 
 class BadFrame(ValueError):
@@ -628,12 +624,42 @@ class Start:
     stream_id: str
     media_format: MediaFormat
 
+    @staticmethod
+    def from_json(data: dict) -> Start:
+        nested = data["start"] if isinstance(data.get("start"), dict) else {}
+        call_id = nested.get("callId") or data.get("callId")
+        stream_id = nested.get("streamId") or data.get("streamId")
+        if not isinstance(call_id, str) or not isinstance(stream_id, str) or not call_id or not stream_id:
+            raise BadFrame("fields", "start frame has no callId/streamId")
+        # {"encoding", "sampleRate"}, or the old "audio/x-l16;rate=8000"; we asked for μ-law, the default.
+        media_format, content_type = nested.get("mediaFormat"), data.get("contentType")
+        if isinstance(media_format, dict):
+            encoding, rate = media_format.get("encoding"), media_format.get("sampleRate")
+        elif isinstance(content_type, str):
+            encoding, _, rate = content_type.partition(";rate=")
+        else:
+            return Start(call_id, stream_id, MULAW_8K)
+        try:
+            found = MediaFormat(str(encoding).strip().lower(), int(rate))
+        except (TypeError, ValueError):
+            raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
+        if (found.encoding, found.rate) not in (("audio/x-mulaw", 8000), ("audio/x-l16", 8000), ("audio/x-l16", 16000)):
+            raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
+        return Start(call_id, stream_id, found)
+
 
 @dataclass(frozen=True)
 class Media:
     """{"event": "media", "media": {"payload": "<base64>"}}: 20 ms of the caller, every 20 ms."""
 
     payload: bytes  # raw caller audio in the stream's MediaFormat
+
+    @staticmethod
+    def from_base64(payload: str) -> Media:
+        try:
+            return Media(binascii.a2b_base64(payload, strict_mode=True))
+        except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
+            raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -648,11 +674,25 @@ class ClearedAudio:
     """{"event": "clearedAudio"}: Vobiz flushed its queue, as our clearAudio asked."""
 
 
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+
+
 @dataclass(frozen=True)
 class Dtmf:
-    """{"event": "dtmf", "dtmf": {"digit": "5"}} (and older shapes, see _dtmf_digit): a key pressed."""
+    """{"event": "dtmf", "dtmf": {"digit": "5"}}: a key pressed. That is the vendor's code's shape
+    (Plivo's adds track and timestamp); {"dtmf": "5"} and a top-level "digit" are read too."""
 
     digit: str
+
+    @staticmethod
+    def from_json(data: dict) -> Dtmf:
+        dtmf = data.get("dtmf", data.get("digit"))
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
+        if not isinstance(digit, str):
+            raise BadFrame("fields", "dtmf frame has no digit")
+        if digit.upper() not in DTMF_KEYS:
+            raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
+        return Dtmf(digit.upper())
 
 
 @dataclass(frozen=True)
@@ -662,35 +702,28 @@ class Stop:
 
 Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
 
+MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
+MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at most five
+
+
+def _finite(text: str) -> float:
+    """The frame decoder reads every NaN, Infinity and number with a fraction or exponent
+    through this, and refuses those that are not finite: they would overflow any integer made of them."""
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    if text in ("NaN", "Infinity", "-Infinity"):
+        raise ValueError(f"{text} is not a number")
+    raise ValueError(f"{text[:20]} is out of range")
+
+
+FRAME_DECODER = json.JSONDecoder(parse_constant=_finite, parse_float=_finite)  # one, not one per frame
+
 
 def parse_frame(message: object) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
-    data = _json_object(message)
-    match data:  # media first: fifty a second, the rest a handful per call
-        case {"event": "media", "media": {"payload": str(payload)}} if payload:
-            return Media(_caller_audio(payload))
-        case {"event": "media"}:
-            raise BadFrame("fields", "media frame has no media.payload")
-        case {"event": "start"}:
-            return _start(data)
-        case {"event": "playedStream", "name": str(name)}:
-            return PlayedStream(name)
-        case {"event": "playedStream"}:
-            raise BadFrame("fields", "playedStream frame has no name")
-        case {"event": "clearedAudio"}:
-            return ClearedAudio()
-        case {"event": "dtmf"}:
-            return Dtmf(_dtmf_digit(data))
-        case {"event": "stop"}:
-            return Stop()
-    raise BadFrame("event", f"unknown event {data.get('event')!r}")
-
-
-def _json_object(message: object) -> dict:
-    """The JSON object a frame must be. Whatever arrives, the outcome is that or BadFrame:
-    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded
-    before parsing (deep JSON would exhaust the recursion limit), and Infinity, NaN and
-    1e999 are refused while parsing (they would overflow any integer made of them)."""
+    """One WebSocket message from Vobiz → a typed frame, or BadFrame: whatever arrives, one of the two.
+    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded before
+    parsing (deep JSON would exhaust the recursion limit)."""
     if not isinstance(message, str):  # bytes, or None for an empty binary message
         raise BadFrame("binary", "frame is binary, not text")
     if not message:
@@ -703,84 +736,26 @@ def _json_object(message: object) -> dict:
         data = FRAME_DECODER.decode(message)
     except ValueError as error:
         raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
-    if not isinstance(data, dict):
-        raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _not_a_number(name: str) -> float:
-    raise ValueError(f"{name} is not a number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:20]} is out of range")
-    return value
-
-
-FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
-
-
-def _caller_audio(payload: str) -> bytes:
-    try:
-        return binascii.a2b_base64(payload, strict_mode=True)
-    except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
-        raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
-
-
-def _start(data: dict) -> Start:
-    # Current Vobiz nests the ids under "start"; older docs put them at the top.
-    nested = data.get("start") if isinstance(data.get("start"), dict) else {}
-    call_id = nested.get("callId") or data.get("callId")
-    stream_id = nested.get("streamId") or data.get("streamId")
-    if not isinstance(call_id, str) or not isinstance(stream_id, str) or not call_id or not stream_id:
-        raise BadFrame("fields", "start frame has no callId/streamId")
-    return Start(call_id, stream_id, _media_format(nested.get("mediaFormat"), data.get("contentType")))
-
-
-def _media_format(media_format: object, content_type: object) -> MediaFormat:
-    """`start.mediaFormat` {"encoding", "sampleRate"}, or the old flat
-    "audio/x-l16;rate=8000" string; we asked for μ-law, so that is the default."""
-    if isinstance(media_format, dict):
-        encoding, rate = media_format.get("encoding"), media_format.get("sampleRate")
-    elif isinstance(content_type, str):
-        encoding, _, rate = content_type.partition(";rate=")
-    else:
-        return MULAW_8K
-    try:
-        found = MediaFormat(str(encoding).strip().lower(), int(rate))
-    except (TypeError, ValueError):
-        raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
-    if (found.encoding, found.rate) not in (
-        ("audio/x-mulaw", 8000),
-        ("audio/x-l16", 8000),
-        ("audio/x-l16", 16000),
-    ):
-        raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
-    return found
-
-
-DTMF_KEYS = frozenset("0123456789*#ABCD")
-
-
-def _dtmf_digit(data: dict) -> str:
-    """The key of a `dtmf` frame, in any shape seen: {"dtmf": {"digit": "5"}} (vendor code,
-    and Plivo's, which adds track and timestamp), {"dtmf": "5"}, or a top-level "digit"."""
-    dtmf = data.get("dtmf", data.get("digit"))
-    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
-    if not isinstance(digit, str):
-        raise BadFrame("fields", "dtmf frame has no digit")
-    if digit.upper() not in DTMF_KEYS:
-        raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
-    return digit.upper()
-
-
-# The frames we send back, for one stream:
-#   {"event": "playAudio", "streamId", "media": {"contentType", "sampleRate", "payload"}}
-#   {"event": "checkpoint", "streamId", "name"}: Vobiz answers playedStream once it has played to here
-#   {"event": "clearAudio", "streamId"}: drop what is queued; Vobiz answers clearedAudio
-#   {"event": "stop", "streamId"}: end the stream (and, after <Stream>, the call: see stream_xml)
+    match data:  # media first: fifty a second, the rest a handful per call
+        case {"event": "media", "media": {"payload": str(payload)}} if payload:
+            return Media.from_base64(payload)
+        case {"event": "media"}:
+            raise BadFrame("fields", "media frame has no media.payload")
+        case {"event": "start"}:
+            return Start.from_json(data)
+        case {"event": "playedStream", "name": str(name)}:
+            return PlayedStream(name)
+        case {"event": "playedStream"}:
+            raise BadFrame("fields", "playedStream frame has no name")
+        case {"event": "clearedAudio"}:
+            return ClearedAudio()
+        case {"event": "dtmf"}:
+            return Dtmf.from_json(data)
+        case {"event": "stop"}:
+            return Stop()
+        case dict():
+            raise BadFrame("event", f"unknown event {data.get('event')!r}")
+    raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
 
 
 class Outbound:
@@ -796,40 +771,19 @@ class Outbound:
     def play_audio(self, frame: bytes) -> str:
         return self.play_prefix + base64.b64encode(frame).decode("ascii") + '"}}'
 
-    def checkpoint(self, name: str) -> str:
+    def checkpoint(self, name: str) -> str:  # Vobiz answers playedStream once it has played up to here
         return json.dumps({"event": "checkpoint", "streamId": self.stream_id, "name": name})
 
-    def clear_audio(self) -> str:
+    def clear_audio(self) -> str:  # drop what is queued; Vobiz answers clearedAudio
         return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
 
-    def stop(self) -> str:
+    def stop(self) -> str:  # end the stream (and, after <Stream>, the call: see stream_xml)
         return json.dumps({"event": "stop", "streamId": self.stream_id})
 
 
 # Trust. Vobiz signs its webhooks (when the callback has credentials); the media
 # WebSocket carries no authentication at all, so the URL we hand out in <Stream>
 # is itself the credential: a capability for one call, signed with STREAM_SECRET.
-
-NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
-
-
-def webhook_signature(auth_token: str, url: str, nonce: str, version: int) -> str:
-    """Vobiz's X-Vobiz-Signature-V3 (URL + "." + nonce) or -V2 (URL + nonce):
-    base64 of HMAC-SHA256 keyed with the account's auth token. The body is not signed."""
-    message = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
-    digest = hmac.new(auth_token.encode(), message.encode(), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
-
-
-# Which token signs which header: V2/V3 the account's own token (for a number on a
-# sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
-# main account both are the same token. The MA headers have no nonce of their own.
-SIGNATURE_HEADERS = (  # (header, its nonce's header, whose token, version)
-    ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
-    ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
-    ("X-Vobiz-Signature-V2", "X-Vobiz-Signature-V2-Nonce", "account", 2),
-    ("X-Vobiz-Signature-MA-V2", "X-Vobiz-Signature-V2-Nonce", "parent", 2),
-)
 
 
 class WebhookGuard:
@@ -841,6 +795,17 @@ class WebhookGuard:
     (an unsigned request is refused too). A header may carry several signatures,
     comma-separated, as during a token rotation: one match is enough."""
 
+    NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
+    # Which token signs which header: V2/V3 the account's own token (for a number on a
+    # sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
+    # main account both are the same token. The MA headers have no nonce of their own.
+    HEADERS = (  # (header, its nonce's header, whose token, version)
+        ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
+        ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
+        ("X-Vobiz-Signature-V2", "X-Vobiz-Signature-V2-Nonce", "account", 2),
+        ("X-Vobiz-Signature-MA-V2", "X-Vobiz-Signature-V2-Nonce", "parent", 2),
+    )
+
     def __init__(self, mode: str, auth_token: str, parent_token: str = ""):
         self.mode = mode
         self.tokens = {"account": auth_token, "parent": parent_token or auth_token}
@@ -851,12 +816,14 @@ class WebhookGuard:
         if self.mode == "off":
             return None
         checked = []
-        for header, nonce_header, signer, version in SIGNATURE_HEADERS:
+        for header, nonce_header, signer, version in self.HEADERS:
             token, signatures, nonce = self.tokens[signer], headers.get(header), headers.get(nonce_header)
             if not (token and signatures and nonce):
                 continue  # not sent, or signed with a token we were not given
             checked.append(header.removeprefix("X-Vobiz-Signature-"))
-            expected = webhook_signature(token, url, nonce, version).encode()
+            # V3 signs URL + "." + nonce, V2 URL + nonce (the body is not signed): base64 of HMAC-SHA256.
+            signed = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
+            expected = base64.b64encode(hmac.new(token.encode(), signed.encode(), hashlib.sha256).digest())
             if any(hmac.compare_digest(expected, each.strip().encode()) for each in signatures.split(",")):
                 return self._replayed(nonce)
         if checked:  # the URL is half of what is signed: a PUBLIC_URL unlike the console's fails here
@@ -865,7 +832,7 @@ class WebhookGuard:
 
     def _replayed(self, nonce: str) -> str | None:
         now = time.monotonic()
-        while self.seen and next(iter(self.seen.values())) < now - NONCE_MEMORY_S:
+        while self.seen and next(iter(self.seen.values())) < now - self.NONCE_MEMORY_S:
             self.seen.pop(next(iter(self.seen)))
         if nonce in self.seen:
             return "replayed nonce"
@@ -873,45 +840,52 @@ class WebhookGuard:
         return None
 
 
-# A media URL is /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a
-# value made for that one answer, and a MAC over both and the call. It stays valid
-# for as long as the call may last (MAX_CALL_S, plus a margin for the goodbye), so
-# that Vobiz's reconnects are accepted by any process that shares STREAM_SECRET.
-STREAM_NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
-STREAM_MAC_BYTES = 12  # 96 bits: the capability itself
 STREAM_URL_MARGIN_S = 120  # after MAX_CALL_S: the goodbye, and a reconnect racing it
-CLOCK_SKEW_S = 30  # an "issued" this far in the future is from another host's clock
 
 
-def stream_token(secret: bytes, call_id: str, issued: int, nonce: str) -> str:
-    """The capability for one answer of one call: when, which answer, and a truncated MAC."""
-    mac = hmac.new(secret, f"{call_id}.{issued}.{nonce}".encode(), hashlib.sha256).digest()[:STREAM_MAC_BYTES]
-    return f"{issued}.{nonce}.{base64.urlsafe_b64encode(mac).decode()}"
+class StreamToken:
+    """A media URL is /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a value
+    made for that one answer, and a MAC over both and the call, keyed with STREAM_SECRET. It
+    stays valid for as long as the call may last (MAX_CALL_S, plus STREAM_URL_MARGIN_S), so
+    that Vobiz's reconnects are accepted by any process that shares the secret."""
 
+    NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
+    MAC_BYTES = 12  # 96 bits: the capability itself
+    CLOCK_SKEW_S = 30  # an "issued" this far in the future is from another host's clock
 
-def stream_token_issued(token: str) -> int | None:
-    """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
-    issued, _, _ = token.partition(".")
-    # isdigit() alone would let "²" and Arabic-Indic digits through, and int() then fails or agrees.
-    if not 1 <= len(issued) <= 12 or not issued.isascii() or not issued.isdigit():
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    def issue(self, call_id: str, issued: int | None = None, nonce: str | None = None) -> str:
+        """The token for a new answer of `call_id` (now, a fresh nonce), or for a given one."""
+        issued = int(time.time()) if issued is None else issued
+        if nonce is None:
+            nonce = base64.urlsafe_b64encode(secrets.token_bytes(self.NONCE_BYTES)).decode()
+        mac = hmac.new(self.secret, f"{call_id}.{issued}.{nonce}".encode(), hashlib.sha256).digest()
+        return f"{issued}.{nonce}.{base64.urlsafe_b64encode(mac[: self.MAC_BYTES]).decode()}"
+
+    def refusal(self, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
+        """Why `token` opens no media socket for `call_id` at wall-clock time `now`, or None."""
+        issued = self.issued_at(token) if len(token) <= 64 and token.isascii() else None
+        if issued is None:
+            return "bad token"
+        nonce = token.partition(".")[2].partition(".")[0]
+        if not hmac.compare_digest(self.issue(call_id, issued, nonce).encode(), token.encode()):
+            return "bad token"
+        if issued > now + self.CLOCK_SKEW_S:
+            return "bad token"
+        if now > issued + lifetime_s:
+            return "expired token"
         return None
-    return int(issued)
 
-
-def stream_token_problem(secret: bytes, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
-    """Why a media URL is not valid for `call_id` at wall-clock time `now`, or None."""
-    issued = stream_token_issued(token) if len(token) <= 64 and token.isascii() else None
-    if issued is None:
-        return "bad token"
-    _, _, rest = token.partition(".")
-    nonce = rest.partition(".")[0]
-    if not hmac.compare_digest(stream_token(secret, call_id, issued, nonce).encode(), token.encode()):
-        return "bad token"
-    if issued > now + CLOCK_SKEW_S:
-        return "bad token"
-    if now > issued + lifetime_s:
-        return "expired token"
-    return None
+    @staticmethod
+    def issued_at(token: str) -> int | None:
+        """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
+        issued = token.partition(".")[0]
+        # isdigit() alone would let "²" and Arabic-Indic digits through, and int() then fails or agrees.
+        if not 1 <= len(issued) <= 12 or not issued.isascii() or not issued.isdigit():
+            return None
+        return int(issued)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2688,8 +2662,7 @@ def issue_media_url(switchboard: Switchboard, call_id: str, base: str) -> str:
     """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`),
     counted against MAX_CALLS from this moment until its socket comes (or does not)."""
     settings = switchboard.settings
-    nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
-    token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
+    token = StreamToken(settings.stream_secret).issue(call_id)
     switchboard.expect(call_id)
     return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
@@ -2755,7 +2728,7 @@ async def answer() -> Response:
     if params.get("Event") == "Hangup":  # the answer URL doubles as hangup URL when none is set
         _log_hangup(params)
         switchboard.forget(params.get("CallUUID", ""))
-        return _xml(empty_xml())
+        return _xml(EMPTY_XML)
     call_id = params.get("CallUUID", "")
     if not call_id or len(call_id) > 64 or not CALL_ID_CHARACTERS.issuperset(call_id):
         log.warning("answer without a usable CallUUID (%s): refused", _clean(call_id) or "none")
@@ -2843,7 +2816,7 @@ async def transfer() -> Response:
     settings, params = current_app.switchboard.settings, await _webhook_params()
     if not settings.transfer_number:
         log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
-        return _xml(empty_xml())
+        return _xml(EMPTY_XML)
     ours = params.get("From") if params.get("Direction") == "outbound" else params.get("To")
     log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
     return _xml(transfer_xml(settings.transfer_number, settings.transfer_caller_id or ours or ""))
@@ -2873,7 +2846,7 @@ async def recording() -> Response:
                                    "recording_id": _clean(params.get("RecordingID"))}})
     else:
         log.info("call %s: recording started", _clean(params.get("CallUUID")))
-    return _xml(empty_xml())  # redirect="false": nothing for the call to do
+    return _xml(EMPTY_XML)  # redirect="false": nothing for the call to do
 
 
 async def stream_status() -> Response:
@@ -2917,7 +2890,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     live, and that there is room for it (MAX_CALLS, draining)."""
     switchboard, now = current_app.switchboard, time.time()
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
-        stream_token_problem(switchboard.settings.stream_secret, call_id, token, now,
+        StreamToken(switchboard.settings.stream_secret).refusal(call_id, token, now,
                              stream_url_lifetime(switchboard.settings))
     status = 403
     if problem is None:
@@ -2928,7 +2901,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
                     _clean(websocket.remote_addr), problem)
         switchboard.metrics.count("calls_refused_total", reason="token" if status == 403 else problem)
         return Response(f"{problem}\n", status)
-    issued = stream_token_issued(token)
+    issued = StreamToken.issued_at(token)
     fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
     # The socket itself, not Quart's context-local proxy to it: the call sends and receives
     # fifty frames a second each way, and through the proxy each would look the socket up again.
