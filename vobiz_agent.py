@@ -419,6 +419,7 @@ class MediaFormat:
 
 
 MULAW_8K = MediaFormat("audio/x-mulaw", 8000)
+MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # we hear
 
 
 def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuation_db: float = 50) -> list[float]:
@@ -458,19 +459,16 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
 
 
 class FrameEncoder:
-    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz, one chunk
-    at a time: low-pass filter and decimate, `ratecv` the rest of the way, μ-law, cut.
+    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz, one chunk at a
+    time: low-pass filter and decimate, `ratecv` the rest of the way, μ-law, cut. Every stage keeps
+    the end of the previous chunk (half a sample, the filter's last taps-1 samples, ratecv's state,
+    less than a frame of μ-law), so speech in chunks of any size comes out as if it arrived whole.
 
-    Every stage remembers the end of the previous chunk (a sample split in two, the filter
-    its last taps-1 samples, ratecv its interpolation state, less than a frame of μ-law), so
-    a voice split into chunks of any size comes out exactly as if it arrived whole.
-
-    The filter is polyphase: when the rate is a multiple of 8 kHz we compute
-    only the output samples that decimation keeps (1 in 3 at 24 kHz), so the
-    cost is per *output* sample. Each tap is one audioop call over a strided
-    copy of the input; the symmetric taps of a linear-phase filter share a
-    multiply. Samples are halved on the way in (headroom: a pair of samples,
-    or a running sum, can exceed 16 bits) and doubled at the end.
+    The filter is polyphase: when the rate is a multiple of 8 kHz we compute only the output
+    samples that decimation keeps (1 in 3 at 24 kHz), so the cost is per *output* sample. Each
+    tap is one audioop call over a strided copy of the input; the symmetric taps of a linear-phase
+    filter share a multiply. Samples are halved on the way in (headroom: a pair of samples, or a
+    running sum, can exceed 16 bits) and doubled at the end.
     """
 
     def __init__(self, rate: int):
@@ -531,10 +529,10 @@ class FrameEncoder:
 
 @cache
 def tones(segments: tuple[tuple[tuple[float, ...], float], ...], loudness: int, fade_in_s: float,
-          fade_out_s: float, rate: int = 24000) -> bytes:
-    """Sound we make ourselves, at 24 kHz so that it travels the whole chain speech does, filter
-    included: `segments` one after another, each (frequencies, seconds), the sum of those sines
-    (no frequencies: quiet), faded in and out so that it starts and ends without a click."""
+          fade_out_s: float) -> bytes:
+    """Sound we make ourselves: `segments` one after another, each (frequencies, seconds), the
+    sum of those sines (no frequencies: quiet), faded in and out so that it does not click."""
+    rate = 24000  # speech's rate, so that tones travel the whole chain speech does, filter included
     samples = array.array("h")
     for frequencies, length_s in segments:
         count = int(rate * length_s)
@@ -585,17 +583,13 @@ def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url:
         ET.SubElement(response, "Record", recordSession="true", redirect="false", fileFormat="mp3",
                       maxLength="14400", playBeep="false", action=recording_url, method="POST",
                       callbackUrl=recording_url, callbackMethod="POST")
-    stream = ET.SubElement(
-        response,
-        "Stream",
-        bidirectional="true",  # we may send playAudio, checkpoint, clearAudio
-        audioTrack="inbound",  # the caller only; "both" ends bidirectional calls
-        keepCallAlive="true",  # the call lasts as long as the stream
-        contentType="audio/x-mulaw;rate=8000",
-        statusCallbackUrl=status_url,
-        statusCallbackMethod="POST",
-        maxRetries=str(max_retries),  # each retry: the same URL, a new streamId, the same callId
-    )
+    stream = ET.SubElement(response, "Stream",
+                           bidirectional="true",  # we may send playAudio, checkpoint, clearAudio
+                           audioTrack="inbound",  # the caller only; "both" ends bidirectional calls
+                           keepCallAlive="true",  # the call lasts as long as the stream
+                           contentType="audio/x-mulaw;rate=8000", statusCallbackUrl=status_url,
+                           statusCallbackMethod="POST",
+                           maxRetries=str(max_retries))  # each retry: the same URL, a new streamId, the same callId
     stream.text = media_url  # the URL is the element's text, not an attribute
     ET.SubElement(response, "Hangup")
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
@@ -643,7 +637,7 @@ class Start:
             found = MediaFormat(str(encoding).strip().lower(), int(rate))
         except (TypeError, ValueError):
             raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
-        if (found.encoding, found.rate) not in (("audio/x-mulaw", 8000), ("audio/x-l16", 8000), ("audio/x-l16", 16000)):
+        if found not in MEDIA_FORMATS:
             raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
         return Start(call_id, stream_id, found)
 
@@ -707,8 +701,8 @@ MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at mo
 
 
 def _finite(text: str) -> float:
-    """The frame decoder reads every NaN, Infinity and number with a fraction or exponent
-    through this, and refuses those that are not finite: they would overflow any integer made of them."""
+    """A frame's NaN, Infinity or number with a fraction or exponent, refused if not finite
+    (an integer made of it would overflow)."""
     value = float(text)
     if math.isfinite(value):
         return value
@@ -781,14 +775,9 @@ class Outbound:
         return json.dumps({"event": "stop", "streamId": self.stream_id})
 
 
-# Trust. Vobiz signs its webhooks (when the callback has credentials); the media
-# WebSocket carries no authentication at all, so the URL we hand out in <Stream>
-# is itself the credential: a capability for one call, signed with STREAM_SECRET.
-
-
 class WebhookGuard:
-    """Checks webhook signatures and remembers recent nonces, so a captured
-    request cannot be replayed (the signature covers no timestamp).
+    """Checks the signatures of Vobiz's webhooks and remembers recent nonces, so a
+    captured request cannot be replayed (the signature covers no timestamp).
 
     `mode` is "off" (nothing checked), "when-signed" (a signed request must be
     signed right; Vobiz signs only callbacks that have credentials) or "required"
@@ -844,9 +833,10 @@ STREAM_URL_MARGIN_S = 120  # after MAX_CALL_S: the goodbye, and a reconnect raci
 
 
 class StreamToken:
-    """A media URL is /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a value
-    made for that one answer, and a MAC over both and the call, keyed with STREAM_SECRET. It
-    stays valid for as long as the call may last (MAX_CALL_S, plus STREAM_URL_MARGIN_S), so
+    """The media WebSocket carries no authentication at all, so the URL we hand out in <Stream>
+    is itself the credential: /ws/<CallUUID>/<issued>.<nonce>.<mac>, when /answer issued it, a
+    value made for that one answer, and a MAC over both and the call, keyed with STREAM_SECRET.
+    It stays valid for as long as the call may last (MAX_CALL_S, plus STREAM_URL_MARGIN_S), so
     that Vobiz's reconnects are accepted by any process that shares the secret."""
 
     NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
@@ -866,13 +856,11 @@ class StreamToken:
 
     def refusal(self, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
         """Why `token` opens no media socket for `call_id` at wall-clock time `now`, or None."""
-        issued = self.issued_at(token) if len(token) <= 64 and token.isascii() else None
+        issued = self.issued_at(token)
         if issued is None:
             return "bad token"
-        nonce = token.partition(".")[2].partition(".")[0]
-        if not hmac.compare_digest(self.issue(call_id, issued, nonce).encode(), token.encode()):
-            return "bad token"
-        if issued > now + self.CLOCK_SKEW_S:
+        expected = self.issue(call_id, issued, nonce=token.partition(".")[2].partition(".")[0]).encode()
+        if not hmac.compare_digest(expected, token.encode()) or issued > now + self.CLOCK_SKEW_S:
             return "bad token"
         if now > issued + lifetime_s:
             return "expired token"
@@ -881,11 +869,10 @@ class StreamToken:
     @staticmethod
     def issued_at(token: str) -> int | None:
         """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
-        issued = token.partition(".")[0]
-        # isdigit() alone would let "²" and Arabic-Indic digits through, and int() then fails or agrees.
-        if not 1 <= len(issued) <= 12 or not issued.isascii() or not issued.isdigit():
+        if len(token) > 64 or not token.isascii():  # isdigit() alone would pass "²" and Arabic-Indic digits
             return None
-        return int(issued)
+        issued = token.partition(".")[0]
+        return int(issued) if 1 <= len(issued) <= 12 and issued.isdigit() else None
 
 
 # ─────────────────────────────────────────────────────────────────────────────
