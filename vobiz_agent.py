@@ -715,9 +715,8 @@ FRAME_DECODER = json.JSONDecoder(parse_constant=_finite, parse_float=_finite)  #
 
 
 def parse_frame(message: object) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame: whatever arrives, one of the two.
-    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded before
-    parsing (deep JSON would exhaust the recursion limit)."""
+    """Any WebSocket message from Vobiz → a typed frame, or BadFrame. Vobiz sends JSON text, so binary
+    and empty messages are bad; nesting is bounded before parsing (deep JSON exhausts the recursion limit)."""
     if not isinstance(message, str):  # bytes, or None for an empty binary message
         raise BadFrame("binary", "frame is binary, not text")
     if not message:
