@@ -747,7 +747,7 @@ async def test_media_urls_are_capabilities_for_one_call(nursery):
     other = (await media_url(server, "another-call")).rsplit("/", 1)[1]
     assert await refused_status(f"{base}/{CALL_UUID}/{other}") == 403  # issued for another call
     long_ago = int(time.time()) - vobiz_agent.Settings().max_call_s - vobiz_agent.STREAM_URL_MARGIN_S - 1
-    expired = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, long_ago, "AAAAAAAA")
+    expired = vobiz_agent.StreamToken(b"shared-secret").issue(CALL_UUID, long_ago, "AAAAAAAA")
     assert await refused_status(f"{base}/{CALL_UUID}/{expired}") == 403  # older than any call can be
     assert await refused_status(good) is None
     metrics = (await server.get("/metrics")).text
@@ -1700,7 +1700,7 @@ async def test_a_reconnect_to_another_process_after_a_minute_apologises_and_goes
     other = await start_server(nursery, **shared)  # no memory of the call: only STREAM_SECRET in common
     url = await media_url(first)
     issued = int(time.time()) - 120  # the same URL, as /answer made it two minutes ago
-    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    token = vobiz_agent.StreamToken(b"shared-secret").issue(CALL_UUID, issued, "AAAAAAAA")
     late = url.replace(first.url.removeprefix("http://"), other.url.removeprefix("http://")).rsplit("/", 1)[0]
     words = speech(0.8, seed=85)
     async with vobiz_call(other.url, url=f"{late}/{token}", stream_id="stream-1-retry1") as vobiz:
@@ -1717,7 +1717,7 @@ async def test_a_reconnect_to_another_process_after_a_minute_apologises_and_goes
 async def test_the_ai_agent_says_sorry_we_were_cut_off_through_its_voice(nursery):
     ai = await start_providers(nursery, stream_secret=b"shared-secret", stream_secret_generated=False)
     issued = int(time.time()) - 120
-    token = vobiz_agent.stream_token(b"shared-secret", CALL_UUID, issued, "AAAAAAAA")
+    token = vobiz_agent.StreamToken(b"shared-secret").issue(CALL_UUID, issued, "AAAAAAAA")
     url = f"{ai.server.url.replace('http', 'ws', 1)}/ws/{CALL_UUID}/{token}"
     async with vobiz_call(ai.server.url, url=url) as vobiz:
         await vobiz.until(lambda: vobiz.played_names)

@@ -369,6 +369,7 @@ class MediaFormat:
 
 
 MULAW_8K = MediaFormat("audio/x-mulaw", 8000)
+MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # we hear
 
 
 def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuation_db: float = 50) -> list[float]:
@@ -381,6 +382,17 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
     and above down by `attenuation_db`. Kaiser's formulas give the length and
     window shape for that attenuation and transition width (3400 → 5000 Hz).
     """
+
+    def bessel_i0(x: float) -> float:
+        """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
+        total = term = 1.0
+        k = 1
+        while term > 1e-12 * total:
+            term *= (x / (2 * k)) ** 2
+            total += term
+            k += 1
+        return total
+
     transition = 2 * math.pi * (stopband - passband) / rate
     taps = math.ceil((attenuation_db - 8) / (2.285 * transition)) | 1  # odd: a whole-sample delay
     beta = 0.1102 * (attenuation_db - 8.7)
@@ -390,53 +402,54 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
     for n in range(taps):
         t = n - middle
         ideal = 2 * cutoff if t == 0 else math.sin(2 * math.pi * cutoff * t) / (math.pi * t)
-        window = _bessel_i0(beta * math.sqrt(1 - (t / middle) ** 2)) / _bessel_i0(beta)
+        window = bessel_i0(beta * math.sqrt(1 - (t / middle) ** 2)) / bessel_i0(beta)
         coefficients.append(ideal * window)
     gain = sum(coefficients)
     return [c / gain for c in coefficients]  # unity gain at 0 Hz
 
 
-def _bessel_i0(x: float) -> float:
-    """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
-    total = term = 1.0
-    k = 1
-    while term > 1e-12 * total:
-        term *= (x / (2 * k)) ** 2
-        total += term
-        k += 1
-    return total
+class FrameEncoder:
+    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz, one chunk at a
+    time: low-pass filter and decimate, `ratecv` the rest of the way, μ-law, cut. Every stage keeps
+    the end of the previous chunk (half a sample, the filter's last taps-1 samples, ratecv's state,
+    less than a frame of μ-law), so speech in chunks of any size comes out as if it arrived whole.
 
-
-class Downsampler:
-    """16-bit PCM at any rate → 16-bit PCM at 8 kHz, one chunk at a time.
-
-    Filtering and `ratecv` both remember the end of the previous chunk (the
-    filter its last taps-1 samples, ratecv its interpolation state), so a voice
-    split into chunks of any size comes out exactly as if it arrived whole.
-
-    The filter is polyphase: when the rate is a multiple of 8 kHz we compute
-    only the output samples that decimation keeps (1 in 3 at 24 kHz), so the
-    cost is per *output* sample. Each tap is one audioop call over a strided
-    copy of the input; the symmetric taps of a linear-phase filter share a
-    multiply. Samples are halved on the way in (headroom: a pair of samples,
-    or a running sum, can exceed 16 bits) and doubled at the end.
+    The filter is polyphase: when the rate is a multiple of 8 kHz we compute only the output
+    samples that decimation keeps (1 in 3 at 24 kHz), so the cost is per *output* sample. Each
+    tap is one audioop call over a strided copy of the input; the symmetric taps of a linear-phase
+    filter share a multiply. Samples are halved on the way in (headroom: a pair of samples, or a
+    running sum, can exceed 16 bits) and doubled at the end.
     """
 
     def __init__(self, rate: int):
-        self.rate = rate
         # Decimate by the largest whole step that keeps at least 8 kHz; ratecv does the rest.
         self.step = max(d for d in range(1, max(rate // TELEPHONE_RATE, 1) + 1) if rate % d == 0)
+        self.decimated_rate = rate // self.step
         self.taps = lowpass_taps(rate) if rate > TELEPHONE_RATE else []
         self.history = bytes(2 * (len(self.taps) - 1)) if self.taps else b""
         self.ratecv_state = None
+        self.odd_byte = b""  # a sample split across two chunks waits here
+        self.ulaw = b""  # less than one frame, waiting for more
 
-    def feed(self, pcm: bytes) -> bytes:
+    def encode(self, pcm: bytes) -> list[bytes]:
+        pcm = self.odd_byte + pcm
+        whole = len(pcm) & ~1
+        self.odd_byte, pcm = pcm[whole:], pcm[:whole]
         if self.taps:
             pcm = self._filter(pcm)
-        rate = self.rate // self.step
-        if rate != TELEPHONE_RATE:
-            pcm, self.ratecv_state = audioop.ratecv(pcm, 2, 1, rate, TELEPHONE_RATE, self.ratecv_state)
-        return pcm
+        if self.decimated_rate != TELEPHONE_RATE:
+            pcm, self.ratecv_state = audioop.ratecv(pcm, 2, 1, self.decimated_rate, TELEPHONE_RATE,
+                                                    self.ratecv_state)
+        self.ulaw += audioop.lin2ulaw(pcm, 2)
+        cut = len(self.ulaw) - len(self.ulaw) % FRAME_BYTES
+        frames = [self.ulaw[i : i + FRAME_BYTES] for i in range(0, cut, FRAME_BYTES)]
+        self.ulaw = self.ulaw[cut:]
+        return frames
+
+    def flush(self) -> list[bytes]:
+        """The last, partial frame, padded with silence (Vobiz wants whole frames)."""
+        rest, self.ulaw = self.ulaw, b""
+        return [rest.ljust(FRAME_BYTES, ULAW_SILENCE)] if rest else []
 
     def _filter(self, pcm: bytes) -> bytes:
         samples = self.history + audioop.mul(pcm, 2, 0.5)
@@ -464,43 +477,26 @@ class Downsampler:
         return audioop.mul(total, 2, 2.0)
 
 
-class FrameEncoder:
-    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames."""
-
-    def __init__(self, rate: int):
-        self.downsampler = Downsampler(rate)
-        self.odd_byte = b""  # a sample split across two chunks waits here
-        self.ulaw = b""  # less than one frame, waiting for more
-
-    def encode(self, pcm: bytes) -> list[bytes]:
-        pcm = self.odd_byte + pcm
-        whole = len(pcm) & ~1
-        self.odd_byte = pcm[whole:]
-        self.ulaw += audioop.lin2ulaw(self.downsampler.feed(pcm[:whole]), 2)
-        cut = len(self.ulaw) - len(self.ulaw) % FRAME_BYTES
-        frames = [self.ulaw[i : i + FRAME_BYTES] for i in range(0, cut, FRAME_BYTES)]
-        self.ulaw = self.ulaw[cut:]
-        return frames
-
-    def flush(self) -> list[bytes]:
-        """The last, partial frame, padded with silence (Vobiz wants whole frames)."""
-        rest, self.ulaw = self.ulaw, b""
-        return [rest.ljust(FRAME_BYTES, ULAW_SILENCE)] if rest else []
-
-
 @cache
-def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
-          fade_out_s: float = 0.05, rate: int = 24000) -> bytes:
-    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
-    (falling), and the trouble tone. Made at 24 kHz so that every call sends speech-rate audio
-    through the whole chain, filter included."""
+def tones(segments: tuple[tuple[tuple[float, ...], float], ...], loudness: int, fade_in_s: float,
+          fade_out_s: float) -> bytes:
+    """Sound we make ourselves: `segments` one after another, each (frequencies, seconds), the
+    sum of those sines (no frequencies: quiet), faded in and out so that it does not click."""
+    rate = 24000  # speech's rate, so that tones travel the whole chain speech does, filter included
     samples = array.array("h")
-    for frequency, length_s in zip(frequencies, seconds, strict=True):
+    for frequencies, length_s in segments:
         count = int(rate * length_s)
         for i in range(count):
-            fade = min(1.0, i / (0.01 * rate), (count - i) / (fade_out_s * rate))
-            samples.append(int(loudness * fade * math.sin(2 * math.pi * frequency * i / rate)))
+            fade = min(1.0, i / (fade_in_s * rate), (count - i) / (fade_out_s * rate))
+            samples.append(int(loudness * fade * sum(math.sin(2 * math.pi * f * i / rate) for f in frequencies)))
     return samples.tobytes()
+
+
+def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
+          fade_out_s: float = 0.05) -> bytes:
+    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
+    (falling), and the trouble tone."""
+    return tones(tuple(((f,), s) for f, s in zip(frequencies, seconds, strict=True)), loudness, 0.01, fade_out_s)
 
 
 # A keypad's tones: each key is one low (row) and one high (column) frequency at once.
@@ -508,35 +504,18 @@ DTMF_ROWS = {"123A": 697.0, "456B": 770.0, "789C": 852.0, "*0#D": 941.0}
 DTMF_COLUMNS = {"147*": 1209.0, "2580": 1336.0, "369#": 1477.0, "ABCD": 1633.0}
 
 
-def dtmf_frequencies(key: str) -> tuple[float, float]:
+def dtmf_tone(key: str) -> bytes:
+    """The tone pair of one key, 200 ms with soft edges, then 60 ms of quiet."""
     row = next(frequency for keys, frequency in DTMF_ROWS.items() if key in keys)
     column = next(frequency for keys, frequency in DTMF_COLUMNS.items() if key in keys)
-    return row, column
-
-
-@cache
-def dtmf_tone(key: str, rate: int = 24000) -> bytes:
-    """The tone pair of one key, 200 ms with soft edges, then 60 ms of quiet; made at
-    24 kHz like the chimes, so it travels the same chain as speech."""
-    low, high = dtmf_frequencies(key)
-    samples = array.array("h")
-    count = int(rate * 0.20)
-    for i in range(count):
-        fade = min(1.0, i / (0.005 * rate), (count - i) / (0.005 * rate))
-        samples.append(int(5000 * fade * (math.sin(2 * math.pi * low * i / rate)
-                                          + math.sin(2 * math.pi * high * i / rate))))
-    samples.extend([0] * int(rate * 0.06))
-    return samples.tobytes()
+    return tones((((row, column), 0.20), ((), 0.06)), 5000, 0.005, 0.005)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us, and the
-# ones we send back. Pure functions. The vendor's docs are https://vobiz.ai/docs/xml/stream
+# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
+# we send back, and the checks on who is asking. The vendor's docs are https://vobiz.ai/docs/xml/stream
 # and the pages under it; our protocol notes gather them with what real calls showed.
 # ─────────────────────────────────────────────────────────────────────────────
-
-MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
-MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at most five
 
 
 def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url: str | None = None) -> bytes:
@@ -554,24 +533,22 @@ def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url:
         ET.SubElement(response, "Record", recordSession="true", redirect="false", fileFormat="mp3",
                       maxLength="14400", playBeep="false", action=recording_url, method="POST",
                       callbackUrl=recording_url, callbackMethod="POST")
-    stream = ET.SubElement(
-        response,
-        "Stream",
-        bidirectional="true",  # we may send playAudio, checkpoint, clearAudio
-        audioTrack="inbound",  # the caller only; "both" ends bidirectional calls
-        keepCallAlive="true",  # the call lasts as long as the stream
-        contentType="audio/x-mulaw;rate=8000",
-        statusCallbackUrl=status_url,
-        statusCallbackMethod="POST",
-        maxRetries=str(max_retries),  # each retry: the same URL, a new streamId, the same callId
-    )
+    stream = ET.SubElement(response, "Stream",
+                           bidirectional="true",  # we may send playAudio, checkpoint, clearAudio
+                           audioTrack="inbound",  # the caller only; "both" ends bidirectional calls
+                           keepCallAlive="true",  # the call lasts as long as the stream
+                           contentType="audio/x-mulaw;rate=8000", statusCallbackUrl=status_url,
+                           statusCallbackMethod="POST",
+                           maxRetries=str(max_retries))  # each retry: the same URL, a new streamId, the same callId
     stream.text = media_url  # the URL is the element's text, not an attribute
     ET.SubElement(response, "Hangup")
     return ET.tostring(response, encoding="utf-8", xml_declaration=True)
 
 
-def empty_xml() -> bytes:
-    return ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)
+EMPTY_XML = ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)  # nothing to do
+# Reject the call without answering it: the caller hears a busy tone, and nobody is billed
+# (a <Speak> would answer the call first).
+BUSY_XML = b"<?xml version='1.0' encoding='utf-8'?>\n<Response><Hangup reason=\"busy\" /></Response>"
 
 
 class BadFrame(ValueError):
@@ -594,12 +571,42 @@ class Start:
     stream_id: str
     media_format: MediaFormat
 
+    @staticmethod
+    def from_json(data: dict) -> Start:
+        nested = data["start"] if isinstance(data.get("start"), dict) else {}
+        call_id = nested.get("callId") or data.get("callId")
+        stream_id = nested.get("streamId") or data.get("streamId")
+        if not isinstance(call_id, str) or not isinstance(stream_id, str) or not call_id or not stream_id:
+            raise BadFrame("fields", "start frame has no callId/streamId")
+        # {"encoding", "sampleRate"}, or the old "audio/x-l16;rate=8000"; we asked for μ-law, the default.
+        media_format, content_type = nested.get("mediaFormat"), data.get("contentType")
+        if isinstance(media_format, dict):
+            encoding, rate = media_format.get("encoding"), media_format.get("sampleRate")
+        elif isinstance(content_type, str):
+            encoding, _, rate = content_type.partition(";rate=")
+        else:
+            return Start(call_id, stream_id, MULAW_8K)
+        try:
+            found = MediaFormat(str(encoding).strip().lower(), int(rate))
+        except (TypeError, ValueError):
+            raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
+        if found not in MEDIA_FORMATS:
+            raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
+        return Start(call_id, stream_id, found)
+
 
 @dataclass(frozen=True)
 class Media:
     """{"event": "media", "media": {"payload": "<base64>"}}: 20 ms of the caller, every 20 ms."""
 
     payload: bytes  # raw caller audio in the stream's MediaFormat
+
+    @staticmethod
+    def from_base64(payload: str) -> Media:
+        try:
+            return Media(binascii.a2b_base64(payload, strict_mode=True))
+        except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
+            raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -614,11 +621,25 @@ class ClearedAudio:
     """{"event": "clearedAudio"}: Vobiz flushed its queue, as our clearAudio asked."""
 
 
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+
+
 @dataclass(frozen=True)
 class Dtmf:
-    """{"event": "dtmf", "dtmf": {"digit": "5"}} (and older shapes, see _dtmf_digit): a key pressed."""
+    """{"event": "dtmf", "dtmf": {"digit": "5"}}: a key pressed. That is the vendor's code's shape
+    (Plivo's adds track and timestamp); {"dtmf": "5"} and a top-level "digit" are read too."""
 
     digit: str
+
+    @staticmethod
+    def from_json(data: dict) -> Dtmf:
+        dtmf = data.get("dtmf", data.get("digit"))
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
+        if not isinstance(digit, str):
+            raise BadFrame("fields", "dtmf frame has no digit")
+        if digit.upper() not in DTMF_KEYS:
+            raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
+        return Dtmf(digit.upper())
 
 
 @dataclass(frozen=True)
@@ -628,35 +649,27 @@ class Stop:
 
 Frame = Start | Media | PlayedStream | ClearedAudio | Dtmf | Stop
 
+MAX_FRAME_BYTES = 64 * 1024  # larger frames are ignored (a 20 ms media frame is < 1 KiB)
+MAX_FRAME_CONTAINERS = 32  # objects and arrays in one frame: Vobiz's have at most five
+
+
+def _finite(text: str) -> float:
+    """A frame's NaN, Infinity or number with a fraction or exponent, refused if not finite
+    (an integer made of it would overflow)."""
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    if text in ("NaN", "Infinity", "-Infinity"):
+        raise ValueError(f"{text} is not a number")
+    raise ValueError(f"{text[:20]} is out of range")
+
+
+FRAME_DECODER = json.JSONDecoder(parse_constant=_finite, parse_float=_finite)  # one, not one per frame
+
 
 def parse_frame(message: object) -> Frame:
-    """One WebSocket message from Vobiz → a typed frame, or BadFrame."""
-    data = _json_object(message)
-    match data:  # media first: fifty a second, the rest a handful per call
-        case {"event": "media", "media": {"payload": str(payload)}} if payload:
-            return Media(_caller_audio(payload))
-        case {"event": "media"}:
-            raise BadFrame("fields", "media frame has no media.payload")
-        case {"event": "start"}:
-            return _start(data)
-        case {"event": "playedStream", "name": str(name)}:
-            return PlayedStream(name)
-        case {"event": "playedStream"}:
-            raise BadFrame("fields", "playedStream frame has no name")
-        case {"event": "clearedAudio"}:
-            return ClearedAudio()
-        case {"event": "dtmf"}:
-            return Dtmf(_dtmf_digit(data))
-        case {"event": "stop"}:
-            return Stop()
-    raise BadFrame("event", f"unknown event {data.get('event')!r}")
-
-
-def _json_object(message: object) -> dict:
-    """The JSON object a frame must be. Whatever arrives, the outcome is that or BadFrame:
-    Vobiz sends JSON text, so binary and empty messages are bad frames; nesting is bounded
-    before parsing (deep JSON would exhaust the recursion limit), and Infinity, NaN and
-    1e999 are refused while parsing (they would overflow any integer made of them)."""
+    """Any WebSocket message from Vobiz → a typed frame, or BadFrame. Vobiz sends JSON text, so binary
+    and empty messages are bad; nesting is bounded before parsing (deep JSON exhausts the recursion limit)."""
     if not isinstance(message, str):  # bytes, or None for an empty binary message
         raise BadFrame("binary", "frame is binary, not text")
     if not message:
@@ -669,84 +682,26 @@ def _json_object(message: object) -> dict:
         data = FRAME_DECODER.decode(message)
     except ValueError as error:
         raise BadFrame("json", f"frame is not JSON ({_clean(error)})") from None
-    if not isinstance(data, dict):
-        raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _not_a_number(name: str) -> float:
-    raise ValueError(f"{name} is not a number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:20]} is out of range")
-    return value
-
-
-FRAME_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)  # one, not one per frame
-
-
-def _caller_audio(payload: str) -> bytes:
-    try:
-        return binascii.a2b_base64(payload, strict_mode=True)
-    except ValueError as error:  # binascii.Error is one; non-ASCII text raises the plain kind
-        raise BadFrame("base64", f"media.payload is not base64 ({error})") from None
-
-
-def _start(data: dict) -> Start:
-    # Current Vobiz nests the ids under "start"; older docs put them at the top.
-    nested = data.get("start") if isinstance(data.get("start"), dict) else {}
-    call_id = nested.get("callId") or data.get("callId")
-    stream_id = nested.get("streamId") or data.get("streamId")
-    if not isinstance(call_id, str) or not isinstance(stream_id, str) or not call_id or not stream_id:
-        raise BadFrame("fields", "start frame has no callId/streamId")
-    return Start(call_id, stream_id, _media_format(nested.get("mediaFormat"), data.get("contentType")))
-
-
-def _media_format(media_format: object, content_type: object) -> MediaFormat:
-    """`start.mediaFormat` {"encoding", "sampleRate"}, or the old flat
-    "audio/x-l16;rate=8000" string; we asked for μ-law, so that is the default."""
-    if isinstance(media_format, dict):
-        encoding, rate = media_format.get("encoding"), media_format.get("sampleRate")
-    elif isinstance(content_type, str):
-        encoding, _, rate = content_type.partition(";rate=")
-    else:
-        return MULAW_8K
-    try:
-        found = MediaFormat(str(encoding).strip().lower(), int(rate))
-    except (TypeError, ValueError):
-        raise BadFrame("format", f"unreadable media format {media_format or content_type!r}") from None
-    if (found.encoding, found.rate) not in (
-        ("audio/x-mulaw", 8000),
-        ("audio/x-l16", 8000),
-        ("audio/x-l16", 16000),
-    ):
-        raise BadFrame("format", f"unsupported media format {found.encoding} at {found.rate} Hz")
-    return found
-
-
-DTMF_KEYS = frozenset("0123456789*#ABCD")
-
-
-def _dtmf_digit(data: dict) -> str:
-    """The key of a `dtmf` frame, in any shape seen: {"dtmf": {"digit": "5"}} (vendor code,
-    and Plivo's, which adds track and timestamp), {"dtmf": "5"}, or a top-level "digit"."""
-    dtmf = data.get("dtmf", data.get("digit"))
-    digit = dtmf.get("digit") if isinstance(dtmf, dict) else dtmf
-    if not isinstance(digit, str):
-        raise BadFrame("fields", "dtmf frame has no digit")
-    if digit.upper() not in DTMF_KEYS:
-        raise BadFrame("fields", f"dtmf digit {_clean(digit, 10)!r} is not a key of a keypad")
-    return digit.upper()
-
-
-# The frames we send back, for one stream:
-#   {"event": "playAudio", "streamId", "media": {"contentType", "sampleRate", "payload"}}
-#   {"event": "checkpoint", "streamId", "name"}: Vobiz answers playedStream once it has played to here
-#   {"event": "clearAudio", "streamId"}: drop what is queued; Vobiz answers clearedAudio
-#   {"event": "stop", "streamId"}: end the stream (and, after <Stream>, the call: see stream_xml)
+    match data:  # media first: fifty a second, the rest a handful per call
+        case {"event": "media", "media": {"payload": str(payload)}} if payload:
+            return Media.from_base64(payload)
+        case {"event": "media"}:
+            raise BadFrame("fields", "media frame has no media.payload")
+        case {"event": "start"}:
+            return Start.from_json(data)
+        case {"event": "playedStream", "name": str(name)}:
+            return PlayedStream(name)
+        case {"event": "playedStream"}:
+            raise BadFrame("fields", "playedStream frame has no name")
+        case {"event": "clearedAudio"}:
+            return ClearedAudio()
+        case {"event": "dtmf"}:
+            return Dtmf.from_json(data)
+        case {"event": "stop"}:
+            return Stop()
+        case dict():
+            raise BadFrame("event", f"unknown event {data.get('event')!r}")
+    raise BadFrame("json", f"frame is a JSON {type(data).__name__}, not an object")
 
 
 class Outbound:
@@ -762,50 +717,35 @@ class Outbound:
     def play_audio(self, frame: bytes) -> str:
         return self.play_prefix + base64.b64encode(frame).decode("ascii") + '"}}'
 
-    def checkpoint(self, name: str) -> str:
+    def checkpoint(self, name: str) -> str:  # Vobiz answers playedStream once it has played up to here
         return json.dumps({"event": "checkpoint", "streamId": self.stream_id, "name": name})
 
-    def clear_audio(self) -> str:
+    def clear_audio(self) -> str:  # drop what is queued; Vobiz answers clearedAudio
         return json.dumps({"event": "clearAudio", "streamId": self.stream_id})
 
-    def stop(self) -> str:
+    def stop(self) -> str:  # end the stream (and, after <Stream>, the call: see stream_xml)
         return json.dumps({"event": "stop", "streamId": self.stream_id})
 
 
-# Trust. Vobiz signs its webhooks (when the callback has credentials); the media
-# WebSocket carries no authentication at all, so the URL we hand out in <Stream>
-# is itself the credential: a capability for one call, signed with STREAM_SECRET.
-
-NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
-
-
-def webhook_signature(auth_token: str, url: str, nonce: str, version: int) -> str:
-    """Vobiz's X-Vobiz-Signature-V3 (URL + "." + nonce) or -V2 (URL + nonce):
-    base64 of HMAC-SHA256 keyed with the account's auth token. The body is not signed."""
-    message = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
-    digest = hmac.new(auth_token.encode(), message.encode(), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
-
-
-# Which token signs which header: V2/V3 the account's own token (for a number on a
-# sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
-# main account both are the same token. The MA headers have no nonce of their own.
-SIGNATURE_HEADERS = (  # (header, its nonce's header, whose token, version)
-    ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
-    ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
-    ("X-Vobiz-Signature-V2", "X-Vobiz-Signature-V2-Nonce", "account", 2),
-    ("X-Vobiz-Signature-MA-V2", "X-Vobiz-Signature-V2-Nonce", "parent", 2),
-)
-
-
 class WebhookGuard:
-    """Checks webhook signatures and remembers recent nonces, so a captured
-    request cannot be replayed (the signature covers no timestamp).
+    """Checks the signatures of Vobiz's webhooks and remembers recent nonces, so a
+    captured request cannot be replayed (the signature covers no timestamp).
 
     `mode` is "off" (nothing checked), "when-signed" (a signed request must be
     signed right; Vobiz signs only callbacks that have credentials) or "required"
     (an unsigned request is refused too). A header may carry several signatures,
     comma-separated, as during a token rotation: one match is enough."""
+
+    NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
+    # Which token signs which header: V2/V3 the account's own token (for a number on a
+    # sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
+    # main account both are the same token. The MA headers have no nonce of their own.
+    HEADERS = (  # (header, its nonce's header, whose token, version)
+        ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
+        ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
+        ("X-Vobiz-Signature-V2", "X-Vobiz-Signature-V2-Nonce", "account", 2),
+        ("X-Vobiz-Signature-MA-V2", "X-Vobiz-Signature-V2-Nonce", "parent", 2),
+    )
 
     def __init__(self, mode: str, auth_token: str, parent_token: str = ""):
         self.mode = mode
@@ -817,12 +757,14 @@ class WebhookGuard:
         if self.mode == "off":
             return None
         checked = []
-        for header, nonce_header, signer, version in SIGNATURE_HEADERS:
+        for header, nonce_header, signer, version in self.HEADERS:
             token, signatures, nonce = self.tokens[signer], headers.get(header), headers.get(nonce_header)
             if not (token and signatures and nonce):
                 continue  # not sent, or signed with a token we were not given
             checked.append(header.removeprefix("X-Vobiz-Signature-"))
-            expected = webhook_signature(token, url, nonce, version).encode()
+            # V3 signs URL + "." + nonce, V2 URL + nonce (the body is not signed): base64 of HMAC-SHA256.
+            signed = f"{url}.{nonce}" if version == 3 else f"{url}{nonce}"
+            expected = base64.b64encode(hmac.new(token.encode(), signed.encode(), hashlib.sha256).digest())
             if any(hmac.compare_digest(expected, each.strip().encode()) for each in signatures.split(",")):
                 return self._replayed(nonce)
         if checked:  # the URL is half of what is signed: a PUBLIC_URL unlike the console's fails here
@@ -831,7 +773,7 @@ class WebhookGuard:
 
     def _replayed(self, nonce: str) -> str | None:
         now = time.monotonic()
-        while self.seen and next(iter(self.seen.values())) < now - NONCE_MEMORY_S:
+        while self.seen and next(iter(self.seen.values())) < now - self.NONCE_MEMORY_S:
             self.seen.pop(next(iter(self.seen)))
         if nonce in self.seen:
             return "replayed nonce"
@@ -839,45 +781,50 @@ class WebhookGuard:
         return None
 
 
-# A media URL is /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a
-# value made for that one answer, and a MAC over both and the call. It stays valid
-# for as long as the call may last (MAX_CALL_S, plus a margin for the goodbye), so
-# that Vobiz's reconnects are accepted by any process that shares STREAM_SECRET.
-STREAM_NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
-STREAM_MAC_BYTES = 12  # 96 bits: the capability itself
 STREAM_URL_MARGIN_S = 120  # after MAX_CALL_S: the goodbye, and a reconnect racing it
-CLOCK_SKEW_S = 30  # an "issued" this far in the future is from another host's clock
 
 
-def stream_token(secret: bytes, call_id: str, issued: int, nonce: str) -> str:
-    """The capability for one answer of one call: when, which answer, and a truncated MAC."""
-    mac = hmac.new(secret, f"{call_id}.{issued}.{nonce}".encode(), hashlib.sha256).digest()[:STREAM_MAC_BYTES]
-    return f"{issued}.{nonce}.{base64.urlsafe_b64encode(mac).decode()}"
+class StreamToken:
+    """The media WebSocket carries no authentication at all, so the URL we hand out in <Stream>
+    is itself the credential: /ws/<CallUUID>/<issued>.<nonce>.<mac>, when /answer issued it, a
+    value made for that one answer, and a MAC over both and the call, keyed with STREAM_SECRET.
+    It stays valid for as long as the call may last (MAX_CALL_S, plus STREAM_URL_MARGIN_S), so
+    that Vobiz's reconnects are accepted by any process that shares the secret."""
 
+    NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
+    MAC_BYTES = 12  # 96 bits: the capability itself
+    CLOCK_SKEW_S = 30  # an "issued" this far in the future is from another host's clock
 
-def stream_token_issued(token: str) -> int | None:
-    """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
-    issued, _, _ = token.partition(".")
-    # isdigit() alone would let "²" and Arabic-Indic digits through, and int() then fails or agrees.
-    if not 1 <= len(issued) <= 12 or not issued.isascii() or not issued.isdigit():
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    def issue(self, call_id: str, issued: int | None = None, nonce: str | None = None) -> str:
+        """The token for a new answer of `call_id` (now, a fresh nonce), or for a given one."""
+        issued = int(time.time()) if issued is None else issued
+        if nonce is None:
+            nonce = base64.urlsafe_b64encode(secrets.token_bytes(self.NONCE_BYTES)).decode()
+        mac = hmac.new(self.secret, f"{call_id}.{issued}.{nonce}".encode(), hashlib.sha256).digest()
+        return f"{issued}.{nonce}.{base64.urlsafe_b64encode(mac[: self.MAC_BYTES]).decode()}"
+
+    def refusal(self, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
+        """Why `token` opens no media socket for `call_id` at wall-clock time `now`, or None."""
+        issued = self.issued_at(token)
+        if issued is None:
+            return "bad token"
+        expected = self.issue(call_id, issued, nonce=token.partition(".")[2].partition(".")[0]).encode()
+        if not hmac.compare_digest(expected, token.encode()) or issued > now + self.CLOCK_SKEW_S:
+            return "bad token"
+        if now > issued + lifetime_s:
+            return "expired token"
         return None
-    return int(issued)
 
-
-def stream_token_problem(secret: bytes, call_id: str, token: str, now: float, lifetime_s: float) -> str | None:
-    """Why a media URL is not valid for `call_id` at wall-clock time `now`, or None."""
-    issued = stream_token_issued(token) if len(token) <= 64 and token.isascii() else None
-    if issued is None:
-        return "bad token"
-    _, _, rest = token.partition(".")
-    nonce = rest.partition(".")[0]
-    if not hmac.compare_digest(stream_token(secret, call_id, issued, nonce).encode(), token.encode()):
-        return "bad token"
-    if issued > now + CLOCK_SKEW_S:
-        return "bad token"
-    if now > issued + lifetime_s:
-        return "expired token"
-    return None
+    @staticmethod
+    def issued_at(token: str) -> int | None:
+        """When the token says it was issued (epoch seconds), or None if it has no sane shape."""
+        if len(token) > 64 or not token.isascii():  # isdigit() alone would pass "²" and Arabic-Indic digits
+            return None
+        issued = token.partition(".")[0]
+        return int(issued) if 1 <= len(issued) <= 12 and issued.isdigit() else None
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2464,9 +2411,7 @@ class Switchboard:
     def issue_media_url(self, call_id: str, base: str) -> str:
         """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`); the call
         holds its slot from now until its socket comes (or does not)."""
-        settings = self.settings
-        nonce = base64.urlsafe_b64encode(secrets.token_bytes(STREAM_NONCE_BYTES)).decode()
-        token = stream_token(settings.stream_secret, call_id, int(time.time()), nonce)
+        token = StreamToken(self.settings.stream_secret).issue(call_id)
         self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
         self.load.call_started()
         return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
@@ -2565,9 +2510,6 @@ WEBHOOK_PATHS = ("/answer", "/hangup", "/stream-status", "/ring", "/recording", 
 WEBHOOK_MAX_BYTES = 8 * 1024  # Vobiz posts forms of well under 1 KiB
 CALL_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 XML = {"Content-Type": "application/xml"}  # the headers of a webhook's XML answer
-# Reject the call without answering it: the caller hears a busy tone, and nobody is billed
-# (a <Speak> would answer the call first).
-BUSY_XML = b"<?xml version='1.0' encoding='utf-8'?>\n<Response><Hangup reason=\"busy\" /></Response>"
 
 
 def create_app(settings: Settings) -> QuartTrio:
@@ -2675,7 +2617,7 @@ async def notice() -> tuple[bytes, int, dict[str, str]]:
                          extra={"fields": {"call": call_id, "recording_url": url, "recording_id": recording_id}})
             else:
                 log.info("call %s: recording started", call_id)
-    return empty_xml(), 200, XML  # nothing for the call to do (<Record redirect="false">)
+    return EMPTY_XML, 200, XML  # nothing for the call to do (<Record redirect="false">)
 
 
 async def transfer() -> tuple[bytes, int, dict[str, str]]:
@@ -2684,7 +2626,7 @@ async def transfer() -> tuple[bytes, int, dict[str, str]]:
     settings, params = current_app.switchboard.settings, await _webhook_params()
     if not settings.transfer_number:
         log.warning("call %s: /transfer, but TRANSFER_NUMBER is not set", _clean(params.get("CallUUID")))
-        return empty_xml(), 200, XML
+        return EMPTY_XML, 200, XML
     log.info("call %s: dialling TRANSFER_NUMBER", _clean(params.get("CallUUID")))
     response = ET.Element("Response")
     dial = ET.SubElement(response, "Dial")
@@ -2750,9 +2692,9 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
     live, and that there is room for it (MAX_CALLS, draining)."""
     switchboard, now = current_app.switchboard, time.time()
+    tokens = StreamToken(switchboard.settings.stream_secret)
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
-        stream_token_problem(switchboard.settings.stream_secret, call_id, token, now,
-                             switchboard.settings.max_call_s + STREAM_URL_MARGIN_S)
+        tokens.refusal(call_id, token, now, switchboard.settings.max_call_s + STREAM_URL_MARGIN_S)
     status = 403
     if problem is None:
         problem, answered_here = switchboard.admit(call_id)
@@ -2762,7 +2704,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
                     _clean(websocket.remote_addr), problem)
         switchboard.metrics.count("calls_refused_total", reason="token" if status == 403 else problem)
         return Response(f"{problem}\n", status)
-    issued = stream_token_issued(token)
+    issued = StreamToken.issued_at(token)
     fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
     # The socket itself, not Quart's context-local proxy to it: the call sends and receives
     # fifty frames a second each way, and through the proxy each would look the socket up again.
