@@ -2048,7 +2048,8 @@ class Call:
         to move the call to our /transfer XML. True if Vobiz took the request."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
         await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
-        problem = await request_transfer(self.switchboard.settings, self.call_id, self.public_base + "/transfer")
+        api = VobizAPI(self.switchboard.settings)
+        problem = await api.transfer(self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
         self.transcript.entries.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
         if problem is None:
@@ -2885,11 +2886,11 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env({**os.environ, **{name: v for name, v in flags.items() if v is not None}})
         if args.command == "call" and args.time_limit is not None and not 1 <= args.time_limit <= 86_400:
             parser.error("--time-limit must be 1 to 86400 seconds, e.g. --time-limit 600")
-        call = OutboundCall(settings, args) if args.command == "call" else None
+        call = VobizAPI.make_call(settings, args) if args.command == "call" else None
     except SettingsError as error:
         sys.exit(f"vobiz-agent: {error}")
     if call:  # prints the request_uuid, or stops with one line saying why not
-        if refusal := trio.run(call.place):
+        if refusal := trio.run(VobizAPI(settings).place_call, call):
             sys.exit(f"vobiz-agent: {refusal}")
         return
     handler = logging.StreamHandler()
@@ -2901,9 +2902,10 @@ def main(argv: list[str] | None = None) -> None:
     trio.run(serve_until_signalled, create_app(settings), ServerConfig(settings))
 
 
-class OutboundCall:
-    """`vobiz-agent call`: the Make Call request of Vobiz's REST API. When the callee answers,
-    Vobiz fetches our answer URL and the call proceeds exactly like an inbound one."""
+class VobizAPI:
+    """Vobiz's REST API, with the account's credentials: placing a call (`vobiz-agent call`; when
+    the callee answers, Vobiz fetches our answer URL and the call proceeds like an inbound one)
+    and moving a live call to other XML (a transfer)."""
 
     ERRORS: ClassVar[dict[int, str]] = {
         401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
@@ -2911,7 +2913,14 @@ class OutboundCall:
         429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
     }
 
-    def __init__(self, settings: Settings, args: argparse.Namespace):
+    def __init__(self, settings: Settings):
+        # Casing and the trailing slash matter: /account/... or /Call answers 401.
+        self.calls_url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
+        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
+
+    @staticmethod
+    def make_call(settings: Settings, args: argparse.Namespace) -> dict[str, str | int]:
+        """The Make Call request's body, from `vobiz-agent call`'s flags; SettingsError if one is missing."""
         caller = args.caller or settings.vobiz_from
         for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
                             ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
@@ -2920,29 +2929,27 @@ class OutboundCall:
         answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
         if not answer_url:
             raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
-        # Casing and the trailing slash matter: /account/... or /Call answers 401.
-        self.url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
-        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
-        self.body: dict[str, str | int] = {
+        body: dict[str, str | int] = {
             "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
             "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
             "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
         # The optional parameters, left out when not given. No fallback URL by default: ours
         # would fail exactly when the answer URL does.
         if args.fallback_url:
-            self.body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
+            body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
         if args.time_limit:
-            self.body["time_limit"] = args.time_limit  # seconds
+            body["time_limit"] = args.time_limit  # seconds
         if args.machine_detection:
-            self.body["machine_detection"] = args.machine_detection  # "true" or "hangup"
+            body["machine_detection"] = args.machine_detection  # "true" or "hangup"
+        return body
 
-    async def place(self) -> str | None:
+    async def place_call(self, body: dict[str, str | int]) -> str | None:
         """Ask Vobiz to place the call and print its request_uuid (the future CallUUID); None, or why not."""
         try:
             async with httpx.AsyncClient(timeout=15) as client:
-                response = await client.post(self.url, json=self.body, headers=self.headers)
+                response = await client.post(self.calls_url, json=body, headers=self.headers)
         except httpx.HTTPError as error:
-            return f"could not reach {self.url}: {type(error).__name__} {error}".strip()
+            return f"could not reach {self.calls_url}: {type(error).__name__} {error}".strip()
         if response.status_code not in (200, 201):  # the docs say 200; the API has been seen answering 201
             return (self.ERRORS.get(response.status_code)
                     or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
@@ -2952,21 +2959,18 @@ class OutboundCall:
             return f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}"
         return None
 
-
-async def request_transfer(settings: Settings, call_id: str, aleg_url: str) -> str | None:
-    """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
-    accepted (202), else why not, in a few words."""
-    url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/{call_id}/"
-    body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
-    headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
-    try:  # the caller is waiting in silence meanwhile: not long
-        async with httpx.AsyncClient(timeout=5) as client:
-            response = await client.post(url, json=body, headers=headers)
-    except httpx.HTTPError as error:
-        return f"could not reach Vobiz: {type(error).__name__}"
-    if response.status_code in (200, 202):
-        return None
-    return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
+    async def transfer(self, call_id: str, aleg_url: str) -> str | None:
+        """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
+        accepted (202), else why not, in a few words."""
+        body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+        try:  # the caller is waiting in silence meanwhile: not long
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.post(f"{self.calls_url}{call_id}/", json=body, headers=self.headers)
+        except httpx.HTTPError as error:
+            return f"could not reach Vobiz: {type(error).__name__}"
+        if response.status_code in (200, 202):
+            return None
+        return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
