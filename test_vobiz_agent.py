@@ -185,8 +185,9 @@ async def test_caller_hears_greeting_then_their_own_words(server):
         echo = vobiz.agent_audio(said_until, vobiz.tick)
     assert resemblance(echo, words) > 0.9
     assert resemblance(echo, other) < 0.5
-    # Sent in real time, not in a burst: Vobiz never held more than a few frames.
-    assert vobiz.max_queue <= 10
+    # Sent in real time, not in a burst (the echo is 60 frames): Vobiz never held more than the
+    # player's lead, which grows from 80 ms up to LEAD_MAX_S while the server's loop wakes late.
+    assert vobiz.max_queue <= vobiz_agent.Player.LEAD_MAX_S / vobiz_agent.FRAME_SECONDS + 2
     checkpoints = [m["name"] for _, m in vobiz.events if m["event"] == "checkpoint"]
     assert vobiz.played_names == checkpoints  # one per utterance, each acked after it played
 
