@@ -514,7 +514,8 @@ def dtmf_tone(key: str) -> bytes:
 # ─────────────────────────────────────────────────────────────────────────────
 # The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
 # we send back, and the checks on who is asking. The vendor's docs are https://vobiz.ai/docs/xml/stream
-# and the pages under it; our protocol notes gather them with what real calls showed.
+# and the pages under it; simulated_vobiz.py (the tests' Vobiz) is their executable form, and its
+# docstring says which page, or which real call, each behaviour comes from.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
