@@ -2483,7 +2483,7 @@ class Switchboard:
         for call_id, until in list(self.expected.items()):
             if until < now:
                 del self.expected[call_id]
-                # Its socket may have gone to another worker or host: nothing to warn about, by itself.
+                # Its socket may have gone to another replica: nothing to warn about, by itself.
                 log.info("call %s: answered, but no media socket came here: slot released", call_id)
                 self.metrics.count("answers_without_socket_total")
         live = {call.call_id for call in self.calls}
