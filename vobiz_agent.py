@@ -2962,7 +2962,7 @@ class VobizAPI:
 
     async def transfer(self, call_id: str, aleg_url: str) -> str | None:
         """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
-        accepted (202), else why not, in a few words."""
+        accepted (200 or 202), else why not, in a few words."""
         body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
         try:  # the caller is waiting in silence meanwhile: not long
             async with httpx.AsyncClient(timeout=5) as client:
