@@ -1367,7 +1367,7 @@ class ProviderAPI:
                 if failure := await self._failure(response, "TTS"):
                     raise failure
                 async for chunk in response.aiter_bytes():
-                    yield chunk  # any size: the player carries an odd byte over to the next chunk
+                    yield chunk  # any size: the player's FrameEncoder carries an odd byte over to the next
         except httpx.HTTPError as error:
             raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
 
