@@ -2199,9 +2199,9 @@ class Transcript:
         return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
-def log_for_call(label: str, metrics: Metrics, level: int, message: str, *args: object,
+def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args: object,
                  error: str | None = None) -> None:
-    log.log(level, "call %s: " + message, label, *args)
+    log.log(level, "call %s: " + message, call_id, *args)
     if error:
         metrics.count("errors_total", kind=error)
 
