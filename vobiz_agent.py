@@ -2286,9 +2286,9 @@ class LoadMonitor:
     WINDOW_S = 3.0
     LEARN_FROM_CALLS = 5
 
-    def __init__(self, settings: Settings, calls: set[Call], awaited: dict[str, float], metrics: Metrics):
+    def __init__(self, settings: Settings, calls: set[Call], expected: dict[str, float], metrics: Metrics):
         self.settings, self.calls, self.metrics = settings, calls, metrics
-        self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
+        self.expected = expected  # answered calls whose socket is on the way: they will cost as much
         self.starts: deque[float] = deque()  # when each call of the last second was answered
         self.wakes: deque[tuple[float, float]] = deque()  # (when, how late)
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
@@ -2344,7 +2344,7 @@ class LoadMonitor:
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
-        settings, calls = self.settings, len(self.calls) + len(self.awaited)
+        settings, calls = self.settings, len(self.calls) + len(self.expected)
         if self.lag_s * 1000 > settings.load_max_lag_ms:
             return "overloaded: event loop late"
         # The CPU now, or what the live calls will cost once none of them is new, plus one more call.
