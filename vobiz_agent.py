@@ -2280,6 +2280,8 @@ class LoadMonitor:
     - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
       real time, so a backlog means we are not keeping up); the median call's, so that one
       caller's bad network does not count.
+    And, over the last second only: starts, the calls answered in it (a burst of set-ups stalls
+    the loop before the CPU figure shows it).
     """
 
     TICK_S = 0.05
