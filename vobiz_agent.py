@@ -847,8 +847,9 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # "ears-down": speech-to-text is unreachable;
+    # "speech": the caller talked; "ears-down": speech-to-text is unreachable (no audio, no text);
     # "digits": keys pressed, e.g. text "[the caller pressed 1 2 3]" and digits "123"
+    kind: str = "speech"
     digits: str = ""
     speech_ended: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
