@@ -902,7 +902,8 @@ class Responder(Protocol):
     """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns
     the tool the reply ended with: None (talk on), HANG_UP (say goodbye, end the call) or TRANSFER_CALL
     (to a person). `resume`: a reconnect landed where the conversation is not known ("sorry, we were
-    cut off"); `announce`: a fixed line for the call ("connecting you now")."""
+    cut off"); `announce`: a fixed line for the call ("connecting you now"); `farewell(reason)`: the
+    goodbye, for the reason the call was given to Call.end ("agent": the reply ended with HANG_UP)."""
 
     async def greet(self, play: Play) -> None: ...
 
