@@ -28,8 +28,9 @@ checkpoint comes back the same way in, to Player.heard (what the caller heard).
 
 Read the file top to bottom: its sections come in the order a call meets them: settings,
 audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs), the
-agent (ears, brain and mouth: offline, then AI), the call (Player, then Call), the web app
-(metrics, load, the switchboard, the routes), the command line.
+agent (ears, brain and mouth: offline, then AI), the call (Player, Call, then its transcript and
+log lines), the web app (metrics, load, the switchboard, the routes), the command line (logging,
+the server's settings, the banner, `vobiz-agent call` and the Vobiz REST API, serving until a signal).
 
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
@@ -2214,7 +2215,8 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The web app: Vobiz's webhooks and the media WebSocket, on one Quart-Trio app.
+# The web app: what the calls of one process share (metrics, the measured load, the
+# switchboard), then Vobiz's webhooks and the media WebSocket, on one Quart-Trio app.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -2746,7 +2748,8 @@ def _request_base(incoming=request) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The command line.
+# The command line: logging, Hypercorn's settings, the banner, the flags, `vobiz-agent call`
+# (and the transfer) through Vobiz's REST API, and serving until a signal.
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
