@@ -1844,7 +1844,7 @@ class Call:
         self.begun = trio.Event()  # a valid start has arrived
         self.reply_scope: trio.CancelScope | None = None
         self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
-        self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
+        self.caller_audio_origin = math.inf  # time it could have started: read on time, origin + s = now
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
