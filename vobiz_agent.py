@@ -22,9 +22,10 @@ One file, one process, one Trio event loop. A call travels like this:
 The path of a frame from Vobiz: media_stream (the WebSocket route) → Call.run (the call's
 nursery) → Call.listen_to_vobiz → parse_frame → Call._handle → Call._hear → the ears
 (EnergyEars or DeepgramEars) → Call.turn_ended → Call.converse (the call's life: greet,
-turns, goodbye, stop) → Call.answer → the responder's reply → Player.play →
-Player.send_frame (paced) → Outbound.play_audio → Call.send; Vobiz's playedStream for each
-checkpoint comes back the same way in, to Player.heard (what the caller heard).
+turns, goodbye, stop) → Call.answer → Call.respond (the reply's cancel scope, which a
+barge-in cancels) → the responder's reply → Player.play → Player.send_frame (paced) →
+Outbound.play_audio → Call.send; Vobiz's playedStream for each checkpoint comes back the
+same way in, to Player.heard (what the caller heard).
 
 Read the file top to bottom: its sections come in the order a call meets them: settings,
 audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs), the
