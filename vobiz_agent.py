@@ -22,14 +22,16 @@ One file, one process, one Trio event loop. A call travels like this:
 The path of a frame from Vobiz: media_stream (the WebSocket route) → Call.run (the call's
 nursery) → Call.listen_to_vobiz → parse_frame → Call._handle → Call._hear → the ears
 (EnergyEars or DeepgramEars) → Call.turn_ended → Call.converse (the call's life: greet,
-turns, goodbye, stop) → Call.answer → the responder's reply → Player.play →
-Player.send_frame (paced) → Outbound.play_audio → Call.send; Vobiz's playedStream for each
-checkpoint comes back the same way in, to Player.heard (what the caller heard).
+turns, goodbye, stop) → Call.answer → Call.respond (the reply's cancel scope, which a
+barge-in cancels) → the responder's reply → Player.play → Player.send_frame (paced) →
+Outbound.play_audio → Call.send; Vobiz's playedStream for each checkpoint comes back the
+same way in, to Player.heard (what the caller heard).
 
 Read the file top to bottom: its sections come in the order a call meets them: settings,
 audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs), the
-agent (ears, brain and mouth: offline, then AI), the call (Player, then Call), the web app
-(metrics, load, the switchboard, the routes), the command line.
+agent (ears, brain and mouth: offline, then AI), the call (Player, Call, then its transcript and
+log lines), the web app (metrics, load, the switchboard, the routes), the command line (logging,
+the server's settings, the banner, `vobiz-agent call` and the Vobiz REST API, serving until a signal).
 
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
@@ -514,7 +516,8 @@ def dtmf_tone(key: str) -> bytes:
 # ─────────────────────────────────────────────────────────────────────────────
 # The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
 # we send back, and the checks on who is asking. The vendor's docs are https://vobiz.ai/docs/xml/stream
-# and the pages under it; our protocol notes gather them with what real calls showed.
+# and the pages under it; simulated_vobiz.py (the tests' Vobiz) is their executable form, and its
+# docstring says which page, or which real call, each behaviour comes from.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -846,8 +849,9 @@ class Turn:
     text: str = ""
     audio: bytes = b""
     rate: int = TELEPHONE_RATE
-    kind: str = "speech"  # "ears-down": speech-to-text is unreachable;
+    # "speech": the caller talked; "ears-down": speech-to-text is unreachable (no audio, no text);
     # "digits": keys pressed, e.g. text "[the caller pressed 1 2 3]" and digits "123"
+    kind: str = "speech"
     digits: str = ""
     speech_ended: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
@@ -900,7 +904,8 @@ class Responder(Protocol):
     """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns
     the tool the reply ended with: None (talk on), HANG_UP (say goodbye, end the call) or TRANSFER_CALL
     (to a person). `resume`: a reconnect landed where the conversation is not known ("sorry, we were
-    cut off"); `announce`: a fixed line for the call ("connecting you now")."""
+    cut off"); `announce`: a fixed line for the call ("connecting you now"); `farewell(reason)`: the
+    goodbye, for the reason the call was given to Call.end ("agent": the reply ended with HANG_UP)."""
 
     async def greet(self, play: Play) -> None: ...
 
@@ -1366,7 +1371,7 @@ class ProviderAPI:
                 if failure := await self._failure(response, "TTS"):
                     raise failure
                 async for chunk in response.aiter_bytes():
-                    yield chunk  # any size: the player carries an odd byte over to the next chunk
+                    yield chunk  # any size: the player's FrameEncoder carries an odd byte over to the next
         except httpx.HTTPError as error:
             raise ProviderError(f"TTS: {type(error).__name__} {error}".strip()) from None
 
@@ -1840,7 +1845,7 @@ class Call:
         self.begun = trio.Event()  # a valid start has arrived
         self.reply_scope: trio.CancelScope | None = None
         self.caller_audio_s = 0.0  # seconds of caller audio read so far, and the earliest
-        self.caller_audio_origin = math.inf  # time it could have started: read on time, s - origin = now
+        self.caller_audio_origin = math.inf  # time it could have started: read on time, origin + s = now
         self.turns_in, self.turns_out = trio.open_memory_channel[Turn](4)
         self.keys_in: trio.MemorySendChannel[str] | None = None  # opened at the first key press
         self.bad_frames: Counter[str] = Counter()
@@ -2198,9 +2203,9 @@ class Transcript:
         return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
-def log_for_call(label: str, metrics: Metrics, level: int, message: str, *args: object,
+def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args: object,
                  error: str | None = None) -> None:
-    log.log(level, "call %s: " + message, label, *args)
+    log.log(level, "call %s: " + message, call_id, *args)
     if error:
         metrics.count("errors_total", kind=error)
 
@@ -2211,7 +2216,8 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The web app: Vobiz's webhooks and the media WebSocket, on one Quart-Trio app.
+# The web app: what the calls of one process share (metrics, the measured load, the
+# switchboard), then Vobiz's webhooks and the media WebSocket, on one Quart-Trio app.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -2279,15 +2285,17 @@ class LoadMonitor:
     - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
       real time, so a backlog means we are not keeping up); the median call's, so that one
       caller's bad network does not count.
+    And, over the last second only: starts, the calls answered in it (a burst of set-ups stalls
+    the loop before the CPU figure shows it).
     """
 
     TICK_S = 0.05
     WINDOW_S = 3.0
     LEARN_FROM_CALLS = 5
 
-    def __init__(self, settings: Settings, calls: set[Call], awaited: dict[str, float], metrics: Metrics):
+    def __init__(self, settings: Settings, calls: set[Call], expected: dict[str, float], metrics: Metrics):
         self.settings, self.calls, self.metrics = settings, calls, metrics
-        self.awaited = awaited  # answered calls whose socket is on the way: they will cost as much
+        self.expected = expected  # answered calls whose socket is on the way: they will cost as much
         self.starts: deque[float] = deque()  # when each call of the last second was answered
         self.wakes: deque[tuple[float, float]] = deque()  # (when, how late)
         self.cpu_samples: deque[tuple[float, float]] = deque()  # (when, process CPU seconds)
@@ -2343,7 +2351,7 @@ class LoadMonitor:
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
-        settings, calls = self.settings, len(self.calls) + len(self.awaited)
+        settings, calls = self.settings, len(self.calls) + len(self.expected)
         if self.lag_s * 1000 > settings.load_max_lag_ms:
             return "overloaded: event loop late"
         # The CPU now, or what the live calls will cost once none of them is new, plus one more call.
@@ -2482,7 +2490,7 @@ class Switchboard:
         for call_id, until in list(self.expected.items()):
             if until < now:
                 del self.expected[call_id]
-                # Its socket may have gone to another worker or host: nothing to warn about, by itself.
+                # Its socket may have gone to another replica: nothing to warn about, by itself.
                 log.info("call %s: answered, but no media socket came here: slot released", call_id)
                 self.metrics.count("answers_without_socket_total")
         live = {call.call_id for call in self.calls}
@@ -2741,7 +2749,8 @@ def _request_base(incoming=request) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The command line.
+# The command line: logging, Hypercorn's settings, the banner, the flags, `vobiz-agent call`
+# (and the transfer) through Vobiz's REST API, and serving until a signal.
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
@@ -2961,7 +2970,7 @@ class VobizAPI:
 
     async def transfer(self, call_id: str, aleg_url: str) -> str | None:
         """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
-        accepted (202), else why not, in a few words."""
+        accepted (200 or 202), else why not, in a few words."""
         body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
         try:  # the caller is waiting in silence meanwhile: not long
             async with httpx.AsyncClient(timeout=5) as client:
