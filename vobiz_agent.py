@@ -28,10 +28,11 @@ Outbound.play_audio → Call.send; Vobiz's playedStream for each checkpoint come
 same way in, to Player.heard (what the caller heard).
 
 Read the file top to bottom: its sections come in the order a call meets them: settings,
-audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs), the
-agent (ears, brain and mouth: offline, then AI), the call (Player, Call, then its transcript and
-log lines), the web app (metrics, load, the switchboard, the routes), the command line (logging,
-the server's settings, the banner, `vobiz-agent call` and the Vobiz REST API, serving until a signal).
+audio, the Vobiz protocol (the frames in and out, the trust in webhooks and media URLs, the REST
+API), the agent (ears, brain and mouth: offline, then AI), the call (its transcript, the Player,
+the Call), the web app (metrics, load, the switchboard, the routes), the command line (logging,
+the server's settings, the banner, `vobiz-agent call`, serving until a signal). The few helpers
+every section uses to read values from the network come first, after the imports.
 
 With no provider keys the agent is an offline "echo test": it greets the caller with
 a chime, listens, and plays each of the caller's turns back to them.
@@ -98,6 +99,31 @@ except ImportError:  # ... Quart 0.22 cancels the handler instead, which needs n
 
 
 log = logging.getLogger("vobiz_agent")
+
+
+# Values from the network, used by every section: made safe for a log line, or read without
+# trusting their shape (providers and peers send every shape).
+
+
+def _clean(value: object, limit: int = 120) -> str:
+    """A value from the network, made safe for one log line."""
+    return str(value)[:limit].encode("unicode_escape").decode("ascii")
+
+
+def _get(value: object, key: str) -> object:
+    """value[key] if value is a JSON object that has it, else None: providers send every shape."""
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _list(value: object) -> list:
+    """value if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line reason for a failed connection."""
+    status = getattr(error, "status_code", None)  # trio_websocket.ConnectionRejected
+    return f"refused with HTTP {status}" if status else f"{type(error).__name__} {error}".strip()
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -501,6 +527,10 @@ def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18
     return tones(tuple(((f,), s) for f, s in zip(frequencies, seconds, strict=True)), loudness, 0.01, fade_out_s)
 
 
+# Two falling tones, quieter than the chimes: what the caller hears when the voice itself fails.
+trouble_tone = partial(chime, (480.0, 360.0), (0.2, 0.2), 6000, 0.03)
+
+
 # A keypad's tones: each key is one low (row) and one high (column) frequency at once.
 DTMF_ROWS = {"123A": 697.0, "456B": 770.0, "789C": 852.0, "*0#D": 941.0}
 DTMF_COLUMNS = {"147*": 1209.0, "2580": 1336.0, "369#": 1477.0, "ABCD": 1633.0}
@@ -515,7 +545,7 @@ def dtmf_tone(key: str) -> bytes:
 
 # ─────────────────────────────────────────────────────────────────────────────
 # The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
-# we send back, and the checks on who is asking. The vendor's docs are https://vobiz.ai/docs/xml/stream
+# we send back, the checks on who is asking, and the REST API we call. The vendor's docs are https://vobiz.ai/docs/xml/stream
 # and the pages under it; simulated_vobiz.py (the tests' Vobiz) is their executable form, and its
 # docstring says which page, or which real call, each behaviour comes from.
 # ─────────────────────────────────────────────────────────────────────────────
@@ -828,6 +858,77 @@ class StreamToken:
             return None
         issued = token.partition(".")[0]
         return int(issued) if 1 <= len(issued) <= 12 and issued.isdigit() else None
+
+
+class VobizAPI:
+    """Vobiz's REST API, with the account's credentials: placing a call (`vobiz-agent call`; when
+    the callee answers, Vobiz fetches our answer URL and the call proceeds like an inbound one)
+    and moving a live call to other XML (a transfer)."""
+
+    ERRORS: ClassVar[dict[int, str]] = {
+        401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
+        402: "the Vobiz account has no balance left (HTTP 402)",
+        429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
+    }
+
+    def __init__(self, settings: Settings):
+        # Casing and the trailing slash matter: /account/... or /Call answers 401.
+        self.calls_url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
+        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
+
+    @staticmethod
+    def make_call(settings: Settings, args: argparse.Namespace) -> dict[str, str | int]:
+        """The Make Call request's body, from `vobiz-agent call`'s flags; SettingsError if one is missing."""
+        caller = args.caller or settings.vobiz_from
+        for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
+                            ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
+            if not value:
+                raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+        answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
+        if not answer_url:
+            raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
+        body: dict[str, str | int] = {
+            "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
+            "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
+            "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
+        # The optional parameters, left out when not given. No fallback URL by default: ours
+        # would fail exactly when the answer URL does.
+        if args.fallback_url:
+            body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
+        if args.time_limit:
+            body["time_limit"] = args.time_limit  # seconds
+        if args.machine_detection:
+            body["machine_detection"] = args.machine_detection  # "true" or "hangup"
+        return body
+
+    async def place_call(self, body: dict[str, str | int]) -> str | None:
+        """Ask Vobiz to place the call and print its request_uuid (the future CallUUID); None, or why not."""
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                response = await client.post(self.calls_url, json=body, headers=self.headers)
+        except httpx.HTTPError as error:
+            return f"could not reach {self.calls_url}: {type(error).__name__} {error}".strip()
+        if response.status_code not in (200, 201):  # the docs say 200; the API has been seen answering 201
+            return (self.ERRORS.get(response.status_code)
+                    or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
+        try:
+            print(response.json()["request_uuid"])
+        except (ValueError, KeyError, TypeError):
+            return f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}"
+        return None
+
+    async def transfer(self, call_id: str, aleg_url: str) -> str | None:
+        """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
+        accepted (200 or 202), else why not, in a few words."""
+        body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+        try:  # the caller is waiting in silence meanwhile: not long
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.post(f"{self.calls_url}{call_id}/", json=body, headers=self.headers)
+        except httpx.HTTPError as error:
+            return f"could not reach Vobiz: {type(error).__name__}"
+        if response.status_code in (200, 202):
+            return None
+        return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1270,22 +1371,6 @@ class DeepgramEars:
                     self.on_message(data)
 
 
-def _get(value: object, key: str) -> object:
-    """value[key] if value is a JSON object that has it, else None: providers send every shape."""
-    return value.get(key) if isinstance(value, dict) else None
-
-
-def _list(value: object) -> list:
-    """value if it is a JSON array, else an empty one."""
-    return value if isinstance(value, list) else []
-
-
-def _describe(error: BaseException) -> str:
-    """A one-line reason for a failed connection."""
-    status = getattr(error, "status_code", None)  # trio_websocket.ConnectionRejected
-    return f"refused with HTTP {status}" if status else f"{type(error).__name__} {error}".strip()
-
-
 # The AI agent's brain and mouth: an OpenAI-compatible chat model and voice, streamed.
 
 
@@ -1518,8 +1603,7 @@ async def speakable_pieces(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
         yield pending.strip()
 
 
-# Two falling tones, quieter than the chimes: what the caller hears when the voice itself fails.
-trouble_tone = partial(chime, (480.0, 360.0), (0.2, 0.2), 6000, 0.03)
+
 
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
@@ -1702,6 +1786,59 @@ def make_agent(settings: Settings) -> Agent:
 # fetching speech, pacing frames) stops at once. When the socket closes the nursery is
 # cancelled and every task of the call ends with it.
 # ─────────────────────────────────────────────────────────────────────────────
+
+
+class Transcript:
+    """What was said in one call, in order, logged as one record when it ends: every turn, every
+    line of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
+    No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []  # an agent's line is {"utterance": …} until the end: it may yet be heard
+
+    def agent_said(self, utterance: Utterance) -> None:
+        self.entries.append({"utterance": utterance})  # as it begins to play
+
+    def cut_off(self) -> None:
+        for entry in self.entries:  # a barge-in: whatever had not played yet is lost
+            if "utterance" in entry and not entry["utterance"].heard:
+                entry.setdefault("cut_off", True)
+
+    def caller_said(self, turn: Turn) -> None:
+        """Words (or, with no speech-to-text, how long they spoke), keys, or why a turn had neither."""
+        entry: dict[str, object] = {"who": "caller", "kind": turn.kind}
+        if turn.kind == "digits":
+            entry["digits"] = turn.digits
+        elif turn.text:
+            entry["text"] = turn.text
+        elif turn.audio:
+            entry["seconds"] = round(len(turn.audio) / 2 / turn.rate, 1)
+        self.entries.append(entry)
+
+    def log(self, call_id: str, ended_by: str, seconds: float) -> None:
+        entries = []
+        for entry in self.entries:
+            if "utterance" in entry:
+                said = entry["utterance"]
+                heard = "heard" if said.heard else "cut off" if entry.get("cut_off") else "not heard"
+                entry = {"who": "agent", "label": said.label, "text": said.text, "heard": heard}
+            entries.append(entry)
+        ended = {"ended_by": ended_by, "seconds": round(seconds, 1)}
+        summary = " | ".join(self._line(entry) for entry in entries) or "(nothing said)"
+        log.info("call %s: transcript (%s after %.1f s): %s", call_id, ended_by, ended["seconds"],
+                 summary, extra={"fields": {"call": call_id, "transcript": entries, **ended}})
+
+    @staticmethod
+    def _line(entry: dict) -> str:
+        if entry.get("event") == "transfer":
+            return f"transfer {entry['outcome']}"
+        if entry["who"] == "agent":
+            return f"agent: {json.dumps(entry['text'], ensure_ascii=False)} ({entry['heard']})"
+        if entry["kind"] == "digits":
+            return f"caller pressed {' '.join(entry['digits'])}"
+        if "text" in entry:
+            return f"caller: {json.dumps(entry['text'], ensure_ascii=False)}"
+        return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
 
 
 class Player:
@@ -2150,69 +2287,11 @@ class Call:
                  extra={"fields": {"call": self.call_id, "turn": self.turns, **steps}})
 
 
-class Transcript:
-    """What was said in one call, in order, logged as one record when it ends: every turn, every
-    line of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
-    No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict] = []  # an agent's line is {"utterance": …} until the end: it may yet be heard
-
-    def agent_said(self, utterance: Utterance) -> None:
-        self.entries.append({"utterance": utterance})  # as it begins to play
-
-    def cut_off(self) -> None:
-        for entry in self.entries:  # a barge-in: whatever had not played yet is lost
-            if "utterance" in entry and not entry["utterance"].heard:
-                entry.setdefault("cut_off", True)
-
-    def caller_said(self, turn: Turn) -> None:
-        """Words (or, with no speech-to-text, how long they spoke), keys, or why a turn had neither."""
-        entry: dict[str, object] = {"who": "caller", "kind": turn.kind}
-        if turn.kind == "digits":
-            entry["digits"] = turn.digits
-        elif turn.text:
-            entry["text"] = turn.text
-        elif turn.audio:
-            entry["seconds"] = round(len(turn.audio) / 2 / turn.rate, 1)
-        self.entries.append(entry)
-
-    def log(self, call_id: str, ended_by: str, seconds: float) -> None:
-        entries = []
-        for entry in self.entries:
-            if "utterance" in entry:
-                said = entry["utterance"]
-                heard = "heard" if said.heard else "cut off" if entry.get("cut_off") else "not heard"
-                entry = {"who": "agent", "label": said.label, "text": said.text, "heard": heard}
-            entries.append(entry)
-        ended = {"ended_by": ended_by, "seconds": round(seconds, 1)}
-        summary = " | ".join(self._line(entry) for entry in entries) or "(nothing said)"
-        log.info("call %s: transcript (%s after %.1f s): %s", call_id, ended_by, ended["seconds"],
-                 summary, extra={"fields": {"call": call_id, "transcript": entries, **ended}})
-
-    @staticmethod
-    def _line(entry: dict) -> str:
-        if entry.get("event") == "transfer":
-            return f"transfer {entry['outcome']}"
-        if entry["who"] == "agent":
-            return f"agent: {json.dumps(entry['text'], ensure_ascii=False)} ({entry['heard']})"
-        if entry["kind"] == "digits":
-            return f"caller pressed {' '.join(entry['digits'])}"
-        if "text" in entry:
-            return f"caller: {json.dumps(entry['text'], ensure_ascii=False)}"
-        return f"caller: ({entry['seconds']} s of speech)" if "seconds" in entry else f"({entry['kind']})"
-
-
 def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args: object,
                  error: str | None = None) -> None:
     log.log(level, "call %s: " + message, call_id, *args)
     if error:
         metrics.count("errors_total", kind=error)
-
-
-def _clean(value: object, limit: int = 120) -> str:
-    """A value from the network, made safe for one log line."""
-    return str(value)[:limit].encode("unicode_escape").decode("ascii")
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2750,7 +2829,7 @@ def _request_base(incoming=request) -> str:
 
 # ─────────────────────────────────────────────────────────────────────────────
 # The command line: logging, Hypercorn's settings, the banner, the flags, `vobiz-agent call`
-# (and the transfer) through Vobiz's REST API, and serving until a signal.
+# (through VobizAPI), and serving until a signal.
 # ─────────────────────────────────────────────────────────────────────────────
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # Hypercorn closes a socket that sends more; we ignore > 64 KiB
@@ -2909,77 +2988,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per TTS request is noise
     print(banner(settings), flush=True)
     trio.run(serve_until_signalled, create_app(settings), ServerConfig(settings))
-
-
-class VobizAPI:
-    """Vobiz's REST API, with the account's credentials: placing a call (`vobiz-agent call`; when
-    the callee answers, Vobiz fetches our answer URL and the call proceeds like an inbound one)
-    and moving a live call to other XML (a transfer)."""
-
-    ERRORS: ClassVar[dict[int, str]] = {
-        401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
-        402: "the Vobiz account has no balance left (HTTP 402)",
-        429: "Vobiz is rate limiting (HTTP 429): too many calls per second or at once; try again shortly",
-    }
-
-    def __init__(self, settings: Settings):
-        # Casing and the trailing slash matter: /account/... or /Call answers 401.
-        self.calls_url = f"{settings.vobiz_api_url}/Account/{settings.vobiz_auth_id}/Call/"
-        self.headers = {"X-Auth-ID": settings.vobiz_auth_id, "X-Auth-Token": settings.vobiz_auth_token}
-
-    @staticmethod
-    def make_call(settings: Settings, args: argparse.Namespace) -> dict[str, str | int]:
-        """The Make Call request's body, from `vobiz-agent call`'s flags; SettingsError if one is missing."""
-        caller = args.caller or settings.vobiz_from
-        for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
-                            ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
-            if not value:
-                raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
-        answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
-        if not answer_url:
-            raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
-        body: dict[str, str | int] = {
-            "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
-            "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
-            "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
-        # The optional parameters, left out when not given. No fallback URL by default: ours
-        # would fail exactly when the answer URL does.
-        if args.fallback_url:
-            body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
-        if args.time_limit:
-            body["time_limit"] = args.time_limit  # seconds
-        if args.machine_detection:
-            body["machine_detection"] = args.machine_detection  # "true" or "hangup"
-        return body
-
-    async def place_call(self, body: dict[str, str | int]) -> str | None:
-        """Ask Vobiz to place the call and print its request_uuid (the future CallUUID); None, or why not."""
-        try:
-            async with httpx.AsyncClient(timeout=15) as client:
-                response = await client.post(self.calls_url, json=body, headers=self.headers)
-        except httpx.HTTPError as error:
-            return f"could not reach {self.calls_url}: {type(error).__name__} {error}".strip()
-        if response.status_code not in (200, 201):  # the docs say 200; the API has been seen answering 201
-            return (self.ERRORS.get(response.status_code)
-                    or f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 200)}")
-        try:
-            print(response.json()["request_uuid"])
-        except (ValueError, KeyError, TypeError):
-            return f"Vobiz queued the call but sent no request_uuid: {_clean(response.text)}"
-        return None
-
-    async def transfer(self, call_id: str, aleg_url: str) -> str | None:
-        """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
-        accepted (200 or 202), else why not, in a few words."""
-        body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
-        try:  # the caller is waiting in silence meanwhile: not long
-            async with httpx.AsyncClient(timeout=5) as client:
-                response = await client.post(f"{self.calls_url}{call_id}/", json=body, headers=self.headers)
-        except httpx.HTTPError as error:
-            return f"could not reach Vobiz: {type(error).__name__}"
-        if response.status_code in (200, 202):
-            return None
-        return f"Vobiz answered HTTP {response.status_code}: {_clean(response.text, 120)}"
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
