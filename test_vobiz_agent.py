@@ -914,6 +914,13 @@ async def test_the_call_command_says_clearly_when_vobiz_cannot_be_reached():
     assert code == 1 and "could not reach" in err and len(err.splitlines()) == 1
 
 
+async def test_the_call_command_names_what_is_missing_with_an_example_of_it(monkeypatch):
+    monkeypatch.delenv("VOBIZ_FROM", raising=False)
+    code, _, err = await place_call("http://127.0.0.1:9/api/v1", "--to", "+919876543210")
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "--from (or VOBIZ_FROM) is needed to place a call, e.g. --from 918071387423" in err
+
+
 
 async def test_the_ai_agent_hangs_up_when_the_caller_says_goodbye(nursery):
     ai = await start_providers(nursery, ["That's all, goodbye."])

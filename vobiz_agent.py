@@ -880,10 +880,11 @@ class VobizAPI:
     def make_call(settings: Settings, args: argparse.Namespace) -> dict[str, str | int]:
         """The Make Call request's body, from `vobiz-agent call`'s flags; SettingsError if one is missing."""
         caller = args.caller or settings.vobiz_from
-        for name, value in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id),
-                            ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token), ("--from (or VOBIZ_FROM)", caller)):
+        for name, value, example in (("VOBIZ_AUTH_ID", settings.vobiz_auth_id, "VOBIZ_AUTH_ID=MA_XXXXXXXX"),
+                                     ("VOBIZ_AUTH_TOKEN", settings.vobiz_auth_token, "VOBIZ_AUTH_TOKEN=..."),
+                                     ("--from (or VOBIZ_FROM)", caller, "--from 918071387423")):
             if not value:
-                raise SettingsError(f"{name} is needed to place a call, e.g. VOBIZ_AUTH_ID=MA_XXXXXXXX")
+                raise SettingsError(f"{name} is needed to place a call, e.g. {example}")
         answer_url = args.answer_url or (settings.public_url and settings.public_url + "/answer")
         if not answer_url:
             raise SettingsError("--answer-url (or PUBLIC_URL) is needed, e.g. PUBLIC_URL=https://abc.ngrok.app")
