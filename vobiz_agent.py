@@ -1805,6 +1805,9 @@ class Transcript:
             if "utterance" in entry and not entry["utterance"].heard:
                 entry.setdefault("cut_off", True)
 
+    def transferred(self, problem: str | None) -> None:
+        self.entries.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
+
     def caller_said(self, turn: Turn) -> None:
         """Words (or, with no speech-to-text, how long they spoke), keys, or why a turn had neither."""
         entry: dict[str, object] = {"who": "caller", "kind": turn.kind}
@@ -1976,8 +1979,10 @@ class Call:
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
         self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
         self.responder: Responder | None = None  # the conversation, chosen at `start`
-        self.fresh = fresh  # the call's first socket (else a reconnect): see `opening` in _begin
+        self.fresh = fresh  # the call's first socket (else a reconnect)
+        self.opening = "greet"  # set at `start`: or "go on" (a reconnect here), "apologise" (one we can't go on)
         self.start: Start | None = None
+        self.caller_bytes_per_s = 1  # set at `start`, from its media format
         self.ears: Ears | None = None
         self.media_flowing = trio.Event()
         self.begun = trio.Event()  # a valid start has arrived
@@ -2194,7 +2199,7 @@ class Call:
         api = VobizAPI(self.switchboard.settings)
         problem = await api.transfer(self.call_id, self.public_base + "/transfer")
         self.switchboard.metrics.count("transfers_total", outcome="failed" if problem else "ok")
-        self.transcript.entries.append({"event": "transfer", "outcome": f"failed: {problem}" if problem else "ok"})
+        self.transcript.transferred(problem)
         if problem is None:
             self.log(logging.INFO, "transfer: Vobiz is moving the call to a person")
             self.end("transfer")
