@@ -544,10 +544,11 @@ def dtmf_tone(key: str) -> bytes:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones
-# we send back, the checks on who is asking, and the REST API we call. The vendor's docs are https://vobiz.ai/docs/xml/stream
-# and the pages under it; simulated_vobiz.py (the tests' Vobiz) is their executable form, and its
-# docstring says which page, or which real call, each behaviour comes from.
+# The Vobiz protocol: the <Stream> answer, the frames Vobiz sends us and the ones we send
+# back, the checks on who is asking, and the REST API we call. The vendor's docs are
+# https://vobiz.ai/docs/xml/stream and the pages under it; simulated_vobiz.py (the tests'
+# Vobiz) is their executable form, and its docstring says which page, or which real call,
+# each behaviour comes from.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
