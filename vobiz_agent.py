@@ -390,7 +390,7 @@ class MediaFormat:
 
 
 MULAW_8K = MediaFormat("audio/x-mulaw", 8000)
-MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # we hear
+MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # heard
 
 
 def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuation_db: float = 50) -> list[float]:
@@ -722,8 +722,7 @@ class Outbound:
 
     def __init__(self, stream_id: str):
         self.stream_id = stream_id
-        # playAudio goes out 50 times a second: build it from a fixed prefix and
-        # the payload. Base64 never needs JSON escaping, so this is valid JSON.
+        # playAudio goes out 50 times a second: a fixed prefix + the payload (base64 needs no JSON escaping).
         head = json.dumps({"event": "playAudio", "streamId": stream_id})[:-1]
         self.play_prefix = head + ', "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": "'
 
