@@ -484,8 +484,7 @@ class FrameEncoder:
             total = audioop.add(total, audioop.mul(pair, 2, self.taps[k]), 2)
         middle = taps // 2
         total = audioop.add(total, audioop.mul(delayed(middle), 2, self.taps[middle]), 2)
-        keep_from = outputs * step  # the oldest sample the next output still needs
-        self.history = samples[2 * keep_from :]
+        self.history = samples[2 * outputs * step :]  # from the oldest sample the next output still needs
         return audioop.mul(total, 2, 2.0)
 
 
@@ -746,9 +745,8 @@ class WebhookGuard:
     refused too). A header may carry several signatures, comma-separated (a token rotation): one match will do."""
 
     NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
-    # Which token signs which header: V2/V3 the account's own token (for a number on a
-    # sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
-    # main account both are the same token. The MA headers have no nonce of their own.
+    # Which token signs which header: V2/V3 the account's own (a sub-account's, for its numbers), -MA-V2/-MA-V3
+    # the parent (main) account's; on a main account both are one. The MA headers have no nonce of their own.
     HEADERS = (  # (header, its nonce's header, whose token, version)
         ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
         ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
@@ -866,8 +864,7 @@ class VobizAPI:
             "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
             "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
             "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
-        # The optional parameters, left out when not given. No fallback URL by default: ours
-        # would fail exactly when the answer URL does.
+        # Optional parameters only when given. No default fallback URL: ours would fail when the answer URL does.
         if args.fallback_url:
             body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
         if args.time_limit:
