@@ -101,8 +101,7 @@ except ImportError:  # ... Quart 0.22 cancels the handler instead, which needs n
 log = logging.getLogger("vobiz_agent")
 
 
-# Values from the network, used by every section: made safe for a log line, or read without
-# trusting their shape (providers and peers send every shape).
+# Values from the network, used by every section: providers and peers send every shape.
 
 
 def _clean(value: object, limit: int = 120) -> str:
@@ -111,7 +110,7 @@ def _clean(value: object, limit: int = 120) -> str:
 
 
 def _get(value: object, key: str) -> object:
-    """value[key] if value is a JSON object that has it, else None: providers send every shape."""
+    """value[key] if value is a JSON object that has it, else None."""
     return value.get(key) if isinstance(value, dict) else None
 
 
@@ -137,8 +136,7 @@ class SettingsError(Exception):
 
 
 def variable(default: object, help: str, kind: str = "text", **checks: object):
-    """A field of Settings read from the environment variable of its name in upper case: a row of
-    SETTINGS. `kind` says how its text is read (see Setting.parse), `checks` what it allows."""
+    """A Settings field, read from its name in upper case: a row of SETTINGS (see Setting)."""
     return field(default=default, metadata={"help": help, "kind": kind, **checks})
 
 
@@ -242,20 +240,16 @@ class Settings:
     @property
     def loopback(self) -> bool:
         """Listening on a loopback address: only programs on this machine can connect."""
-        if self.host == "localhost":
-            return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        except ValueError:  # a name, not an address
+            return self.host == "localhost"
 
     @property
     def serves_phone(self) -> bool:
-        """Whether /phone is served. Anyone who can open it can make a call, so with the
-        AI agent on a public address (calls that spend your provider budget) only with PHONE=true."""
-        if self.phone is not None:
-            return self.phone
-        return not self.uses_ai or self.loopback
+        """Anyone who can open /phone can make a call, so with the AI agent on a public address (calls
+        that spend your provider budget) it is served only with PHONE=true."""
+        return (not self.uses_ai or self.loopback) if self.phone is None else self.phone
 
     @property
     def open_door_warning(self) -> str | None:
@@ -281,8 +275,7 @@ class Settings:
             missing = "DEEPGRAM_API_KEY" if values.get("openai_api_key") else "OPENAI_API_KEY"
             raise SettingsError(f"{missing} is not set: the AI agent needs both DEEPGRAM_API_KEY and "
                                 f"OPENAI_API_KEY (set neither for the offline echo agent), e.g. {missing}=sk-...")
-        # Verification is asked for explicitly: a token set for outbound calls must not by itself
-        # start refusing webhooks.
+        # Verification only when asked: a token set for outbound calls must not start refusing webhooks.
         mode = values.get("vobiz_verify_signatures", "off")
         if mode != "off" and not (values.get("vobiz_auth_token") or values.get("vobiz_parent_auth_token")):
             raise SettingsError(f"VOBIZ_VERIFY_SIGNATURES={mode} needs the token Vobiz signs with: set "
@@ -397,19 +390,14 @@ class MediaFormat:
 
 
 MULAW_8K = MediaFormat("audio/x-mulaw", 8000)
-MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # we hear
+MEDIA_FORMATS = frozenset({MULAW_8K, MediaFormat("audio/x-l16", 8000), MediaFormat("audio/x-l16", 16000)})  # heard
 
 
 def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuation_db: float = 50) -> list[float]:
-    """A linear-phase low-pass FIR, designed with a Kaiser window.
-
-    Why a filter at all: `audioop.ratecv` just interpolates between samples, so
-    anything above 4 kHz in 24 kHz speech (sibilants, a synthetic voice's hiss)
-    folds back below 4 kHz at full strength: a 5 kHz tone comes out as a 3 kHz
-    one. The telephone band is 300-3400 Hz; we keep that flat and push 5 kHz
-    and above down by `attenuation_db`. Kaiser's formulas give the length and
-    window shape for that attenuation and transition width (3400 → 5000 Hz).
-    """
+    """A linear-phase low-pass FIR with a Kaiser window. Why: `audioop.ratecv` just interpolates, so anything
+    above 4 kHz in 24 kHz speech (sibilants, a synthetic voice's hiss) folds back below 4 kHz at full strength
+    (a 5 kHz tone comes out at 3 kHz). We keep the telephone band, 300-3400 Hz, flat and push 5 kHz and above
+    down by `attenuation_db`; Kaiser's formulas give the length and window shape for that."""
 
     def bessel_i0(x: float) -> float:
         """The modified Bessel function I0 (the Kaiser window's shape), by its series."""
@@ -437,17 +425,13 @@ def lowpass_taps(rate: int, passband: int = 3400, stopband: int = 5000, attenuat
 
 
 class FrameEncoder:
-    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz, one chunk at a
-    time: low-pass filter and decimate, `ratecv` the rest of the way, μ-law, cut. Every stage keeps
-    the end of the previous chunk (half a sample, the filter's last taps-1 samples, ratecv's state,
-    less than a frame of μ-law), so speech in chunks of any size comes out as if it arrived whole.
-
-    The filter is polyphase: when the rate is a multiple of 8 kHz we compute only the output
-    samples that decimation keeps (1 in 3 at 24 kHz), so the cost is per *output* sample. Each
-    tap is one audioop call over a strided copy of the input; the symmetric taps of a linear-phase
-    filter share a multiply. Samples are halved on the way in (headroom: a pair of samples, or a
-    running sum, can exceed 16 bits) and doubled at the end.
-    """
+    """Agent speech (16-bit PCM at `rate`) → exact 160-byte μ-law frames at 8 kHz: low-pass and decimate,
+    `ratecv` the rest of the way, μ-law, cut. Each stage keeps the end of the last chunk (half a sample, the
+    filter's last taps-1 samples, ratecv's state, under a frame of μ-law): chunks of any size come out as if
+    whole. The filter is polyphase: when the rate is a multiple of 8 kHz it computes only the samples that
+    decimation keeps (1 in 3 at 24 kHz), one audioop call per tap over a strided copy, the symmetric taps
+    sharing a multiply. Samples are halved on the way in (a pair, or a running sum, can exceed 16 bits) and
+    doubled at the end."""
 
     def __init__(self, rate: int):
         # Decimate by the largest whole step that keeps at least 8 kHz; ratecv does the rest.
@@ -500,8 +484,7 @@ class FrameEncoder:
             total = audioop.add(total, audioop.mul(pair, 2, self.taps[k]), 2)
         middle = taps // 2
         total = audioop.add(total, audioop.mul(delayed(middle), 2, self.taps[middle]), 2)
-        keep_from = outputs * step  # the oldest sample the next output still needs
-        self.history = samples[2 * keep_from :]
+        self.history = samples[2 * outputs * step :]  # from the oldest sample the next output still needs
         return audioop.mul(total, 2, 2.0)
 
 
@@ -522,8 +505,7 @@ def tones(segments: tuple[tuple[tuple[float, ...], float], ...], loudness: int, 
 
 def chime(frequencies: tuple[float, float], seconds: tuple[float, float] = (0.18, 0.30), loudness: int = 8000,
           fade_out_s: float = 0.05) -> bytes:
-    """Two soft tones, one after the other: the offline agent's greeting (rising) and goodbye
-    (falling), and the trouble tone."""
+    """Two soft tones in turn: the offline agent's greeting (rising) and goodbye (falling), the trouble tone."""
     return tones(tuple(((f,), s) for f, s in zip(frequencies, seconds, strict=True)), loudness, 0.01, fade_out_s)
 
 
@@ -553,13 +535,10 @@ def dtmf_tone(key: str) -> bytes:
 
 
 def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url: str | None = None) -> bytes:
-    """The answer that connects the call's audio to our WebSocket, both ways
-    (with `recording_url`, recording the whole call first).
-
-    Vobiz reconnects a dropped socket only if asked (`maxRetries`, default 0), and
-    when the stream is over for good it runs what follows <Stream>: <Hangup/>, so
-    that a stream that ends in any way ends the call, not leaves the caller in dead air.
-    """
+    """The answer that connects the call's audio to our WebSocket both ways (with `recording_url`, recording
+    the whole call first). Vobiz reconnects a dropped socket only if asked (`maxRetries`, default 0); when the
+    stream is over for good it runs what follows <Stream>, <Hangup/>: a stream that ends in any way ends the
+    call, not leaves the caller in dead air."""
     response = ET.Element("Response")
     if recording_url:
         # recordSession: the whole call, in the background; redirect="false": go on to
@@ -580,8 +559,7 @@ def stream_xml(media_url: str, status_url: str, max_retries: int, recording_url:
 
 
 EMPTY_XML = ET.tostring(ET.Element("Response"), encoding="utf-8", xml_declaration=True)  # nothing to do
-# Reject the call without answering it: the caller hears a busy tone, and nobody is billed
-# (a <Speak> would answer the call first).
+# Refuse the call unanswered: the caller hears a busy tone and nobody is billed (a <Speak> would answer it).
 BUSY_XML = b"<?xml version='1.0' encoding='utf-8'?>\n<Response><Hangup reason=\"busy\" /></Response>"
 
 
@@ -743,8 +721,7 @@ class Outbound:
 
     def __init__(self, stream_id: str):
         self.stream_id = stream_id
-        # playAudio goes out 50 times a second: build it from a fixed prefix and
-        # the payload. Base64 never needs JSON escaping, so this is valid JSON.
+        # playAudio goes out 50 times a second: a fixed prefix + the payload (base64 needs no JSON escaping).
         head = json.dumps({"event": "playAudio", "streamId": stream_id})[:-1]
         self.play_prefix = head + ', "media": {"contentType": "audio/x-mulaw", "sampleRate": 8000, "payload": "'
 
@@ -762,18 +739,14 @@ class Outbound:
 
 
 class WebhookGuard:
-    """Checks the signatures of Vobiz's webhooks and remembers recent nonces, so a
-    captured request cannot be replayed (the signature covers no timestamp).
-
-    `mode` is "off" (nothing checked), "when-signed" (a signed request must be
-    signed right; Vobiz signs only callbacks that have credentials) or "required"
-    (an unsigned request is refused too). A header may carry several signatures,
-    comma-separated, as during a token rotation: one match is enough."""
+    """Checks the signatures of Vobiz's webhooks and remembers recent nonces, so that a captured request
+    cannot be replayed (the signature covers no timestamp). `mode` is "off", "when-signed" (a signed request
+    must be signed right; Vobiz signs only callbacks that have credentials) or "required" (unsigned ones are
+    refused too). A header may carry several signatures, comma-separated (a token rotation): one match will do."""
 
     NONCE_MEMORY_S = 300.0  # a signed request replayed within this window is refused
-    # Which token signs which header: V2/V3 the account's own token (for a number on a
-    # sub-account, the sub-account's), -MA-V2/-MA-V3 the parent (main) account's. On a
-    # main account both are the same token. The MA headers have no nonce of their own.
+    # Which token signs which header: V2/V3 the account's own (a sub-account's, for its numbers), -MA-V2/-MA-V3
+    # the parent (main) account's; on a main account both are one. The MA headers have no nonce of their own.
     HEADERS = (  # (header, its nonce's header, whose token, version)
         ("X-Vobiz-Signature-V3", "X-Vobiz-Signature-V3-Nonce", "account", 3),
         ("X-Vobiz-Signature-MA-V3", "X-Vobiz-Signature-V3-Nonce", "parent", 3),
@@ -819,11 +792,10 @@ STREAM_URL_MARGIN_S = 120  # after MAX_CALL_S: the goodbye, and a reconnect raci
 
 
 class StreamToken:
-    """The media WebSocket carries no authentication at all, so the URL we hand out in <Stream>
-    is itself the credential: /ws/<CallUUID>/<issued>.<nonce>.<mac>, when /answer issued it, a
-    value made for that one answer, and a MAC over both and the call, keyed with STREAM_SECRET.
-    It stays valid for as long as the call may last (MAX_CALL_S, plus STREAM_URL_MARGIN_S), so
-    that Vobiz's reconnects are accepted by any process that shares the secret."""
+    """The media WebSocket carries no authentication, so the <Stream> URL is itself the credential:
+    /ws/<CallUUID>/<issued>.<nonce>.<mac>: when /answer issued it, a value made for that one answer, and a MAC
+    over both and the call, keyed with STREAM_SECRET. It stays valid as long as the call may last (MAX_CALL_S
+    plus STREAM_URL_MARGIN_S), so that any process sharing the secret accepts Vobiz's reconnects."""
 
     NONCE_BYTES = 6  # 8 URL-safe characters: unique per answer, not a secret
     MAC_BYTES = 12  # 96 bits: the capability itself
@@ -862,9 +834,8 @@ class StreamToken:
 
 
 class VobizAPI:
-    """Vobiz's REST API, with the account's credentials: placing a call (`vobiz-agent call`; when
-    the callee answers, Vobiz fetches our answer URL and the call proceeds like an inbound one)
-    and moving a live call to other XML (a transfer)."""
+    """Vobiz's REST API, with the account's credentials: placing a call (`vobiz-agent call`; once answered, it
+    proceeds like an inbound one from our answer URL) and moving a live call to other XML (a transfer)."""
 
     ERRORS: ClassVar[dict[int, str]] = {
         401: "Vobiz refused the credentials (HTTP 401): check VOBIZ_AUTH_ID and VOBIZ_AUTH_TOKEN",
@@ -893,8 +864,7 @@ class VobizAPI:
             "from": caller, "to": args.to, "answer_url": answer_url, "answer_method": "POST",
             "hangup_url": urljoin(answer_url, "hangup"), "hangup_method": "POST",
             "ring_url": args.ring_url or urljoin(answer_url, "ring"), "ring_method": "POST"}
-        # The optional parameters, left out when not given. No fallback URL by default: ours
-        # would fail exactly when the answer URL does.
+        # Optional parameters only when given. No default fallback URL: ours would fail when the answer URL does.
         if args.fallback_url:
             body |= {"fallback_url": args.fallback_url, "fallback_method": "POST"}
         if args.time_limit:
@@ -920,8 +890,7 @@ class VobizAPI:
         return None
 
     async def transfer(self, call_id: str, aleg_url: str) -> str | None:
-        """Ask Vobiz to move a live call to `aleg_url`'s XML (its <Stream> ends); None if it
-        accepted (200 or 202), else why not, in a few words."""
+        """Move a live call to `aleg_url`'s XML (its <Stream> ends): None if Vobiz accepted, else why not."""
         body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
         try:  # the caller is waiting in silence meanwhile: not long
             async with httpx.AsyncClient(timeout=5) as client:
