@@ -943,11 +943,9 @@ class VobizAPI:
 
 @dataclass
 class Turn:
-    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text.
-
-    `marks` collects when each step of the answer happened (trio.current_time()),
-    for the per-turn latency line; `speech_ended` is when the caller went quiet.
-    """
+    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text. `marks`: when each step
+    of the answer happened (trio.current_time()), for the per-turn latency line; `speech_ended`: when the
+    caller went quiet."""
 
     text: str = ""
     audio: bytes = b""
@@ -1004,20 +1002,15 @@ TRANSFER_CALL = "transfer_call"  # or with this: hand the call to a person
 
 
 class Responder(Protocol):
-    """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns
-    the tool the reply ended with: None (talk on), HANG_UP (say goodbye, end the call) or TRANSFER_CALL
-    (to a person). `resume`: a reconnect landed where the conversation is not known ("sorry, we were
-    cut off"); `announce`: a fixed line for the call ("connecting you now"); `farewell(reason)`: the
-    goodbye, for the reason the call was given to Call.end ("agent": the reply ended with HANG_UP)."""
+    """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns the tool
+    the reply ended with: None (talk on), HANG_UP or TRANSFER_CALL. `resume`: a reconnect landed where the
+    conversation is not known ("sorry, we were cut off"); `announce`: a fixed line ("connecting you now");
+    `farewell(reason)`: the goodbye, for the reason given to Call.end ("agent": the reply ended with HANG_UP)."""
 
     async def greet(self, play: Play) -> None: ...
-
     async def resume(self, play: Play) -> None: ...
-
     async def reply(self, turn: Turn, play: Play) -> str | None: ...
-
     async def announce(self, label: str, text: str, play: Play) -> None: ...
-
     async def farewell(self, reason: str, play: Play) -> None: ...
 
 
@@ -1033,13 +1026,12 @@ class Agent:
 
 
 class VoiceActivity:
-    """Is this frame speech? Loud enough, and well above the line's noise floor, which is learnt
-    from the quiet frames (quickly down, slowly up): a noisy line raises the bar, a quiet one lowers
-    it. Also how long the current run of speech has lasted: dips inside a word don't end it, a gap does."""
+    """Is this frame speech? Loud enough, and well above the noise floor learnt from the quiet frames (quickly
+    down, slowly up). Also how long the current run of speech has lasted: dips inside a word don't end it."""
 
     MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
     ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
-    GAP_TOLERANCE_S = 0.10
+    GAP_TOLERANCE_S = 0.10  # a gap longer than this ends a run of speech
 
     def __init__(self) -> None:
         self.noise_floor = 100.0
@@ -1155,19 +1147,17 @@ class EchoResponder:
 class DeepgramEars:
     """The AI agent's ears: Deepgram live transcription over a WebSocket, and turn-taking from it.
 
-    hear() never waits: payloads go into a short queue that a sender task drains into Deepgram's
-    socket, so a slow Deepgram never delays reading Vobiz's frames. The queue holds BUFFER_S of
-    audio: a transcript of older audio would end the turn that much late, so when it is full
-    (Deepgram slow, or away) the oldest frame is dropped, counted, and logged once per burst.
+    hear() never waits: a sender task drains a short queue into Deepgram, so a slow Deepgram never delays
+    reading Vobiz's frames. A transcript of older audio would end the turn that much late, so when the
+    queue is full (Deepgram slow, or away) the oldest frame is dropped, counted, and logged once per burst.
 
-    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd` when finals
-    are pending and no newer words are. If our own VAD has heard silence for the endpointing time
-    plus FINALIZE_MARGIN_S and no final came (noise can keep Deepgram's endpointing from firing),
-    we send `Finalize`. A possible barge-in (SpeechStarted) is confirmed once the caller has spoken
-    for `barge_in_min_s` by our own energy measure, or once words arrive.
-    """
+    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd` when finals are pending
+    and no newer words are. When our VAD has heard silence for the endpointing time plus FINALIZE_MARGIN_S
+    and no final came (noise can keep Deepgram's endpointing from firing), we send `Finalize`. A possible
+    barge-in (SpeechStarted) is confirmed once our energy measure has heard `barge_in_min_s` of speech, or
+    once words arrive."""
 
-    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram; older audio is dropped
+    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram
     KEEPALIVE_S = 4.0  # Deepgram closes a stream that gets no audio for about 10 s
     BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     APOLOGY_AFTER_S = 2.0  # no usable connection this long: tell the caller rather than leave them in silence
@@ -1295,12 +1285,9 @@ class DeepgramEars:
         self.listener.turn_ended(turn)
 
     async def run(self) -> None:
-        """Stay connected for the whole call, reconnecting with backoff.
-
-        An outage lasts until a connection has stayed up USABLE_AFTER_S: a Deepgram
-        that accepts and then closes every stream is as down as one that refuses,
-        so its reconnects back off too. Once an outage reaches APOLOGY_AFTER_S, the
-        caller hears the apology (once per outage), rather than silence."""
+        """Stay connected for the whole call, reconnecting with backoff. An outage lasts until a connection
+        has stayed up USABLE_AFTER_S (a Deepgram that accepts, then closes, every stream is as down as one
+        that refuses); once it reaches APOLOGY_AFTER_S the caller hears the apology, once per outage."""
         failures, down_since, apologized = 0, trio.current_time(), False  # no usable connection yet
         while True:
             problem, lasted = await self._stream(failures)
