@@ -1388,17 +1388,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class ProviderAPI:
-    """The OpenAI-compatible HTTP API: chat completions streamed as server-sent events (one
-    JSON chunk each), and speech streamed as raw PCM; and how to read what comes back.
-
-    One for the process, shared by every call: what one call learns of the chat server
-    (that its model takes no tools), the next call knows.
-    """
+    """The OpenAI-compatible HTTP API: chat completions streamed as server-sent events (one JSON chunk each),
+    speech as raw PCM, and how to read them. One for the process: what one call learns of the chat server
+    (that its model takes no tools), the next call knows."""
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient):
         self.settings = settings
         self.client = client
-        # What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it.
         self.tools = [HANG_UP_TOOL, TRANSFER_TOOL] if settings.transfer_number else [HANG_UP_TOOL]
         self.takes_tools = True  # until the chat server refuses them; then they are never offered again
 
@@ -1461,11 +1457,9 @@ class ProviderAPI:
 
     @classmethod
     async def server_sent_events(cls, lines: AsyncIterator[str]) -> AsyncIterator[str]:
-        """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r).
-
-        An event is `field: value` lines ended by a blank line; lines starting with ":"
-        are comments (keep-alives such as ": OPENROUTER PROCESSING"). `event: error` is
-        the provider reporting a failure mid-stream (Groq does), so it becomes a ProviderError."""
+        """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r): `field: value`
+        lines ended by a blank line; lines starting with ":" are comments (keep-alives such as ": OPENROUTER
+        PROCESSING"). `event: error` is the provider reporting a failure mid-stream (Groq does): a ProviderError."""
         event, data = "", []
         async for line in lines:
             if line:
@@ -1485,12 +1479,10 @@ class ProviderAPI:
 
     @classmethod
     def chat_delta(cls, data: str, tools_called: set[str]) -> str:
-        """The text one streamed chunk adds to the reply (of choice 0); the names of tools it
-        calls go into `tools_called`. An error object in the chunk (OpenRouter sends them)
-        raises ProviderError. Any other shape, however odd, adds nothing: it never breaks a call.
-
-        `content` is a string, null, or (Mistral's reasoning models) a list of typed parts,
-        of which only the `text` parts are the answer. Reasoning fields are never read."""
+        """The text one streamed chunk adds to the reply (of choice 0); the names of tools it calls go into
+        `tools_called`. An error object in the chunk (OpenRouter sends them) raises ProviderError; any other
+        shape, however odd, adds nothing. `content` is a string, null, or (Mistral's reasoning models) a list
+        of typed parts, of which only the `text` parts are the answer. Reasoning fields are never read."""
         chunk = cls._json(data)
         if _get(chunk, "error"):
             raise ProviderError(f"LLM: {cls._error_message(chunk)}")
@@ -1509,10 +1501,9 @@ class ProviderAPI:
 
     @staticmethod
     async def without_reasoning(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Leave out the reasoning that R1/QwQ-style models write at the start of their
-        content as <think>…</think> (Together, the Hugging Face router, Ollama and vLLM
-        pass it on), however the chunks cut the tags. A reply that opens otherwise is
-        passed on untouched, held back only while it could still be the opening tag."""
+        """Leave out the <think>…</think> that R1/QwQ-style models open their content with (Together, the
+        Hugging Face router, Ollama and vLLM pass it on), however the chunks cut the tags. A reply that opens
+        otherwise is passed on untouched, held back only while it could still be the opening tag."""
         state, held = "opening", ""  # opening → (thinking → after) → answer
         async for token in tokens:
             if state == "answer":
@@ -1562,11 +1553,9 @@ ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc",
 
 
 def speakable_end(text: str, first: bool) -> int | None:
-    """Where the first piece ready for speech ends in `text`, or None if it isn't complete.
-
-    The first piece of a reply may end at a comma: the caller hears the agent
-    start a few hundred milliseconds sooner. After that, whole sentences.
-    """
+    """Where the first piece ready for speech ends in `text`, or None if it isn't complete. The first piece
+    of a reply may end at a comma (the caller hears the agent a few hundred milliseconds sooner); later
+    pieces are whole sentences."""
     marks = SENTENCE_ENDS + CLAUSE_ENDS if first else SENTENCE_ENDS
     shortest = FIRST_PIECE_MIN_CHARS if first else SENTENCE_MIN_CHARS
     for i, char in enumerate(text):
@@ -1590,9 +1579,6 @@ async def speakable_pieces(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
             pending, first = pending[end:], False
     if pending.strip():
         yield pending.strip()
-
-
-
 
 
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
@@ -1627,18 +1613,16 @@ class Reply:
 class AIResponder:
     """One call's conversation with the language model, spoken sentence by sentence.
 
-    A reply is three things at once, all inside the call's reply scope: the LLM stream is cut
-    into sentences; each sentence's TTS request starts as soon as it is complete, before it is
-    handed to the player; the player plays them in order. Handing over waits while PREFETCH
-    sentences are queued for the player, so while one plays up to PREFETCH + 1 more are being
-    synthesized (the queued ones and the one waiting to join them), and the LLM stream is read
-    no further until the player takes the next. Cancelling the scope closes every HTTP stream.
+    A reply is three things at once, inside the call's reply scope: the LLM stream is cut into sentences;
+    each sentence's TTS request starts as soon as it is complete, before it goes to the player; the player
+    plays them in order. Handing over waits while PREFETCH sentences are queued, so while one plays up to
+    PREFETCH + 1 more are being synthesized (the queued ones and the one waiting to join them), and the LLM
+    stream is read no further until the player takes the next. Cancelling the scope closes every stream.
 
-    History is the call's Replies, and the model is told only what the caller heard of each:
-    it is read when the next request is built, after Vobiz has acknowledged or voided each checkpoint.
-    """
+    History is the call's Replies; the model is told only what the caller heard of each, read when the next
+    request is built, after Vobiz has acknowledged or voided each checkpoint."""
 
-    PREFETCH = 1  # sentences queued for the player; one more is synthesized while it waits to join them
+    PREFETCH = 1  # sentences queued for the player
 
     def __init__(self, settings: Settings, api: ProviderAPI, log: CallLog):
         self.settings = settings
@@ -1684,8 +1668,7 @@ class AIResponder:
             await play(self._utterance(text, turn, nursery, said, label))
 
     def _conversation(self, text: str) -> tuple[list[dict], Reply]:
-        """The request for the model (the history, then the caller's `text`), and the reply
-        to it, already last in the history."""
+        """The request for the model (the history, then the caller's `text`), and its Reply, now last in history."""
         # The caller went on talking before hearing any of the last reply:
         # it was one turn with a pause in it, so answer the whole of it.
         if self.history and self.history[-1].caller_said is not None and not self.history[-1].heard_any():
@@ -1748,15 +1731,14 @@ def make_agent(settings: Settings) -> Agent:
     for a mouth. Otherwise the offline echo test: loudness for ears, the caller's own words back."""
     if not settings.uses_ai:
         speech_min_s = settings.barge_in_min_ms / 1000
-        transfers = bool(settings.transfer_number)  # pressing 0 hands the call to TRANSFER_NUMBER
+        transfers = bool(settings.transfer_number)
         return Agent(ears=lambda media_format, listener, _: EnergyEars(media_format, listener, speech_min_s),
                      responder=lambda _: EchoResponder(settings.offline_max_turns, transfers),
                      digit_pause_s=0.3)  # keys typed in a quick run are echoed together, just after it
-    # One client for the process: its pool keeps TLS sessions warm between turns. Sized to the calls:
-    # each may stream one LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing
-    # (whose speech has usually all come: it comes faster than it plays); httpx's default of 100,
-    # shared, makes the 34th call's speech wait for a connection. And it keeps that many warm (the
-    # default keeps 20: the rest redo TCP and TLS every turn).
+    # One client for the process: its pool keeps TLS sessions warm between turns. Each call may stream one
+    # LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing (whose speech has usually
+    # all come: it comes faster than it plays); httpx's default pool of 100, shared, makes the 34th call's
+    # speech wait for a connection, and keeps only 20 warm (the rest redo TCP and TLS every turn).
     streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
     pool = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s), limits=pool)
