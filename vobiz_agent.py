@@ -986,15 +986,14 @@ CallLog = Callable[..., None]  # the call's log(level, message, *args, error=Non
 
 
 class Ears(Protocol):
-    """They report to the Call: `speech_started(onset)` (it may stop talking), `turn_ended(turn)`."""
+    """They report to the Call: `speech_started(onset)` (it may stop talking), `turn_ended(turn)`. `hear` is
+    called for every inbound media payload and must never block; `run` is the ears' own task, for ears that
+    need one (a speech-to-text socket)."""
 
     dropped: int  # caller frames dropped on the way to speech-to-text (a slow provider), for the call's log
 
-    def hear(self, payload: bytes) -> None:
-        """Called for every inbound media payload; must never block."""
-
-    async def run(self) -> None:
-        """The ears' own task, for ears that need one (a speech-to-text socket)."""
+    def hear(self, payload: bytes) -> None: ...
+    async def run(self) -> None: ...
 
 
 HANG_UP = "hang_up"  # a reply ended with this: say goodbye and end the call
@@ -1016,8 +1015,7 @@ class Responder(Protocol):
 
 @dataclass(frozen=True)
 class Agent:
-    """What the process's agent gives each call: its ears and its responder (make_agent
-    builds it from the settings: the offline echo test, or the AI agent)."""
+    """What the process's agent gives each call (make_agent builds it: the offline echo test, or the AI agent)."""
 
     ears: Callable[[MediaFormat, Call, CallLog], Ears]
     responder: Callable[[CallLog], Responder]
@@ -1113,7 +1111,7 @@ class EchoResponder:
     """The offline brain and mouth: a chime to greet, each turn played back, and
     after `max_turns` turns (or a long silence) a falling chime and the end of the call."""
 
-    def __init__(self, max_turns: int, transfers: bool = False):
+    def __init__(self, max_turns: int, transfers: bool):
         self.max_turns = max_turns
         self.turns = 0
         self.transfers = transfers  # pressing 0 hands the call to TRANSFER_NUMBER
@@ -1221,8 +1219,8 @@ class DeepgramEars:
         self.queued.set()
 
     def _finalize_if_silent(self) -> None:
-        """Words wait for a final, but neither our VAD nor Deepgram has heard anything for a
-        while: ask Deepgram to finalize, once per stretch of silence."""
+        """Words wait for a final, but neither our VAD nor Deepgram has heard speech for a while: ask
+        Deepgram to finalize, once per stretch of silence."""
         if self.vad.quiet_s == 0.0:
             self.finalize_sent = False  # speech again: a later silence may need its own Finalize
             return
