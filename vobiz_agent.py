@@ -1365,15 +1365,13 @@ class ProviderError(Exception):
     """A provider (LLM or TTS) failed: bad status, timeout, network error, or an error in its stream."""
 
 
-# The model may end the call: it calls this tool after saying goodbye.
 HANG_UP_TOOL = {"type": "function", "function": {
     "name": HANG_UP,
     "description": "End the phone call. Use it only after the caller says goodbye and you have said goodbye too.",
     "parameters": {"type": "object", "properties": {}},
 }}
 
-# With TRANSFER_NUMBER set, the model may hand the caller to a person. The call says
-# "connecting you now" itself, so the model needs to say nothing before calling it.
+# Offered with TRANSFER_NUMBER set. The call says "connecting you now" itself: the model need say nothing first.
 TRANSFER_TOOL = {"type": "function", "function": {
     "name": TRANSFER_CALL,
     "description": "Transfer the phone call to a person. Use it when the caller asks for a human, "
@@ -1591,9 +1589,8 @@ INTERRUPTED = "[the caller interrupted]"
 
 @dataclass
 class Reply:
-    """What the agent said in one go (a reply, the greeting, an apology), utterance by
-    utterance as each was made, and the caller's words it answers. An utterance made but
-    cut off before it played is not heard: what the caller heard is all the model is told."""
+    """What the agent said in one go (a reply, the greeting, an apology), utterance by utterance as each was
+    made, and the caller's words it answers. An utterance cut off before it played is not heard."""
 
     caller_said: str | None = None  # None: words of the agent's own, not an answer
     utterances: list[Utterance] = field(default_factory=list)
@@ -1654,8 +1651,7 @@ class AIResponder:
         if reason != "agent":
             await self._speak("goodbye", FAREWELL, play, Turn())
         elif not self.history or not self.history[-1].utterances:
-            # The model hung up without a word (a reply that is only the tool call): a call
-            # never ends in silence. Otherwise the model said its own goodbye first.
+            # The model hung up without a word (the reply was only the tool call): never end in silence.
             await self._speak("goodbye", GOODBYE, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
@@ -1667,8 +1663,7 @@ class AIResponder:
 
     def _conversation(self, text: str) -> tuple[list[dict], Reply]:
         """The request for the model (the history, then the caller's `text`), and its Reply, now last in history."""
-        # The caller went on talking before hearing any of the last reply:
-        # it was one turn with a pause in it, so answer the whole of it.
+        # The caller went on talking before hearing any of the last reply: one turn with a pause; answer all of it.
         if self.history and self.history[-1].caller_said is not None and not self.history[-1].heard_any():
             text = f"{self.history.pop().caller_said} {text}"
         messages = [{"role": "system", "content": self.settings.system_prompt}]
