@@ -943,9 +943,8 @@ class VobizAPI:
 
 @dataclass
 class Turn:
-    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text. `marks`: when each step
-    of the answer happened (trio.current_time()), for the per-turn latency line; `speech_ended`: when the
-    caller went quiet."""
+    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text. `marks`: when each step of
+    the answer happened (trio.current_time()), for the latency line; `speech_ended`: when the caller went quiet."""
 
     text: str = ""
     audio: bytes = b""
@@ -1731,7 +1730,7 @@ def make_agent(settings: Settings) -> Agent:
     # One client for the process: its pool keeps TLS sessions warm between turns. Each call may stream one
     # LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing (whose speech has usually
     # all come: it comes faster than it plays); httpx's default pool of 100, shared, makes the 34th call's
-    # speech wait for a connection, and keeps only 20 warm (the rest redo TCP and TLS every turn).
+    # speech wait for a connection. All are kept warm (httpx keeps 20: the rest redo TCP and TLS every turn).
     streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
     pool = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s), limits=pool)
