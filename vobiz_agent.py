@@ -912,11 +912,8 @@ class VobizAPI:
 
 @dataclass
 class Turn:
-    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text.
-
-    `marks` collects when each step of the answer happened (trio.current_time()),
-    for the per-turn latency line; `speech_ended` is when the caller went quiet.
-    """
+    """What the caller said: their audio (16-bit PCM at `rate`) and/or its text. `marks`: when each step of
+    the answer happened (trio.current_time()), for the latency line; `speech_ended`: when the caller went quiet."""
 
     text: str = ""
     audio: bytes = b""
@@ -957,15 +954,14 @@ CallLog = Callable[..., None]  # the call's log(level, message, *args, error=Non
 
 
 class Ears(Protocol):
-    """They report to the Call: `speech_started(onset)` (it may stop talking), `turn_ended(turn)`."""
+    """They report to the Call: `speech_started(onset)` (it may stop talking), `turn_ended(turn)`. `hear` is
+    called for every inbound media payload and must never block; `run` is the ears' own task, for ears that
+    need one (a speech-to-text socket)."""
 
     dropped: int  # caller frames dropped on the way to speech-to-text (a slow provider), for the call's log
 
-    def hear(self, payload: bytes) -> None:
-        """Called for every inbound media payload; must never block."""
-
-    async def run(self) -> None:
-        """The ears' own task, for ears that need one (a speech-to-text socket)."""
+    def hear(self, payload: bytes) -> None: ...
+    async def run(self) -> None: ...
 
 
 HANG_UP = "hang_up"  # a reply ended with this: say goodbye and end the call
@@ -973,27 +969,21 @@ TRANSFER_CALL = "transfer_call"  # or with this: hand the call to a person
 
 
 class Responder(Protocol):
-    """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns
-    the tool the reply ended with: None (talk on), HANG_UP (say goodbye, end the call) or TRANSFER_CALL
-    (to a person). `resume`: a reconnect landed where the conversation is not known ("sorry, we were
-    cut off"); `announce`: a fixed line for the call ("connecting you now"); `farewell(reason)`: the
-    goodbye, for the reason the call was given to Call.end ("agent": the reply ended with HANG_UP)."""
+    """The brain and mouth of one call: they speak by awaiting `play(utterance)`. `reply` returns the tool
+    the reply ended with: None (talk on), HANG_UP or TRANSFER_CALL. `resume`: a reconnect landed where the
+    conversation is not known ("sorry, we were cut off"); `announce`: a fixed line ("connecting you now");
+    `farewell(reason)`: the goodbye, for the reason given to Call.end ("agent": the reply ended with HANG_UP)."""
 
     async def greet(self, play: Play) -> None: ...
-
     async def resume(self, play: Play) -> None: ...
-
     async def reply(self, turn: Turn, play: Play) -> str | None: ...
-
     async def announce(self, label: str, text: str, play: Play) -> None: ...
-
     async def farewell(self, reason: str, play: Play) -> None: ...
 
 
 @dataclass(frozen=True)
 class Agent:
-    """What the process's agent gives each call: its ears and its responder (make_agent
-    builds it from the settings: the offline echo test, or the AI agent)."""
+    """What the process's agent gives each call (make_agent builds it: the offline echo test, or the AI agent)."""
 
     ears: Callable[[MediaFormat, Call, CallLog], Ears]
     responder: Callable[[CallLog], Responder]
@@ -1002,13 +992,12 @@ class Agent:
 
 
 class VoiceActivity:
-    """Is this frame speech? Loud enough, and well above the line's noise floor, which is learnt
-    from the quiet frames (quickly down, slowly up): a noisy line raises the bar, a quiet one lowers
-    it. Also how long the current run of speech has lasted: dips inside a word don't end it, a gap does."""
+    """Is this frame speech? Loud enough, and well above the noise floor learnt from the quiet frames (quickly
+    down, slowly up). Also how long the current run of speech has lasted: dips inside a word don't end it."""
 
     MIN_THRESHOLD = 300  # rms of 16-bit samples, about -40 dBFS: below this nothing is speech
     ABOVE_FLOOR = 4.0  # speech is 12 dB above the noise floor
-    GAP_TOLERANCE_S = 0.10
+    GAP_TOLERANCE_S = 0.10  # a gap longer than this ends a run of speech
 
     def __init__(self) -> None:
         self.noise_floor = 100.0
@@ -1090,7 +1079,7 @@ class EchoResponder:
     """The offline brain and mouth: a chime to greet, each turn played back, and
     after `max_turns` turns (or a long silence) a falling chime and the end of the call."""
 
-    def __init__(self, max_turns: int, transfers: bool = False):
+    def __init__(self, max_turns: int, transfers: bool):
         self.max_turns = max_turns
         self.turns = 0
         self.transfers = transfers  # pressing 0 hands the call to TRANSFER_NUMBER
@@ -1124,19 +1113,17 @@ class EchoResponder:
 class DeepgramEars:
     """The AI agent's ears: Deepgram live transcription over a WebSocket, and turn-taking from it.
 
-    hear() never waits: payloads go into a short queue that a sender task drains into Deepgram's
-    socket, so a slow Deepgram never delays reading Vobiz's frames. The queue holds BUFFER_S of
-    audio: a transcript of older audio would end the turn that much late, so when it is full
-    (Deepgram slow, or away) the oldest frame is dropped, counted, and logged once per burst.
+    hear() never waits: a sender task drains a short queue into Deepgram, so a slow Deepgram never delays
+    reading Vobiz's frames. A transcript of older audio would end the turn that much late, so when the
+    queue is full (Deepgram slow, or away) the oldest frame is dropped, counted, and logged once per burst.
 
-    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd` when finals
-    are pending and no newer words are. If our own VAD has heard silence for the endpointing time
-    plus FINALIZE_MARGIN_S and no final came (noise can keep Deepgram's endpointing from firing),
-    we send `Finalize`. A possible barge-in (SpeechStarted) is confirmed once the caller has spoken
-    for `barge_in_min_s` by our own energy measure, or once words arrive.
-    """
+    A turn ends at `speech_final`, at a `from_finalize` result, or at `UtteranceEnd` when finals are pending
+    and no newer words are. When our VAD has heard silence for the endpointing time plus FINALIZE_MARGIN_S
+    and no final came (noise can keep Deepgram's endpointing from firing), we send `Finalize`. A possible
+    barge-in (SpeechStarted) is confirmed once our energy measure has heard `barge_in_min_s` of speech, or
+    once words arrive."""
 
-    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram; older audio is dropped
+    BUFFER_S = 0.3  # the most caller audio waiting for Deepgram
     KEEPALIVE_S = 4.0  # Deepgram closes a stream that gets no audio for about 10 s
     BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     APOLOGY_AFTER_S = 2.0  # no usable connection this long: tell the caller rather than leave them in silence
@@ -1200,8 +1187,8 @@ class DeepgramEars:
         self.queued.set()
 
     def _finalize_if_silent(self) -> None:
-        """Words wait for a final, but neither our VAD nor Deepgram has heard anything for a
-        while: ask Deepgram to finalize, once per stretch of silence."""
+        """Words wait for a final, but neither our VAD nor Deepgram has heard speech for a while: ask
+        Deepgram to finalize, once per stretch of silence."""
         if self.vad.quiet_s == 0.0:
             self.finalize_sent = False  # speech again: a later silence may need its own Finalize
             return
@@ -1264,12 +1251,9 @@ class DeepgramEars:
         self.listener.turn_ended(turn)
 
     async def run(self) -> None:
-        """Stay connected for the whole call, reconnecting with backoff.
-
-        An outage lasts until a connection has stayed up USABLE_AFTER_S: a Deepgram
-        that accepts and then closes every stream is as down as one that refuses,
-        so its reconnects back off too. Once an outage reaches APOLOGY_AFTER_S, the
-        caller hears the apology (once per outage), rather than silence."""
+        """Stay connected for the whole call, reconnecting with backoff. An outage lasts until a connection
+        has stayed up USABLE_AFTER_S (a Deepgram that accepts, then closes, every stream is as down as one
+        that refuses); once it reaches APOLOGY_AFTER_S the caller hears the apology, once per outage."""
         failures, down_since, apologized = 0, trio.current_time(), False  # no usable connection yet
         while True:
             problem, lasted = await self._stream(failures)
@@ -1349,15 +1333,13 @@ class ProviderError(Exception):
     """A provider (LLM or TTS) failed: bad status, timeout, network error, or an error in its stream."""
 
 
-# The model may end the call: it calls this tool after saying goodbye.
 HANG_UP_TOOL = {"type": "function", "function": {
     "name": HANG_UP,
     "description": "End the phone call. Use it only after the caller says goodbye and you have said goodbye too.",
     "parameters": {"type": "object", "properties": {}},
 }}
 
-# With TRANSFER_NUMBER set, the model may hand the caller to a person. The call says
-# "connecting you now" itself, so the model needs to say nothing before calling it.
+# Offered with TRANSFER_NUMBER set. The call says "connecting you now" itself: the model need say nothing first.
 TRANSFER_TOOL = {"type": "function", "function": {
     "name": TRANSFER_CALL,
     "description": "Transfer the phone call to a person. Use it when the caller asks for a human, "
@@ -1370,17 +1352,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class ProviderAPI:
-    """The OpenAI-compatible HTTP API: chat completions streamed as server-sent events (one
-    JSON chunk each), and speech streamed as raw PCM; and how to read what comes back.
-
-    One for the process, shared by every call: what one call learns of the chat server
-    (that its model takes no tools), the next call knows.
-    """
+    """The OpenAI-compatible HTTP API: chat completions streamed as server-sent events (one JSON chunk each),
+    speech as raw PCM, and how to read them. One for the process: what one call learns of the chat server
+    (that its model takes no tools), the next call knows."""
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient):
         self.settings = settings
         self.client = client
-        # What the model may do besides talking: end the call, and with TRANSFER_NUMBER, transfer it.
         self.tools = [HANG_UP_TOOL, TRANSFER_TOOL] if settings.transfer_number else [HANG_UP_TOOL]
         self.takes_tools = True  # until the chat server refuses them; then they are never offered again
 
@@ -1443,11 +1421,9 @@ class ProviderAPI:
 
     @classmethod
     async def server_sent_events(cls, lines: AsyncIterator[str]) -> AsyncIterator[str]:
-        """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r).
-
-        An event is `field: value` lines ended by a blank line; lines starting with ":"
-        are comments (keep-alives such as ": OPENROUTER PROCESSING"). `event: error` is
-        the provider reporting a failure mid-stream (Groq does), so it becomes a ProviderError."""
+        """The data of each event in a text/event-stream (lines already split at \\n, \\r\\n or \\r): `field: value`
+        lines ended by a blank line; lines starting with ":" are comments (keep-alives such as ": OPENROUTER
+        PROCESSING"). `event: error` is the provider reporting a failure mid-stream (Groq does): a ProviderError."""
         event, data = "", []
         async for line in lines:
             if line:
@@ -1467,12 +1443,10 @@ class ProviderAPI:
 
     @classmethod
     def chat_delta(cls, data: str, tools_called: set[str]) -> str:
-        """The text one streamed chunk adds to the reply (of choice 0); the names of tools it
-        calls go into `tools_called`. An error object in the chunk (OpenRouter sends them)
-        raises ProviderError. Any other shape, however odd, adds nothing: it never breaks a call.
-
-        `content` is a string, null, or (Mistral's reasoning models) a list of typed parts,
-        of which only the `text` parts are the answer. Reasoning fields are never read."""
+        """The text one streamed chunk adds to the reply (of choice 0); the names of tools it calls go into
+        `tools_called`. An error object in the chunk (OpenRouter sends them) raises ProviderError; any other
+        shape, however odd, adds nothing. `content` is a string, null, or (Mistral's reasoning models) a list
+        of typed parts, of which only the `text` parts are the answer. Reasoning fields are never read."""
         chunk = cls._json(data)
         if _get(chunk, "error"):
             raise ProviderError(f"LLM: {cls._error_message(chunk)}")
@@ -1491,10 +1465,9 @@ class ProviderAPI:
 
     @staticmethod
     async def without_reasoning(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Leave out the reasoning that R1/QwQ-style models write at the start of their
-        content as <think>…</think> (Together, the Hugging Face router, Ollama and vLLM
-        pass it on), however the chunks cut the tags. A reply that opens otherwise is
-        passed on untouched, held back only while it could still be the opening tag."""
+        """Leave out the <think>…</think> that R1/QwQ-style models open their content with (Together, the
+        Hugging Face router, Ollama and vLLM pass it on), however the chunks cut the tags. A reply that opens
+        otherwise is passed on untouched, held back only while it could still be the opening tag."""
         state, held = "opening", ""  # opening → (thinking → after) → answer
         async for token in tokens:
             if state == "answer":
@@ -1544,11 +1517,9 @@ ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "st", "jr", "sr", "prof", "vs", "etc",
 
 
 def speakable_end(text: str, first: bool) -> int | None:
-    """Where the first piece ready for speech ends in `text`, or None if it isn't complete.
-
-    The first piece of a reply may end at a comma: the caller hears the agent
-    start a few hundred milliseconds sooner. After that, whole sentences.
-    """
+    """Where the first piece ready for speech ends in `text`, or None if it isn't complete. The first piece
+    of a reply may end at a comma (the caller hears the agent a few hundred milliseconds sooner); later
+    pieces are whole sentences."""
     marks = SENTENCE_ENDS + CLAUSE_ENDS if first else SENTENCE_ENDS
     shortest = FIRST_PIECE_MIN_CHARS if first else SENTENCE_MIN_CHARS
     for i, char in enumerate(text):
@@ -1574,9 +1545,6 @@ async def speakable_pieces(tokens: AsyncIterator[str]) -> AsyncIterator[str]:
         yield pending.strip()
 
 
-
-
-
 LLM_APOLOGY = "Sorry, I'm having trouble thinking right now. Could you say that again?"
 TRANSFER_LINE = "Connecting you now, please hold."
 TRANSFER_APOLOGY = "Sorry, I couldn't connect you to a person just now. Let's carry on."
@@ -1589,9 +1557,8 @@ INTERRUPTED = "[the caller interrupted]"
 
 @dataclass
 class Reply:
-    """What the agent said in one go (a reply, the greeting, an apology), utterance by
-    utterance as each was made, and the caller's words it answers. An utterance made but
-    cut off before it played is not heard: what the caller heard is all the model is told."""
+    """What the agent said in one go (a reply, the greeting, an apology), utterance by utterance as each was
+    made, and the caller's words it answers. An utterance cut off before it played is not heard."""
 
     caller_said: str | None = None  # None: words of the agent's own, not an answer
     utterances: list[Utterance] = field(default_factory=list)
@@ -1609,18 +1576,16 @@ class Reply:
 class AIResponder:
     """One call's conversation with the language model, spoken sentence by sentence.
 
-    A reply is three things at once, all inside the call's reply scope: the LLM stream is cut
-    into sentences; each sentence's TTS request starts as soon as it is complete, before it is
-    handed to the player; the player plays them in order. Handing over waits while PREFETCH
-    sentences are queued for the player, so while one plays up to PREFETCH + 1 more are being
-    synthesized (the queued ones and the one waiting to join them), and the LLM stream is read
-    no further until the player takes the next. Cancelling the scope closes every HTTP stream.
+    A reply is three things at once, inside the call's reply scope: the LLM stream is cut into sentences;
+    each sentence's TTS request starts as soon as it is complete, before it goes to the player; the player
+    plays them in order. Handing over waits while PREFETCH sentences are queued, so while one plays up to
+    PREFETCH + 1 more are being synthesized (the queued ones and the one waiting to join them), and the LLM
+    stream is read no further until the player takes the next. Cancelling the scope closes every stream.
 
-    History is the call's Replies, and the model is told only what the caller heard of each:
-    it is read when the next request is built, after Vobiz has acknowledged or voided each checkpoint.
-    """
+    History is the call's Replies; the model is told only what the caller heard of each, read when the next
+    request is built, after Vobiz has acknowledged or voided each checkpoint."""
 
-    PREFETCH = 1  # sentences queued for the player; one more is synthesized while it waits to join them
+    PREFETCH = 1  # sentences queued for the player
 
     def __init__(self, settings: Settings, api: ProviderAPI, log: CallLog):
         self.settings = settings
@@ -1654,8 +1619,7 @@ class AIResponder:
         if reason != "agent":
             await self._speak("goodbye", FAREWELL, play, Turn())
         elif not self.history or not self.history[-1].utterances:
-            # The model hung up without a word (a reply that is only the tool call): a call
-            # never ends in silence. Otherwise the model said its own goodbye first.
+            # The model hung up without a word (the reply was only the tool call): never end in silence.
             await self._speak("goodbye", GOODBYE, play, Turn())
 
     async def _speak(self, label: str, text: str, play: Play, turn: Turn) -> None:
@@ -1666,10 +1630,8 @@ class AIResponder:
             await play(self._utterance(text, turn, nursery, said, label))
 
     def _conversation(self, text: str) -> tuple[list[dict], Reply]:
-        """The request for the model (the history, then the caller's `text`), and the reply
-        to it, already last in the history."""
-        # The caller went on talking before hearing any of the last reply:
-        # it was one turn with a pause in it, so answer the whole of it.
+        """The request for the model (the history, then the caller's `text`), and its Reply, now last in history."""
+        # The caller went on talking before hearing any of the last reply: one turn with a pause; answer all of it.
         if self.history and self.history[-1].caller_said is not None and not self.history[-1].heard_any():
             text = f"{self.history.pop().caller_said} {text}"
         messages = [{"role": "system", "content": self.settings.system_prompt}]
@@ -1730,15 +1692,14 @@ def make_agent(settings: Settings) -> Agent:
     for a mouth. Otherwise the offline echo test: loudness for ears, the caller's own words back."""
     if not settings.uses_ai:
         speech_min_s = settings.barge_in_min_ms / 1000
-        transfers = bool(settings.transfer_number)  # pressing 0 hands the call to TRANSFER_NUMBER
+        transfers = bool(settings.transfer_number)
         return Agent(ears=lambda media_format, listener, _: EnergyEars(media_format, listener, speech_min_s),
                      responder=lambda _: EchoResponder(settings.offline_max_turns, transfers),
                      digit_pause_s=0.3)  # keys typed in a quick run are echoed together, just after it
-    # One client for the process: its pool keeps TLS sessions warm between turns. Sized to the calls:
-    # each may stream one LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing
-    # (whose speech has usually all come: it comes faster than it plays); httpx's default of 100,
-    # shared, makes the 34th call's speech wait for a connection. And it keeps that many warm (the
-    # default keeps 20: the rest redo TCP and TLS every turn).
+    # One client for the process: its pool keeps TLS sessions warm between turns. Each call may stream one
+    # LLM reply and the speech of PREFETCH + 1 sentences ahead of the one playing (whose speech has usually
+    # all come: it comes faster than it plays); httpx's default pool of 100, shared, makes the 34th call's
+    # speech wait for a connection. All are kept warm (httpx keeps 20: the rest redo TCP and TLS every turn).
     streams = (1 + 1 + AIResponder.PREFETCH) * settings.max_calls
     pool = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     client = httpx.AsyncClient(timeout=httpx.Timeout(settings.openai_timeout_s), limits=pool)
