@@ -1791,9 +1791,8 @@ def make_agent(settings: Settings) -> Agent:
 
 
 class Transcript:
-    """What was said in one call, in order, logged as one record when it ends: every turn, every
-    line of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
-    No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
+    """What was said in one call, logged as one record at its end: turns, keys, a transfer, and each
+    agent line, heard or cut off. No audio, no secrets. LOG_FORMAT=json has it as fields."""
 
     def __init__(self) -> None:
         self.entries: list[dict] = []  # an agent's line is {"utterance": …} until the end: it may yet be heard
@@ -1848,13 +1847,11 @@ class Transcript:
 
 class Player:
     """The agent's voice on one stream: paced playAudio frames, a checkpoint after each utterance,
-    and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
+    and what the caller heard (Vobiz acks a checkpoint once it has played it).
 
-    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter. When our own
-    wake-ups come late (a busy event loop), the lead grows to cover that lateness, up to LEAD_MAX_S,
-    and shrinks back (halving its excess every LEAD_HALF_LIFE_S) once they are on time again. A
-    barge-in flushes whatever is queued with one clearAudio, so a larger lead does not mean the
-    agent talks over the caller for longer."""
+    Pacing keeps at least LEAD_S queued at Vobiz, to ride out network jitter. Late wake-ups (a busy
+    event loop) grow the lead to cover them, up to LEAD_MAX_S; on time again, its excess halves every
+    LEAD_HALF_LIFE_S. A barge-in's clearAudio flushes the queue, so a longer lead is not longer overlap."""
 
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
@@ -1911,9 +1908,8 @@ class Player:
                 await self.acked.wait()
 
     def interrupt(self, onset: float) -> Turn | None:
-        """The caller talks over the agent, and clear_audio flushes Vobiz's queue: what was queued
-        is never played nor acked. New audio waits for clearedAudio, or it would race the flush and
-        lose its start. Returns the turn being answered, for its barge-in latency marks."""
+        """A barge-in: what was queued is never played nor acked. New audio waits for clearedAudio, or it
+        would race the flush and lose its start. Returns the turn being answered, for its latency marks."""
         self.transcript.cut_off()
         self.unheard.clear()
         self.play_clock = trio.current_time()
@@ -1949,9 +1945,8 @@ class Player:
         await self._pace()
 
     async def _pace(self) -> None:
-        """Wait until Vobiz has only `lead` left to play. Two frames go out per
-        wake-up (half the timers of one per frame), and how late the wake-up
-        comes sets the lead: the next stall of that size is covered."""
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per wake-up (half the timers
+        of one per frame), and how late it comes sets the lead: the next stall of that size is covered."""
         self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
         wake = self.play_clock - self.lead
         if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
@@ -2088,8 +2083,7 @@ class Call:
         self.caller_audio_origin = min(self.caller_audio_origin, self.last_media - self.caller_audio_s)
 
     def behind_s(self) -> float:
-        """How far behind real time we read the caller's audio (Vobiz sends it in real
-        time, so the best time we ever read it at is the on-time mark)."""
+        """How far behind real time we read the caller's audio (Vobiz sends it in real time: our best is on time)."""
         if not self.caller_audio_s:
             return 0.0
         return self.last_media - self.caller_audio_s - self.caller_audio_origin
@@ -2105,8 +2099,7 @@ class Call:
             self._complain("keypad", "key press dropped: too many are waiting")
 
     async def collect_keys(self, keys: trio.MemoryReceiveChannel[str]) -> None:
-        """Key presses → "digits" turns: the keys pressed until '#' or a pause of the agent's
-        `digit_pause_s` (the '#' that ends them is not one of them)."""
+        """Key presses → "digits" turns: the keys until '#' (not one of them) or a pause of `digit_pause_s`."""
         async for key in keys:
             digits = key
             while digits[-1] != "#":
@@ -2172,9 +2165,8 @@ class Call:
         self.nursery.cancel_scope.cancel()
 
     def end(self, reason: str) -> None:
-        """End the call from our side, for `reason` (the call's last log line names it): stop
-        talking, and take no more turns, so that `converse` goes on to the goodbye. The first
-        reason wins, but a transfer wins over any: the call is a person's now."""
+        """End the call from our side for `reason` (its last log line names it): stop talking, take no
+        more turns, so `converse` goes on to the goodbye. The first reason wins, but a transfer wins over any."""
         if self.ended_by == "hang-up" or reason == "transfer":
             self.ended_by = reason
             if self.reply_scope is not None:
@@ -2193,8 +2185,7 @@ class Call:
         return outcome
 
     async def transfer(self) -> bool:
-        """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
-        to move the call to our /transfer XML. True if Vobiz took the request."""
+        """Say so, let it play (a little), ask Vobiz to move the call to our /transfer XML. True if it did."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
         await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
         api = VobizAPI(self.switchboard.settings)
@@ -2210,8 +2201,7 @@ class Call:
         return False
 
     async def respond(self, responder: Callable[[Play], Awaitable[object]]) -> object:
-        """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
-        Returns what the responder returned, or None if it was cut off."""
+        """Run one reply in a cancel scope, which barge-in (or hang-up) cancels. None if it was cut off."""
         result = None
         with trio.CancelScope() as self.reply_scope:
             result = await responder(self.player.play)
@@ -2229,9 +2219,8 @@ class Call:
     # The watchdog: a call that carries nothing, or goes on too long, is ended.
 
     async def watch_for_silence(self) -> None:
-        """A socket without a valid `start` soon, or without valid media for IDLE_TIMEOUT_S, is
-        a stuck or hostile peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted
-        from when the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
+        """No valid `start` soon, or no valid media for IDLE_TIMEOUT_S: a stuck or hostile peer, cut at once.
+        SILENCE_TIMEOUT_S after the caller or the agent last spoke, or MAX_CALL_S: a goodbye, then `stop`."""
         settings = self.switchboard.settings
         with trio.move_on_at(self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)):
             await self.begun.wait()
@@ -2283,8 +2272,9 @@ class Call:
         onset, cleared = marks.pop("barge_in_onset", None), marks.pop("clear_audio_sent", None)
         steps: dict[str, int | bool] = {step: round((at - turn.speech_ended) * 1000) for step, at in marks.items()}
         if heard or due:
-            self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
-            steps["first_frame_heard"] = round(((heard or due) - turn.speech_ended) * 1000)
+            latency = (heard or due) - turn.speech_ended
+            self.switchboard.metrics.turn_latency.observe(latency)
+            steps["first_frame_heard"] = round(latency * 1000)
             steps["heard_is_estimate"] = heard is None
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
@@ -2308,9 +2298,8 @@ def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args
 
 
 class Metrics:
-    """The app's Prometheus metrics, served by /metrics. Each app has its own registry, so several
-    servers in one process (the tests start many) keep their own counts; `name` is the metric's
-    name without `vobiz_agent_`."""
+    """The app's Prometheus metrics (/metrics), in a registry per app: the tests start many servers in
+    one process. `name` is the metric's name without `vobiz_agent_`."""
 
     HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
@@ -2344,8 +2333,6 @@ class Metrics:
                                                         registry=self.registry)
         self.gauges[name].set(value)
 
-    def observe_turn_latency(self, seconds: float) -> None:
-        self.turn_latency.observe(seconds)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -2360,20 +2347,17 @@ prometheus_client.disable_created_metrics()  # no `_created` series beside every
 class LoadMonitor:
     """How loaded this process is, measured: what admission decides on, and /health shows.
 
-    Past one core's capacity every live call degrades at once (gappy audio, late replies),
-    so a new call must be refused *before* that. The measures, each over the last WINDOW_S:
-    - lag: a tiny task asks to wake every TICK_S and notes how late it woke. Every call's
-      timers and frames wait in the same queue, so they are that late too. The worst counts.
-    - CPU: the process's CPU time as a share of one core. A new call is admitted only if the
-      CPU with it stays under the threshold, counting every live call at the cost per call
-      last measured while most calls were settled (a call that began within the window has
-      cost only part of it), so a burst of new calls does not look cheap.
-    - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
-      real time, so a backlog means we are not keeping up); the median call's, so that one
-      caller's bad network does not count.
-    And, over the last second only: starts, the calls answered in it (a burst of set-ups stalls
-    the loop before the CPU figure shows it).
-    """
+    Past one core's capacity every live call degrades at once (gappy audio, late replies), so a new
+    call must be refused *before* that. Over the last WINDOW_S:
+    - lag: how late a task that wakes every TICK_S woke (the worst); every call's timers and frames
+      wait in the same queue.
+    - CPU: the process's share of one core. A new call must keep it under the threshold, each live
+      call counted at the cost per call last measured while most calls were settled (a new one has
+      cost only part of the window), so a burst of new calls does not look cheap.
+    - behind: how far behind real time the median call reads its caller's audio (one caller's bad
+      network does not count).
+    And over the last second: starts, the calls answered (a burst of set-ups stalls the loop before
+    the CPU figure shows it)."""
 
     TICK_S = 0.05
     WINDOW_S = 3.0
@@ -2429,11 +2413,6 @@ class LoadMonitor:
                             ("cpu_share_per_call", self.cpu_per_call), ("inbound_behind_seconds", self.behind_s)):
             self.metrics.set_gauge(name, value)
 
-    def call_started(self) -> None:
-        self.starts.append(trio.current_time())
-
-    def call_ended(self, call: Call) -> None:
-        self.ended.append((call.began, trio.current_time()))
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
@@ -2460,15 +2439,10 @@ class LoadMonitor:
 
 
 class Switchboard:
-    """What the calls of one process share: the agent, the live calls, their
-    conversations (kept a while after a socket closes, so a Vobiz reconnect
-    with the same callId goes on where it stopped), the counters, and whether
-    we are draining for shutdown.
-
-    A call holds a slot from the moment /answer accepts it: a burst of answers
-    cannot overshoot MAX_CALLS while their sockets are on the way. A slot whose
-    socket never comes is released after SOCKET_WAIT_S.
-    """
+    """What the calls of one process share: the agent, the live calls, their conversations (kept a
+    while after a socket closes, so a Vobiz reconnect with the same callId goes on), the counters,
+    and whether we are draining. A call holds a slot from /answer on, so a burst of answers cannot
+    overshoot MAX_CALLS; a slot whose socket never comes is released after SOCKET_WAIT_S."""
 
     RESUME_WINDOW_S = 120.0
     SOCKET_WAIT_S = 10.0  # Vobiz opens the socket within a second or two of our answer
@@ -2504,19 +2478,16 @@ class Switchboard:
         return self.live(call_id) or call_id in self.expected or call_id in self.conversations
 
     def issue_media_url(self, call_id: str, base: str) -> str:
-        """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`); the call
-        holds its slot from now until its socket comes (or does not)."""
+        """The media WebSocket URL for one answer of one call; its slot is held until the socket comes (or not)."""
         token = StreamToken(self.settings.stream_secret).issue(call_id)
         self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
-        self.load.call_started()
+        self.load.starts.append(trio.current_time())
         return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
     def admit(self, call_id: str) -> tuple[str | None, bool]:
-        """At a socket's door: (why it is refused or None, whether this process answered it).
-
-        While a socket of the call is live, another is refused: one URL, one call. But after a
-        network drop our side of the old socket may not have seen the end yet (no FIN ever
-        came): one that has carried no media for DEAD_SOCKET_S makes way for the reconnect."""
+        """At a socket's door: (why it is refused or None, whether this process answered it). While a
+        socket of the call is live, another is refused; but after a network drop the old one may never
+        see a FIN: one without media for DEAD_SOCKET_S makes way for the reconnect."""
         for call in [call for call in self.calls if call.call_id == call_id]:
             if trio.current_time() - call.last_media < self.DEAD_SOCKET_S:
                 return "already connected", False
@@ -2544,7 +2515,7 @@ class Switchboard:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
-        self.load.call_ended(call)
+        self.load.ended.append((call.began, trio.current_time()))
         self._forget_old()
         # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
         # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
