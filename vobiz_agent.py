@@ -1931,8 +1931,7 @@ class Player:
             if waited.cancelled_caught:
                 self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
                 self.cleared.set()
-        # Real time with a lead: Vobiz queues what we send, and everything
-        # queued is what a barge-in must flush, so don't send in a burst.
+        # Real time with a lead: all that Vobiz has queued, a barge-in must flush, so no bursts.
         now = trio.current_time()
         starts = max(self.play_clock, now)
         self.play_clock = starts + FRAME_SECONDS
@@ -2013,8 +2012,7 @@ class Call:
                 self.transcript.log(self.call_id, self.ended_by, trio.current_time() - self.began)
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
 
-    # Inbound: everything Vobiz sends. Nothing in here waits for anything but
-    # the next frame, so acks are seen even while the agent is busy talking.
+    # Inbound: everything Vobiz sends. Nothing here waits but for the next frame: acks are seen while talking.
 
     async def listen_to_vobiz(self) -> None:
         try:
@@ -2059,8 +2057,7 @@ class Call:
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
         detached_log = partial(log_for_call, self.call_id, self.switchboard.metrics)
         self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
-        # A reconnect that lands where the conversation is not known (another process,
-        # or this one after a restart) cannot go on: it says so instead of greeting again.
+        # A reconnect where the conversation is unknown (another process, a restart) cannot go on: it says so.
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
@@ -2083,7 +2080,7 @@ class Call:
         self.caller_audio_origin = min(self.caller_audio_origin, self.last_media - self.caller_audio_s)
 
     def behind_s(self) -> float:
-        """How far behind real time we read the caller's audio (Vobiz sends it in real time: our best is on time)."""
+        """How far behind real time we read the caller's audio (Vobiz sends it in real time)."""
         if not self.caller_audio_s:
             return 0.0
         return self.last_media - self.caller_audio_s - self.caller_audio_origin
@@ -2123,8 +2120,7 @@ class Call:
             turn = self.player.interrupt(onset)
             self.nursery.start_soon(self.player.clear_audio, turn)
         elif self.reply_scope is not None:
-            # Still thinking, nothing heard yet: the caller had only paused. Drop
-            # the reply; the responder hears the rest as part of the same turn.
+            # Still thinking, nothing heard: the caller had only paused. The responder hears it all as one turn.
             self.log(logging.INFO, "the caller went on talking: reply dropped before it was heard")
             self.reply_scope.cancel()
 
@@ -2139,9 +2135,8 @@ class Call:
         except trio.ClosedResourceError:
             pass  # the call is ending: a goodbye is on its way, or a person answers now
 
-    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever
-    # ends a call from our side (the agent's hang_up, the caller's silence, MAX_CALL_S,
-    # a drain, a transfer) calls end(reason), and this one method takes it from there.
+    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever ends a call from our
+    # side (hang_up, the caller's silence, MAX_CALL_S, a drain, a transfer) calls end(reason).
 
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
@@ -2157,8 +2152,7 @@ class Call:
                 self.end("agent")
             elif outcome == TRANSFER_CALL and await self.transfer():
                 return  # Vobiz moves the call and closes this stream: no goodbye, no stop
-        # Play the farewell, wait (a little) until Vobiz has played everything, then stop:
-        # a `stop` drops whatever is still queued, last words included.
+        # The farewell, a little wait until Vobiz has played it all (a `stop` drops what is queued), stop.
         await self.respond(partial(self.responder.farewell, self.ended_by))
         await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
         await self.send(self.player.outbound.stop())
@@ -2402,9 +2396,8 @@ class LoadMonitor:
         live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
         gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
         new = sum(call.began > start for call in self.calls)
-        # Learnt only from a window of settled calls: new ones cost more at first, a window of
-        # calls that have gone is mostly idle time, and a handful would each carry the process's
-        # own upkeep.
+        # Learnt only from settled calls: new ones cost more at first, a window of calls that have
+        # gone is mostly idle time, and a handful would each carry the process's own upkeep.
         if live >= self.LEARN_FROM_CALLS and new <= len(self.calls) / 4 and gone <= live / 4:
             self.cpu_per_call = self.cpu / (live + gone)
         behind = sorted(call.behind_s() for call in self.calls)
@@ -2517,9 +2510,8 @@ class Switchboard:
         self.calls.discard(call)
         self.load.ended.append((call.began, trio.current_time()))
         self._forget_old()
-        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
-        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
-        # come first) may not.
+        # Only a socket that closed on us may come back (or has: a reconnect replaced it); not a call
+        # we or a stop ended, or that Vobiz already said is over (its hangup webhook may come first).
         over = call.call_id in self.hung_up
         self.hung_up.discard(call.call_id)
         if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
@@ -2541,8 +2533,7 @@ class Switchboard:
         return any(call.call_id == call_id for call in self.calls)
 
     def _forget_old(self) -> None:
-        """Release the slots of answers whose socket never came, and drop conversations unseen
-        for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
+        """Release the slots of answers whose socket never came; drop conversations unseen for RESUME_WINDOW_S."""
         now = trio.current_time()
         for call_id, until in list(self.expected.items()):
             if until < now:
@@ -2579,8 +2570,7 @@ XML = {"Content-Type": "application/xml"}  # the headers of a webhook's XML answ
 
 
 def create_app(settings: Settings) -> QuartTrio:
-    """The web app: Vobiz's webhooks, health and metrics, the media WebSocket,
-    and the browser softphone (when settings.serves_phone)."""
+    """Vobiz's webhooks, health and metrics, the media WebSocket, and the softphone (settings.serves_phone)."""
     app = QuartTrio(__name__)
     app.switchboard = switchboard = Switchboard(settings, make_agent(settings))
     app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
@@ -2703,11 +2693,10 @@ async def transfer() -> tuple[bytes, int, dict[str, str]]:
     return ET.tostring(response, encoding="utf-8", xml_declaration=True), 200, XML
 
 
-# The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
-# frames, playAudio → speaker), so anyone can call the agent without a phone number.
-# The page asks /phone/call instead of /answer, so it works when webhooks must be signed,
-# and gets a media URL issued exactly as /answer issues them: the same token check,
-# the same Call, the same logs, metrics and limits.
+# The browser softphone: phone.html plays Vobiz's part (microphone → 20 ms μ-law frames, playAudio →
+# speaker), so anyone can call the agent without a phone number. It asks /phone/call, not /answer (so
+# it works when webhooks must be signed), for a media URL issued as /answer issues them: the same token
+# check, Call, logs, metrics and limits.
 
 
 async def phone() -> Response:
@@ -2754,9 +2743,8 @@ async def prometheus_metrics() -> Response:
 
 
 async def media_stream(call_id: str, token: str) -> Response | None:
-    """The media WebSocket. Everything is checked before the socket is accepted (a refused
-    peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
-    live, and that there is room for it (MAX_CALLS, draining)."""
+    """The media WebSocket. Checked before it is accepted (a refused peer gets an HTTP status, not a
+    call): the URL's MAC, that no socket of this call is live, and room for it (MAX_CALLS, draining)."""
     switchboard, now = current_app.switchboard, time.time()
     tokens = StreamToken(switchboard.settings.stream_secret)
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
@@ -2797,8 +2785,7 @@ async def _webhook_params() -> dict[str, str]:
 
 
 def _request_base(incoming=request) -> str:
-    """The public base URL as the client sees it, through a tunnel or proxy
-    (of a webhook request, or of the media WebSocket: then ws → http, wss → https)."""
+    """The public base URL as the client (a webhook, or the media WebSocket: ws → http) sees it through a proxy."""
     proto = incoming.headers.get("X-Forwarded-Proto", incoming.scheme).split(",")[0].strip()
     host = incoming.headers.get("X-Forwarded-Host", incoming.host).split(",")[0].strip()
     proto = {"ws": "http", "wss": "https"}.get(proto, proto)
@@ -2827,19 +2814,17 @@ class JsonLogFormatter(logging.Formatter):
 
 
 class ServerConfig(HypercornConfig):
-    """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket
-    writes from cancellation, so a peer that stops reading would hold its call, its slot
-    and the shutdown for good. TCP_USER_TIMEOUT on the listening sockets (the accepted
-    ones inherit it) makes the kernel abort such a connection: the write fails and
-    the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
+    """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket writes from
+    cancellation, so a peer that stops reading would hold its call, its slot and the shutdown for good.
+    TCP_USER_TIMEOUT on the listening sockets (inherited when accepted) makes the kernel abort it: the
+    write fails and the call ends like any hang-up. Linux only."""
 
     def __init__(self, settings: Settings):
         super().__init__()
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.bind = [f"{host}:{settings.port}"]
         self.websocket_max_message_size = MAX_MESSAGE_BYTES
-        # A request (headers or body) that sends nothing for this long is closed, so that
-        # unfinished requests can't pile up until the file descriptors run out.
+        # A request that sends nothing for this long is closed: unfinished ones can't use up the descriptors.
         self.read_timeout = settings.http_read_timeout_s
         self.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
         accept_log = logging.getLogger("trio.serve_listeners")
@@ -2969,12 +2954,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
-    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), drain, then exit 0.
-
-    The handler matters in a container: there the program is process 1, and
-    the kernel drops signals that process 1 has not asked for.
-    """
-
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), drain, then exit 0. In a container we are
+    process 1, and the kernel drops signals that process 1 has not asked for."""
     # Asked for before Hypercorn listens: a SIGTERM just after "Running on" is a drain, not a kill.
     # Ignored after the receiver closes: Trio re-raises the signals still queued in it then
     # (a second one during the drain), and they must not turn a clean exit into a kill.
