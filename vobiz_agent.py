@@ -2081,9 +2081,7 @@ class Call:
 
     def behind_s(self) -> float:
         """How far behind real time we read the caller's audio (Vobiz sends it in real time)."""
-        if not self.caller_audio_s:
-            return 0.0
-        return self.last_media - self.caller_audio_s - self.caller_audio_origin
+        return self.last_media - self.caller_audio_s - self.caller_audio_origin if self.caller_audio_s else 0.0
 
     def _key_pressed(self, key: str) -> None:
         self.log(logging.INFO, "caller pressed %s", key)
@@ -2327,10 +2325,6 @@ class Metrics:
                                                         registry=self.registry)
         self.gauges[name].set(value)
 
-
-    def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
-
     def _help(self, name: str) -> str:
         return self.HELP.get(name, name.replace("_", " "))
 
@@ -2339,19 +2333,15 @@ prometheus_client.disable_created_metrics()  # no `_created` series beside every
 
 
 class LoadMonitor:
-    """How loaded this process is, measured: what admission decides on, and /health shows.
-
-    Past one core's capacity every live call degrades at once (gappy audio, late replies), so a new
-    call must be refused *before* that. Over the last WINDOW_S:
-    - lag: how late a task that wakes every TICK_S woke (the worst); every call's timers and frames
-      wait in the same queue.
-    - CPU: the process's share of one core. A new call must keep it under the threshold, each live
-      call counted at the cost per call last measured while most calls were settled (a new one has
-      cost only part of the window), so a burst of new calls does not look cheap.
-    - behind: how far behind real time the median call reads its caller's audio (one caller's bad
-      network does not count).
-    And over the last second: starts, the calls answered (a burst of set-ups stalls the loop before
-    the CPU figure shows it)."""
+    """How loaded this process is, measured: what admission decides on, and /health shows. Past one
+    core's capacity every live call degrades at once (gappy audio, late replies), so a new call must be
+    refused *before* that. Over the last WINDOW_S:
+    - lag: how late a task that wakes every TICK_S woke (the worst): every call's timers wait in that queue.
+    - CPU: the process's share of one core. A new call must keep it under the threshold, each live call
+      counted at the cost per call measured while most calls were settled, so a burst of new ones
+      (which have cost only part of the window) does not look cheap.
+    - behind: how far behind real time the median call reads its caller's audio (not one bad network).
+    And over the last second, starts: a burst of set-ups stalls the loop before the CPU figure shows it."""
 
     TICK_S = 0.05
     WINDOW_S = 3.0
@@ -2405,7 +2395,6 @@ class LoadMonitor:
         for name, value in (("event_loop_lag_seconds", self.lag_s), ("cpu_share", self.cpu),
                             ("cpu_share_per_call", self.cpu_per_call), ("inbound_behind_seconds", self.behind_s)):
             self.metrics.set_gauge(name, value)
-
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
@@ -2739,7 +2728,8 @@ async def prometheus_metrics() -> Response:
     switchboard = current_app.switchboard
     switchboard.metrics.set_gauge("calls_live", len(switchboard))
     switchboard.metrics.set_gauge("draining", int(switchboard.draining))
-    return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
+    metrics = prometheus_client.generate_latest(switchboard.metrics.registry)
+    return Response(metrics, content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def media_stream(call_id: str, token: str) -> Response | None:
