@@ -2533,7 +2533,7 @@ class Switchboard:
         live = {call.call_id for call in self.calls}
         for call_id, (_, seen) in list(self.conversations.items()):
             if seen >= now - self.RESUME_WINDOW_S:
-                break
+                break  # the dict is in time order: the rest are newer
             if call_id not in live:
                 del self.conversations[call_id]
 
