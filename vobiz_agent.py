@@ -1931,7 +1931,7 @@ class Player:
             if waited.cancelled_caught:
                 self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
                 self.cleared.set()
-        # Real time with a lead: all that Vobiz has queued, a barge-in must flush, so no bursts.
+        # Real time with a lead, never a burst: all that Vobiz has queued, a barge-in must flush.
         now = trio.current_time()
         starts = max(self.play_clock, now)
         self.play_clock = starts + FRAME_SECONDS
@@ -2150,7 +2150,7 @@ class Call:
                 self.end("agent")
             elif outcome == TRANSFER_CALL and await self.transfer():
                 return  # Vobiz moves the call and closes this stream: no goodbye, no stop
-        # The farewell, a little wait until Vobiz has played it all (a `stop` drops what is queued), stop.
+        # Wait (a little) for Vobiz to play the farewell: a `stop` drops whatever is queued, last words included.
         await self.respond(partial(self.responder.farewell, self.ended_by))
         await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
         await self.send(self.player.outbound.stop())
@@ -2290,8 +2290,8 @@ def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args
 
 
 class Metrics:
-    """The app's Prometheus metrics (/metrics), in a registry per app: the tests start many servers in
-    one process. `name` is the metric's name without `vobiz_agent_`."""
+    """The app's Prometheus metrics (/metrics), in a registry per app so that servers sharing a process
+    (the tests start many) keep their own counts. `name` is the metric's name without `vobiz_agent_`."""
 
     HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
