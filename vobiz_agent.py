@@ -1721,9 +1721,8 @@ def make_agent(settings: Settings) -> Agent:
 
 
 class Transcript:
-    """What was said in one call, in order, logged as one record when it ends: every turn, every
-    line of the agent and whether the caller heard it or cut it off, keys, a transfer, the end.
-    No audio, no secrets. LOG_FORMAT=json has it as fields; the text line sums it up."""
+    """What was said in one call, logged as one record at its end: turns, keys, a transfer, and each
+    agent line, heard or cut off. No audio, no secrets. LOG_FORMAT=json has it as fields."""
 
     def __init__(self) -> None:
         self.entries: list[dict] = []  # an agent's line is {"utterance": …} until the end: it may yet be heard
@@ -1778,13 +1777,11 @@ class Transcript:
 
 class Player:
     """The agent's voice on one stream: paced playAudio frames, a checkpoint after each utterance,
-    and what the caller heard of them (Vobiz acks a checkpoint once it has played it).
+    and what the caller heard (Vobiz acks a checkpoint once it has played it).
 
-    Pacing keeps at least LEAD_S queued at Vobiz: enough to ride out network jitter. When our own
-    wake-ups come late (a busy event loop), the lead grows to cover that lateness, up to LEAD_MAX_S,
-    and shrinks back (halving its excess every LEAD_HALF_LIFE_S) once they are on time again. A
-    barge-in flushes whatever is queued with one clearAudio, so a larger lead does not mean the
-    agent talks over the caller for longer."""
+    Pacing keeps at least LEAD_S queued at Vobiz, to ride out network jitter. Late wake-ups (a busy
+    event loop) grow the lead to cover them, up to LEAD_MAX_S; on time again, its excess halves every
+    LEAD_HALF_LIFE_S. A barge-in's clearAudio flushes the queue, so a longer lead is not longer overlap."""
 
     LEAD_S = 0.08
     LEAD_MAX_S = 0.40
@@ -1841,9 +1838,8 @@ class Player:
                 await self.acked.wait()
 
     def interrupt(self, onset: float) -> Turn | None:
-        """The caller talks over the agent, and clear_audio flushes Vobiz's queue: what was queued
-        is never played nor acked. New audio waits for clearedAudio, or it would race the flush and
-        lose its start. Returns the turn being answered, for its barge-in latency marks."""
+        """A barge-in: what was queued is never played nor acked. New audio waits for clearedAudio, or it
+        would race the flush and lose its start. Returns the turn being answered, for its latency marks."""
         self.transcript.cut_off()
         self.unheard.clear()
         self.play_clock = trio.current_time()
@@ -1865,8 +1861,7 @@ class Player:
             if waited.cancelled_caught:
                 self.log(logging.WARNING, "no clearedAudio after %.1f s; speaking anyway", self.CLEARED_TIMEOUT_S)
                 self.cleared.set()
-        # Real time with a lead: Vobiz queues what we send, and everything
-        # queued is what a barge-in must flush, so don't send in a burst.
+        # Real time with a lead, never a burst: all that Vobiz has queued, a barge-in must flush.
         now = trio.current_time()
         starts = max(self.play_clock, now)
         self.play_clock = starts + FRAME_SECONDS
@@ -1879,9 +1874,8 @@ class Player:
         await self._pace()
 
     async def _pace(self) -> None:
-        """Wait until Vobiz has only `lead` left to play. Two frames go out per
-        wake-up (half the timers of one per frame), and how late the wake-up
-        comes sets the lead: the next stall of that size is covered."""
+        """Wait until Vobiz has only `lead` left to play. Two frames go out per wake-up (half the timers
+        of one per frame), and how late it comes sets the lead: the next stall of that size is covered."""
         self.lead = self.LEAD_S + (self.lead - self.LEAD_S) * self.LEAD_SHRINK
         wake = self.play_clock - self.lead
         if wake - trio.current_time() < 1.5 * FRAME_SECONDS:
@@ -1948,8 +1942,7 @@ class Call:
                 self.transcript.log(self.call_id, self.ended_by, trio.current_time() - self.began)
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
 
-    # Inbound: everything Vobiz sends. Nothing in here waits for anything but
-    # the next frame, so acks are seen even while the agent is busy talking.
+    # Inbound: everything Vobiz sends. Nothing here waits but for the next frame: acks are seen while talking.
 
     async def listen_to_vobiz(self) -> None:
         try:
@@ -1994,8 +1987,7 @@ class Call:
         # The responder outlives this Call in the resume window: give it a log that does not hold the Call.
         detached_log = partial(log_for_call, self.call_id, self.switchboard.metrics)
         self.responder, known = self.switchboard.conversation(start.call_id, detached_log)
-        # A reconnect that lands where the conversation is not known (another process,
-        # or this one after a restart) cannot go on: it says so instead of greeting again.
+        # A reconnect where the conversation is unknown (another process, a restart) cannot go on: it says so.
         self.opening = "go on" if known else "greet" if self.fresh else "apologise"
         self.player.outbound = Outbound(start.stream_id)
         self.caller_bytes_per_s = start.media_format.rate * start.media_format.sample_width
@@ -2018,11 +2010,8 @@ class Call:
         self.caller_audio_origin = min(self.caller_audio_origin, self.last_media - self.caller_audio_s)
 
     def behind_s(self) -> float:
-        """How far behind real time we read the caller's audio (Vobiz sends it in real
-        time, so the best time we ever read it at is the on-time mark)."""
-        if not self.caller_audio_s:
-            return 0.0
-        return self.last_media - self.caller_audio_s - self.caller_audio_origin
+        """How far behind real time we read the caller's audio (Vobiz sends it in real time)."""
+        return self.last_media - self.caller_audio_s - self.caller_audio_origin if self.caller_audio_s else 0.0
 
     def _key_pressed(self, key: str) -> None:
         self.log(logging.INFO, "caller pressed %s", key)
@@ -2035,8 +2024,7 @@ class Call:
             self._complain("keypad", "key press dropped: too many are waiting")
 
     async def collect_keys(self, keys: trio.MemoryReceiveChannel[str]) -> None:
-        """Key presses → "digits" turns: the keys pressed until '#' or a pause of the agent's
-        `digit_pause_s` (the '#' that ends them is not one of them)."""
+        """Key presses → "digits" turns: the keys until '#' (not one of them) or a pause of `digit_pause_s`."""
         async for key in keys:
             digits = key
             while digits[-1] != "#":
@@ -2060,8 +2048,7 @@ class Call:
             turn = self.player.interrupt(onset)
             self.nursery.start_soon(self.player.clear_audio, turn)
         elif self.reply_scope is not None:
-            # Still thinking, nothing heard yet: the caller had only paused. Drop
-            # the reply; the responder hears the rest as part of the same turn.
+            # Still thinking, nothing heard: the caller had only paused. The responder hears it all as one turn.
             self.log(logging.INFO, "the caller went on talking: reply dropped before it was heard")
             self.reply_scope.cancel()
 
@@ -2076,9 +2063,8 @@ class Call:
         except trio.ClosedResourceError:
             pass  # the call is ending: a goodbye is on its way, or a person answers now
 
-    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever
-    # ends a call from our side (the agent's hang_up, the caller's silence, MAX_CALL_S,
-    # a drain, a transfer) calls end(reason), and this one method takes it from there.
+    # The call's life: greet, answer turns one at a time, say goodbye, stop. Whatever ends a call from our
+    # side (hang_up, the caller's silence, MAX_CALL_S, a drain, a transfer) calls end(reason).
 
     async def converse(self) -> None:
         # Audio sent before the caller's audio flows is lost on real calls.
@@ -2094,17 +2080,15 @@ class Call:
                 self.end("agent")
             elif outcome == TRANSFER_CALL and await self.transfer():
                 return  # Vobiz moves the call and closes this stream: no goodbye, no stop
-        # Play the farewell, wait (a little) until Vobiz has played everything, then stop:
-        # a `stop` drops whatever is still queued, last words included.
+        # Wait (a little) for Vobiz to play the farewell: a `stop` drops whatever is queued, last words included.
         await self.respond(partial(self.responder.farewell, self.ended_by))
         await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
         await self.send(self.player.outbound.stop())
         self.nursery.cancel_scope.cancel()
 
     def end(self, reason: str) -> None:
-        """End the call from our side, for `reason` (the call's last log line names it): stop
-        talking, and take no more turns, so that `converse` goes on to the goodbye. The first
-        reason wins, but a transfer wins over any: the call is a person's now."""
+        """End the call from our side for `reason` (its last log line names it): stop talking, take no
+        more turns, so `converse` goes on to the goodbye. The first reason wins, but a transfer wins over any."""
         if self.ended_by == "hang-up" or reason == "transfer":
             self.ended_by = reason
             if self.reply_scope is not None:
@@ -2123,8 +2107,7 @@ class Call:
         return outcome
 
     async def transfer(self) -> bool:
-        """Hand the caller to TRANSFER_NUMBER: say so, let it play (a little), then ask Vobiz
-        to move the call to our /transfer XML. True if Vobiz took the request."""
+        """Say so, let it play (a little), ask Vobiz to move the call to our /transfer XML. True if it did."""
         await self.respond(partial(self.responder.announce, "transfer", TRANSFER_LINE))
         await self.player.until_heard(self.TRANSFER_ACK_TIMEOUT_S)
         api = VobizAPI(self.switchboard.settings)
@@ -2140,8 +2123,7 @@ class Call:
         return False
 
     async def respond(self, responder: Callable[[Play], Awaitable[object]]) -> object:
-        """Run one reply in a cancel scope: barge-in (or hang-up) stops all of it at once.
-        Returns what the responder returned, or None if it was cut off."""
+        """Run one reply in a cancel scope, which barge-in (or hang-up) cancels. None if it was cut off."""
         result = None
         with trio.CancelScope() as self.reply_scope:
             result = await responder(self.player.play)
@@ -2159,9 +2141,8 @@ class Call:
     # The watchdog: a call that carries nothing, or goes on too long, is ended.
 
     async def watch_for_silence(self) -> None:
-        """A socket without a valid `start` soon, or without valid media for IDLE_TIMEOUT_S, is
-        a stuck or hostile peer: closed at once. A caller silent for SILENCE_TIMEOUT_S (counted
-        from when the agent last finished talking), or MAX_CALL_S reached: a goodbye, then `stop`."""
+        """No valid `start` soon, or no valid media for IDLE_TIMEOUT_S: a stuck or hostile peer, cut at once.
+        SILENCE_TIMEOUT_S after the caller or the agent last spoke, or MAX_CALL_S: a goodbye, then `stop`."""
         settings = self.switchboard.settings
         with trio.move_on_at(self.began + min(self.START_TIMEOUT_S, settings.idle_timeout_s)):
             await self.begun.wait()
@@ -2213,8 +2194,9 @@ class Call:
         onset, cleared = marks.pop("barge_in_onset", None), marks.pop("clear_audio_sent", None)
         steps: dict[str, int | bool] = {step: round((at - turn.speech_ended) * 1000) for step, at in marks.items()}
         if heard or due:
-            self.switchboard.metrics.observe_turn_latency((heard or due) - turn.speech_ended)
-            steps["first_frame_heard"] = round(((heard or due) - turn.speech_ended) * 1000)
+            latency = (heard or due) - turn.speech_ended
+            self.switchboard.metrics.turn_latency.observe(latency)
+            steps["first_frame_heard"] = round(latency * 1000)
             steps["heard_is_estimate"] = heard is None
         if onset and cleared:
             steps["barge_in"] = round((cleared - onset) * 1000)
@@ -2238,9 +2220,8 @@ def log_for_call(call_id: str, metrics: Metrics, level: int, message: str, *args
 
 
 class Metrics:
-    """The app's Prometheus metrics, served by /metrics. Each app has its own registry, so several
-    servers in one process (the tests start many) keep their own counts; `name` is the metric's
-    name without `vobiz_agent_`."""
+    """The app's Prometheus metrics (/metrics), in a registry per app so that servers sharing a process
+    (the tests start many) keep their own counts. `name` is the metric's name without `vobiz_agent_`."""
 
     HELP: ClassVar[dict[str, str]] = {
         "calls_total": "Calls ended, by who or what ended them",
@@ -2274,12 +2255,6 @@ class Metrics:
                                                         registry=self.registry)
         self.gauges[name].set(value)
 
-    def observe_turn_latency(self, seconds: float) -> None:
-        self.turn_latency.observe(seconds)
-
-    def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
-
     def _help(self, name: str) -> str:
         return self.HELP.get(name, name.replace("_", " "))
 
@@ -2288,22 +2263,15 @@ prometheus_client.disable_created_metrics()  # no `_created` series beside every
 
 
 class LoadMonitor:
-    """How loaded this process is, measured: what admission decides on, and /health shows.
-
-    Past one core's capacity every live call degrades at once (gappy audio, late replies),
-    so a new call must be refused *before* that. The measures, each over the last WINDOW_S:
-    - lag: a tiny task asks to wake every TICK_S and notes how late it woke. Every call's
-      timers and frames wait in the same queue, so they are that late too. The worst counts.
-    - CPU: the process's CPU time as a share of one core. A new call is admitted only if the
-      CPU with it stays under the threshold, counting every live call at the cost per call
-      last measured while most calls were settled (a call that began within the window has
-      cost only part of it), so a burst of new calls does not look cheap.
-    - behind: how far the calls are behind in reading their callers' audio (Vobiz sends it in
-      real time, so a backlog means we are not keeping up); the median call's, so that one
-      caller's bad network does not count.
-    And, over the last second only: starts, the calls answered in it (a burst of set-ups stalls
-    the loop before the CPU figure shows it).
-    """
+    """How loaded this process is, measured: what admission decides on, and /health shows. Past one
+    core's capacity every live call degrades at once (gappy audio, late replies), so a new call must be
+    refused *before* that. Over the last WINDOW_S:
+    - lag: how late a task that wakes every TICK_S woke (the worst): every call's timers wait in that queue.
+    - CPU: the process's share of one core. A new call must keep it under the threshold, each live call
+      counted at the cost per call measured while most calls were settled, so a burst of new ones
+      (which have cost only part of the window) does not look cheap.
+    - behind: how far behind real time the median call reads its caller's audio (not one bad network).
+    And over the last second, starts: a burst of set-ups stalls the loop before the CPU figure shows it."""
 
     TICK_S = 0.05
     WINDOW_S = 3.0
@@ -2348,9 +2316,8 @@ class LoadMonitor:
         live = sum(now - max(call.began, start) for call in self.calls) / self.WINDOW_S
         gone = sum(end - max(began, start) for began, end in self.ended) / self.WINDOW_S
         new = sum(call.began > start for call in self.calls)
-        # Learnt only from a window of settled calls: new ones cost more at first, a window of
-        # calls that have gone is mostly idle time, and a handful would each carry the process's
-        # own upkeep.
+        # Learnt only from settled calls: new ones cost more at first, a window of calls that have
+        # gone is mostly idle time, and a handful would each carry the process's own upkeep.
         if live >= self.LEARN_FROM_CALLS and new <= len(self.calls) / 4 and gone <= live / 4:
             self.cpu_per_call = self.cpu / (live + gone)
         behind = sorted(call.behind_s() for call in self.calls)
@@ -2358,12 +2325,6 @@ class LoadMonitor:
         for name, value in (("event_loop_lag_seconds", self.lag_s), ("cpu_share", self.cpu),
                             ("cpu_share_per_call", self.cpu_per_call), ("inbound_behind_seconds", self.behind_s)):
             self.metrics.set_gauge(name, value)
-
-    def call_started(self) -> None:
-        self.starts.append(trio.current_time())
-
-    def call_ended(self, call: Call) -> None:
-        self.ended.append((call.began, trio.current_time()))
 
     def overload(self) -> str | None:
         """Why the measured load leaves no room for one more call, or None."""
@@ -2390,15 +2351,10 @@ class LoadMonitor:
 
 
 class Switchboard:
-    """What the calls of one process share: the agent, the live calls, their
-    conversations (kept a while after a socket closes, so a Vobiz reconnect
-    with the same callId goes on where it stopped), the counters, and whether
-    we are draining for shutdown.
-
-    A call holds a slot from the moment /answer accepts it: a burst of answers
-    cannot overshoot MAX_CALLS while their sockets are on the way. A slot whose
-    socket never comes is released after SOCKET_WAIT_S.
-    """
+    """What the calls of one process share: the agent, the live calls, their conversations (kept a
+    while after a socket closes, so a Vobiz reconnect with the same callId goes on), the counters,
+    and whether we are draining. A call holds a slot from /answer on, so a burst of answers cannot
+    overshoot MAX_CALLS; a slot whose socket never comes is released after SOCKET_WAIT_S."""
 
     RESUME_WINDOW_S = 120.0
     SOCKET_WAIT_S = 10.0  # Vobiz opens the socket within a second or two of our answer
@@ -2434,19 +2390,16 @@ class Switchboard:
         return self.live(call_id) or call_id in self.expected or call_id in self.conversations
 
     def issue_media_url(self, call_id: str, base: str) -> str:
-        """The media WebSocket URL for one answer of one call (ws:// or wss:// from `base`); the call
-        holds its slot from now until its socket comes (or does not)."""
+        """The media WebSocket URL for one answer of one call; its slot is held until the socket comes (or not)."""
         token = StreamToken(self.settings.stream_secret).issue(call_id)
         self.expected[call_id] = trio.current_time() + self.SOCKET_WAIT_S
-        self.load.call_started()
+        self.load.starts.append(trio.current_time())
         return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
     def admit(self, call_id: str) -> tuple[str | None, bool]:
-        """At a socket's door: (why it is refused or None, whether this process answered it).
-
-        While a socket of the call is live, another is refused: one URL, one call. But after a
-        network drop our side of the old socket may not have seen the end yet (no FIN ever
-        came): one that has carried no media for DEAD_SOCKET_S makes way for the reconnect."""
+        """At a socket's door: (why it is refused or None, whether this process answered it). While a
+        socket of the call is live, another is refused; but after a network drop the old one may never
+        see a FIN: one without media for DEAD_SOCKET_S makes way for the reconnect."""
         for call in [call for call in self.calls if call.call_id == call_id]:
             if trio.current_time() - call.last_media < self.DEAD_SOCKET_S:
                 return "already connected", False
@@ -2474,11 +2427,10 @@ class Switchboard:
 
     def remove(self, call: Call) -> None:
         self.calls.discard(call)
-        self.load.call_ended(call)
+        self.load.ended.append((call.began, trio.current_time()))
         self._forget_old()
-        # Only a socket that closed on us may come back (or has: a reconnect replaced it); a call
-        # we ended, that a stop ended, or that Vobiz already said is over (its hangup webhook may
-        # come first) may not.
+        # Only a socket that closed on us may come back (or has: a reconnect replaced it); not a call
+        # we or a stop ended, or that Vobiz already said is over (its hangup webhook may come first).
         over = call.call_id in self.hung_up
         self.hung_up.discard(call.call_id)
         if call.responder is not None and call.ended_by in ("hang-up", "reconnect") and not over:
@@ -2500,8 +2452,7 @@ class Switchboard:
         return any(call.call_id == call_id for call in self.calls)
 
     def _forget_old(self) -> None:
-        """Release the slots of answers whose socket never came, and drop conversations unseen
-        for RESUME_WINDOW_S (oldest first: the dict is in time order)."""
+        """Release the slots of answers whose socket never came; drop conversations unseen for RESUME_WINDOW_S."""
         now = trio.current_time()
         for call_id, until in list(self.expected.items()):
             if until < now:
@@ -2512,7 +2463,7 @@ class Switchboard:
         live = {call.call_id for call in self.calls}
         for call_id, (_, seen) in list(self.conversations.items()):
             if seen >= now - self.RESUME_WINDOW_S:
-                break
+                break  # the dict is in time order: the rest are newer
             if call_id not in live:
                 del self.conversations[call_id]
 
@@ -2538,8 +2489,7 @@ XML = {"Content-Type": "application/xml"}  # the headers of a webhook's XML answ
 
 
 def create_app(settings: Settings) -> QuartTrio:
-    """The web app: Vobiz's webhooks, health and metrics, the media WebSocket,
-    and the browser softphone (when settings.serves_phone)."""
+    """Vobiz's webhooks, health and metrics, the media WebSocket, and the softphone (settings.serves_phone)."""
     app = QuartTrio(__name__)
     app.switchboard = switchboard = Switchboard(settings, make_agent(settings))
     app.config["MAX_CONTENT_LENGTH"] = WEBHOOK_MAX_BYTES  # Vobiz's forms are small: a bigger body gets 413
@@ -2662,11 +2612,10 @@ async def transfer() -> tuple[bytes, int, dict[str, str]]:
     return ET.tostring(response, encoding="utf-8", xml_declaration=True), 200, XML
 
 
-# The browser softphone: phone.html plays the part of Vobiz (microphone → 20 ms μ-law
-# frames, playAudio → speaker), so anyone can call the agent without a phone number.
-# The page asks /phone/call instead of /answer, so it works when webhooks must be signed,
-# and gets a media URL issued exactly as /answer issues them: the same token check,
-# the same Call, the same logs, metrics and limits.
+# The browser softphone: phone.html plays Vobiz's part (microphone → 20 ms μ-law frames, playAudio →
+# speaker), so anyone can call the agent without a phone number. It asks /phone/call, not /answer (so
+# it works when webhooks must be signed), for a media URL issued as /answer issues them: the same token
+# check, Call, logs, metrics and limits.
 
 
 async def phone() -> Response:
@@ -2709,13 +2658,13 @@ async def prometheus_metrics() -> Response:
     switchboard = current_app.switchboard
     switchboard.metrics.set_gauge("calls_live", len(switchboard))
     switchboard.metrics.set_gauge("draining", int(switchboard.draining))
-    return Response(switchboard.metrics.render(), content_type=prometheus_client.CONTENT_TYPE_LATEST)
+    metrics = prometheus_client.generate_latest(switchboard.metrics.registry)
+    return Response(metrics, content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def media_stream(call_id: str, token: str) -> Response | None:
-    """The media WebSocket. Everything is checked before the socket is accepted (a refused
-    peer gets an HTTP status, not a call): the URL's MAC, that no socket of this call is
-    live, and that there is room for it (MAX_CALLS, draining)."""
+    """The media WebSocket. Checked before it is accepted (a refused peer gets an HTTP status, not a
+    call): the URL's MAC, that no socket of this call is live, and room for it (MAX_CALLS, draining)."""
     switchboard, now = current_app.switchboard, time.time()
     tokens = StreamToken(switchboard.settings.stream_secret)
     problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
@@ -2756,8 +2705,7 @@ async def _webhook_params() -> dict[str, str]:
 
 
 def _request_base(incoming=request) -> str:
-    """The public base URL as the client sees it, through a tunnel or proxy
-    (of a webhook request, or of the media WebSocket: then ws → http, wss → https)."""
+    """The public base URL as the client (a webhook, or the media WebSocket: ws → http) sees it through a proxy."""
     proto = incoming.headers.get("X-Forwarded-Proto", incoming.scheme).split(",")[0].strip()
     host = incoming.headers.get("X-Forwarded-Host", incoming.host).split(",")[0].strip()
     proto = {"ws": "http", "wss": "https"}.get(proto, proto)
@@ -2786,19 +2734,17 @@ class JsonLogFormatter(logging.Formatter):
 
 
 class ServerConfig(HypercornConfig):
-    """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket
-    writes from cancellation, so a peer that stops reading would hold its call, its slot
-    and the shutdown for good. TCP_USER_TIMEOUT on the listening sockets (the accepted
-    ones inherit it) makes the kernel abort such a connection: the write fails and
-    the call ends like any hang-up. Linux only; elsewhere the option does not exist."""
+    """Hypercorn's settings, plus a deadline on every send. Hypercorn shields its socket writes from
+    cancellation, so a peer that stops reading would hold its call, its slot and the shutdown for good.
+    TCP_USER_TIMEOUT on the listening sockets (inherited when accepted) makes the kernel abort it: the
+    write fails and the call ends like any hang-up. Linux only."""
 
     def __init__(self, settings: Settings):
         super().__init__()
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.bind = [f"{host}:{settings.port}"]
         self.websocket_max_message_size = MAX_MESSAGE_BYTES
-        # A request (headers or body) that sends nothing for this long is closed, so that
-        # unfinished requests can't pile up until the file descriptors run out.
+        # A request that sends nothing for this long is closed: unfinished ones can't use up the descriptors.
         self.read_timeout = settings.http_read_timeout_s
         self.errorlog = logging.getLogger("hypercorn.error")  # through our logging setup, once
         accept_log = logging.getLogger("trio.serve_listeners")
@@ -2928,12 +2874,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def serve_until_signalled(app: QuartTrio, config: HypercornConfig) -> None:
-    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), drain, then exit 0.
-
-    The handler matters in a container: there the program is process 1, and
-    the kernel drops signals that process 1 has not asked for.
-    """
-
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (docker stop), drain, then exit 0. In a container we are
+    process 1, and the kernel drops signals that process 1 has not asked for."""
     # Asked for before Hypercorn listens: a SIGTERM just after "Running on" is a drain, not a kill.
     # Ignored after the receiver closes: Trio re-raises the signals still queued in it then
     # (a second one during the drain), and they must not turn a clean exit into a kill.
