@@ -1894,6 +1894,7 @@ class Call:
 
     BAD_FRAMES_LOGGED = 3  # per kind; the rest are counted in the call's last line
     FAREWELL_ACK_TIMEOUT_S = 5.0  # how long a goodbye may take to play before we stop the stream
+    STOP_CLOSE_WAIT_S = 1.0  # after our stop, for Vobiz to close the socket before we do
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
     START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
 
@@ -2084,6 +2085,9 @@ class Call:
         await self.respond(partial(self.responder.farewell, self.ended_by))
         await self.player.until_heard(self.FAREWELL_ACK_TIMEOUT_S)
         await self.send(self.player.outbound.stop())
+        # Vobiz answers a stop by closing the socket (1000): closing ours at that same moment races
+        # it, and Hypercorn can then drop the close frame (the peer sees 1006). So wait a little.
+        await trio.sleep(self.STOP_CLOSE_WAIT_S)
         self.nursery.cancel_scope.cancel()
 
     def end(self, reason: str) -> None:
