@@ -1898,12 +1898,12 @@ class Call:
     TRANSFER_ACK_TIMEOUT_S = 5.0  # how long "connecting you now" may take to play before the transfer
     START_TIMEOUT_S = 5.0  # a socket that has not sent a valid `start` by then holds no slot
 
-    def __init__(self, socket: Websocket, switchboard: Switchboard, call_id: str, *, fresh: bool = True,
-                 ends_in: float | None = None):
+    def __init__(self, socket: Websocket, switchboard: Switchboard, call_id: str, *, fresh: bool,
+                 ends_in: float, public_base: str):
         self.socket = socket
         self.switchboard = switchboard
         self.call_id = call_id  # the CallUUID this socket's URL was issued for
-        self.public_base = switchboard.settings.public_url or ""  # where Vobiz reaches us (for /transfer)
+        self.public_base = public_base  # where Vobiz reaches us (for /transfer)
         self.responder: Responder | None = None  # the conversation, chosen at `start`
         self.fresh = fresh  # the call's first socket (else a reconnect)
         self.opening = "greet"  # set at `start`: or "go on" (a reconnect here), "apologise" (one we can't go on)
@@ -1923,8 +1923,7 @@ class Call:
         self.player = Player(self.send, self.log, self.transcript)
         self.ended_by = "hang-up"  # until end(reason), a stop frame or a cut says otherwise
         self.began = self.last_media = self.last_speech = trio.current_time()
-        limit = switchboard.settings.max_call_s if ends_in is None else ends_in
-        self.ends_at = self.began + limit  # MAX_CALL_S from the first answer, across reconnects
+        self.ends_at = self.began + ends_in  # MAX_CALL_S from the first answer, across reconnects
 
     async def run(self) -> None:
         try:
@@ -2400,21 +2399,27 @@ class Switchboard:
         self.load.starts.append(trio.current_time())
         return base.replace("http", "ws", 1) + f"/ws/{call_id}/{token}"  # http→ws, https→wss
 
-    def admit(self, call_id: str) -> tuple[str | None, bool]:
-        """At a socket's door: (why it is refused or None, whether this process answered it). While a
-        socket of the call is live, another is refused; but after a network drop the old one may never
-        see a FIN: one without media for DEAD_SOCKET_S makes way for the reconnect."""
+    def admit(self, call_id: str, token: str, now: float) -> tuple[str | None, int, bool]:
+        """At a socket's door, before it is accepted: (why it is refused or None, the HTTP status that
+        says so, whether this process answered the call). Its URL must carry a valid token for the call.
+        While a socket of the call is live, another is refused; but after a network drop the old one may
+        never see a FIN: one without media for DEAD_SOCKET_S makes way for the reconnect."""
+        if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64:
+            return "bad call id", 403, False
+        lifetime_s = self.settings.max_call_s + STREAM_URL_MARGIN_S  # valid as long as the call may last
+        if problem := StreamToken(self.settings.stream_secret).refusal(call_id, token, now, lifetime_s):
+            return problem, 403, False
         for call in [call for call in self.calls if call.call_id == call_id]:
             if trio.current_time() - call.last_media < self.DEAD_SOCKET_S:
-                return "already connected", False
+                return "already connected", 409, False
             call.replaced()
-            return None, False  # it takes over the old socket's slot
+            return None, 200, False  # it takes over the old socket's slot
         self._forget_old()
         if self.expected.pop(call_id, None) is not None:
-            return None, True  # its slot was taken at /answer
+            return None, 200, True  # its slot was taken at /answer
         if self.draining and call_id in self.conversations:
-            return None, False  # a reconnect of a call we hold: its conversation goes on here
-        return self.busy(), False
+            return None, 200, False  # a reconnect of a call we hold: its conversation goes on here
+        return self.busy(), 503, False
 
     def add(self, call: Call) -> None:
         if not self.calls:
@@ -2670,13 +2675,7 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     """The media WebSocket. Checked before it is accepted (a refused peer gets an HTTP status, not a
     call): the URL's MAC, that no socket of this call is live, and room for it (MAX_CALLS, draining)."""
     switchboard, now = current_app.switchboard, time.time()
-    tokens = StreamToken(switchboard.settings.stream_secret)
-    problem = "bad call id" if not CALL_ID_CHARACTERS.issuperset(call_id) or len(call_id) > 64 else \
-        tokens.refusal(call_id, token, now, switchboard.settings.max_call_s + STREAM_URL_MARGIN_S)
-    status = 403
-    if problem is None:
-        problem, answered_here = switchboard.admit(call_id)
-        status = 409 if problem == "already connected" else 503
+    problem, status, answered_here = switchboard.admit(call_id, token, now)
     if problem:
         log.warning("refused a media WebSocket for call %s from %s: %s", _clean(call_id),
                     _clean(websocket.remote_addr), problem)
@@ -2687,8 +2686,8 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     # The socket itself, not Quart's context-local proxy to it: the call sends and receives
     # fifty frames a second each way, and through the proxy each would look the socket up again.
     call = Call(websocket._get_current_object(), switchboard, call_id, fresh=fresh,
-                ends_in=issued + switchboard.settings.max_call_s - now)
-    call.public_base = call.public_base or _request_base(websocket)
+                ends_in=issued + switchboard.settings.max_call_s - now,
+                public_base=switchboard.settings.public_url or _request_base(websocket))
     switchboard.add(call)
     try:
         await call.run()
