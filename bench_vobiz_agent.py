@@ -818,8 +818,9 @@ def memory() -> None:
         rss, failed = trio.run(rss_over_calls, pid, url, traced)
     print(f"   at start {started:.1f} MB; " + ", ".join(f"after {n:,}: {mb:.1f} MB" for n, mb in rss.items()))
     first, last = MEMORY_CALLS[0], MEMORY_CALLS[-1]
-    print(f"   growth from {first} to {last:,} calls: {rss[last] - rss[first]:+.1f} MB "
-          f"({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); failed calls: {failed}")
+    print(f"   growth over the whole run: {rss[last] - started:+.1f} MB; from {first} to {last:,} calls: "
+          f"{rss[last] - rss[first]:+.1f} MB ({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); "
+          f"failed calls: {failed}")
     if traced:
         print_growth(MEMORY_CALLS[1], last)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import base64
 import dataclasses
+import gc
 import hashlib
 import hmac
 import json
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 import xml.etree.ElementTree as ET
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -281,6 +283,24 @@ async def test_hanging_up_ends_every_task_of_the_call(server, how):
     await server.app.switchboard.wait_until_empty()
     assert call_tasks() == []
     assert (await server.get("/health")).json()["calls"] == 0
+
+
+@pytest.mark.parametrize("how", ["close", "vanish"])
+async def test_a_call_is_freed_when_it_ends_not_at_the_collectors_next_full_pass(server, how):
+    """What the operator's RSS shows: a call's objects (its player, ears, transcript, buffers) go when it
+    ends. Left in a reference cycle, they would wait for Python's next full collection, hundreds of calls on."""
+    freed = trio.Event()
+    gc.disable()  # only reference counting frees anything now
+    try:
+        async with vobiz_call(server.url) as vobiz:
+            await vobiz.until(lambda: len(vobiz.heard) >= 5)
+            weakref.finalize(next(iter(server.app.switchboard.calls)), freed.set)
+            if how == "vanish":
+                await vobiz.ws._stream.aclose()
+        with trio.fail_after(5):
+            await freed.wait()
+    finally:
+        gc.enable()
 
 
 async def test_a_stop_frame_ends_the_call_and_dtmf_is_logged(server, caplog):

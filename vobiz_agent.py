@@ -1941,6 +1941,9 @@ class Call:
             if self.start is not None:  # else no conversation: the socket was refused or never started
                 self.transcript.log(self.call_id, self.ended_by, trio.current_time() - self.began)
             self.switchboard.metrics.count("calls_total", ended=self.ended_by)
+            # The player and the ears hold the call's methods, and the call holds them: a reference
+            # cycle. Broken, the call's memory goes now, not at Python's next full collection.
+            del self.player, self.ears
 
     # Inbound: everything Vobiz sends. Nothing here waits but for the next frame: acks are seen while talking.
 
@@ -2694,6 +2697,14 @@ async def media_stream(call_id: str, token: str) -> Response | None:
     except Exception as error:  # a bug, not bad input: ours to log, never Quart's (it logs the raw path)
         log.error("call %s: ended by an internal error: %s", _clean(call_id), _clean(_describe(error)),
                   exc_info=error)
+    except BaseExceptionGroup as group:
+        if group.split(trio.Cancelled)[1] is not None:
+            raise
+        # A hang-up: Quart cancelled the route, and the call's nursery raised a group of Cancelled.
+        # Quart's handler keeps a group it catches in a reference cycle, and the call's frames with
+        # it, until Python's next full collection; a bare Cancelled passes through it.
+        await trio.lowlevel.checkpoint()  # the route is cancelled: this raises a bare Cancelled
+        raise
     finally:
         switchboard.remove(call)
     return None
