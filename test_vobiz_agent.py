@@ -285,10 +285,11 @@ async def test_hanging_up_ends_every_task_of_the_call(server, how):
     assert (await server.get("/health")).json()["calls"] == 0
 
 
-@pytest.mark.parametrize("how", ["close", "vanish"])
-async def test_a_call_is_freed_when_it_ends_not_at_the_collectors_next_full_pass(server, how):
+@pytest.mark.parametrize("agent, how", [("echo", "close"), ("echo", "vanish"), ("ai", "close")])
+async def test_a_call_is_freed_when_it_ends_not_at_the_collectors_next_full_pass(nursery, agent, how):
     """What the operator's RSS shows: a call's objects (its player, ears, transcript, buffers) go when it
     ends. Left in a reference cycle, they would wait for Python's next full collection, hundreds of calls on."""
+    server = (await start_providers(nursery, ["Hello."])).server if agent == "ai" else await start_server(nursery)
     freed = trio.Event()
     gc.disable()  # only reference counting frees anything now
     try:
