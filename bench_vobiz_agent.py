@@ -85,7 +85,6 @@ from functools import cache, partial
 import httpx
 import trio
 import trio_websocket
-
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -407,9 +406,10 @@ REPLY_TIMEOUT_S = 15.0
 ENDPOINTING_MS, FIRST_TOKEN_S, TOKEN_S, TTS_FIRST_BYTE_S = 300, 0.300, 0.020, 0.150
 TTS_CHUNK_S, TTS_SPEED = float(os.environ.get("BENCH_TTS_CHUNK_S", "0.1")), 2.0
 # A typical spoken answer: three pieces (a first clause, then sentences), 5 s of speech.
-AI_REPLY = ("Sure, I can help with that. Your order left our warehouse this morning and "
-            "should arrive by Friday.").split(" ")
-AI_REPLY = [word + " " for word in AI_REPLY[:-1]] + AI_REPLY[-1:]
+AI_REPLY_TEXT = ("Sure, I can help with that. Your order left our warehouse this morning and "
+                 "should arrive by Friday.")
+AI_REPLY = [word + " " for word in AI_REPLY_TEXT.split(" ")]  # the tokens the stand-in LLM streams
+AI_REPLY[-1] = AI_REPLY[-1].rstrip()
 AI_REPLY_UTTERANCES = 3
 
 

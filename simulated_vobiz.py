@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import array
 import base64
+import itertools
 import json
 import math
 import random
@@ -1003,7 +1004,7 @@ def odd_pieces(data: bytes, sizes: tuple[int, ...]) -> list[bytes]:
         if (0x80 <= data[i] < 0xC0 and data[i - 1] >= 0xC0) or data[i - 1 : i + 1] == b"\r\n":
             cuts.add(i)
     bounds = [0, *sorted(cut for cut in cuts if 0 < cut < len(data)), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class OpenAIStandIn(_Watched):

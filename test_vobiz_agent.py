@@ -34,6 +34,7 @@ import weakref
 import xml.etree.ElementTree as ET
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -1571,8 +1572,7 @@ async def test_a_call_from_the_browser_softphone(nursery, tmp_path, caplog):
     assert picture.startswith(b"\x89PNG")
     (tmp_path / "phone.png").write_bytes(picture)
     if SCREENSHOT:
-        with open(SCREENSHOT, "wb") as file:
-            file.write(picture)
+        Path(SCREENSHOT).write_bytes(picture)
     # The page played the greeting: the whole chime (0.48 s), loud enough to hear.
     greeting = seen["greeting"]
     assert float(greeting[1]) == pytest.approx(0.48, abs=0.03) and int(greeting[2]) > -30
@@ -1913,8 +1913,8 @@ CRASHING_FRAMES = [
     ("[" * 1000 + "]" * 1000, "more than 32 objects and arrays"),
     ('{"event": "media", "media": {"payload": "AAAA", "chunk": Infinity}}', "Infinity is not a number"),
     ('{"event": "media", "media": {"payload": "AAAA", "chunk": 1e999}}', "out of range"),
-    ('{"event": "start", "start": {"callId": "call-a", "streamId": "s2", "mediaFormat": '
-     '{"encoding": "audio/x-l16", "sampleRate": NaN}}}', "NaN is not a number"),
+    (('{"event": "start", "start": {"callId": "call-a", "streamId": "s2", "mediaFormat": '
+      '{"encoding": "audio/x-l16", "sampleRate": NaN}}}'), "NaN is not a number"),
     ('{"event": "media", "media": {"payload": "AAAA", "chunk": ' + "9" * 5000 + "}}", "not JSON"),
     (b"", "binary"),
     (b"\x00\xff", "binary"),
@@ -2390,11 +2390,11 @@ WORST_STREAM = b"".join([
     b"data: {not json\n\n", b"data:\n\n", b"no colon at all\n\n", b"id: 7\nretry: soon\n\n",
     b'data: {"choices": null}\n\n', b'data: {"choices": "abc"}\n\n', b'data: {"choices": [null, 3, "x"]}\n\n',
     b'data: {"choices": [{"delta": "hi"}]}\n\n', b'data: {"choices": [{"delta": {"content": 42}}]}\n\n',
-    b'data: {"choices": [{"index": 0, "delta": {"content": [null, 1, {"type": "text"}, {"type": "text",'
-    b' "text": 5}, {"type": "thinking", "thinking": "secret"}, "raw"]}}]}\n\n',
+    (b'data: {"choices": [{"index": 0, "delta": {"content": [null, 1, {"type": "text"}, {"type": "text",'
+     b' "text": 5}, {"type": "thinking", "thinking": "secret"}, "raw"]}}]}\n\n'),
     b'data: {"choices": [{"delta": {"tool_calls": "x"}}]}\n\n',
-    b'data: {"choices": [{"delta": {"tool_calls": [null, 1, {"function": "x"},'
-    b' {"function": {"name": 7}}]}}]}\n\n',
+    (b'data: {"choices": [{"delta": {"tool_calls": [null, 1, {"function": "x"},'
+     b' {"function": {"name": 7}}]}}]}\n\n'),
     b'data: {"choices": [{"delta": {"reasoning_content": {"a": 1}, "reasoning": [1]}}]}\n\n',
     b'data: {"choices": [{"index": 1, "delta": {"content": "Another choice, never spoken. "}}]}\n\n',
     b'data: {"\xff\xfe": "not utf-8"}\n\n',
@@ -2649,8 +2649,9 @@ async def test_a_bad_voice_url_stops_the_program_with_one_clear_line(variable, v
 async def test_junk_from_deepgram_never_breaks_a_call(nursery, caplog):
     # Our own junk, in the shapes a buggy proxy or a future API version might send.
     junk = ["[]", "null", '"Results"', "not json", "[" * 100_000, '{"type": "Results", "channel": 5}',
-            '{"type": "Results", "channel": {"alternatives": "x"}}', '{"type": "Results", "channel": '
-            '{"alternatives": [{"transcript": ["a"], "words": 3}]}, "is_final": true, "speech_final": true}',
+            '{"type": "Results", "channel": {"alternatives": "x"}}',
+            ('{"type": "Results", "channel": {"alternatives": [{"transcript": ["a"], "words": 3}]}, '
+             '"is_final": true, "speech_final": true}'),
             '{"type": "UtteranceEnd", "last_word_end": "soon"}', '{"type": "Error", "description": {"deep": 1}}',
             '{"type": "SpeechStarted", "timestamp": null}', '{"type": "Metadata", "duration": "long"}']
     ai = await start_providers(nursery, ["Are you still there?"],
@@ -2678,7 +2679,7 @@ async def health_until(server: Server, predicate, stall_s: float) -> dict:
     with trio.fail_after(15):
         while not predicate((health := (await server.get("/health")).json())["load"]):
             hog_the_loop(stall_s)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
     return health
 
 
