@@ -11,23 +11,32 @@ protocol notes (vobiz-protocol.md, not in this repository) compile it from the v
 xml/stream/play-audio, xml/stream/clear-audio, xml/stream/stop-event, xml/hangup, call/make-call,
 call/transfer-call). When a platform fact is learned, it changes here first.
 
-- Answering (notes §1.1, §1.2): it fetches the answer URL by POST or GET with the fields of an
-  observed inbound call, and runs the XML. `<Hangup reason="busy"/>` first rejects the call
+- Answering (notes §1.1, §1.2): it fetches the answer URL by POST or GET with the fourteen fields
+  of an observed inbound call, and runs the XML. `<Hangup reason="busy"/>` first rejects the call
   unanswered and unbilled [xml/hangup]; any other verb answers it. `<Stream>` opens the media
   socket; when the socket drops or is refused it reconnects to the same URL, with a new streamId
   and the same callId, at most `maxRetries` times (0-10, default 0: a dropped socket is
   terminal; §2.2) [xml/stream/initiate]. When the stream is over the XML after `<Stream>` runs:
   `<Hangup/>` ends the call; with nothing after it, a `stop` from the app hangs up (4010, "End Of
   XML Instructions", §4.4) [xml/stream/stop-event], while a stream that just ended leaves the
-  caller in billed dead air (the notes' "Read first").
+  caller in billed dead air (the notes' "Read first"). `<Stream>`'s attributes count (§2.2):
+  contentType picks the caller's format (default L16 8 kHz; 24 kHz does not connect), only a
+  bidirectional stream takes app events, audioTrack other than inbound on one hangs up (4010),
+  and without keepCallAlive the XML goes on at once.
+- Callbacks (§1.3, §1.4): StartStream, PlayedStream, ClearedAudio and (after the app's `stop`)
+  StopStream to statusCallbackUrl; Event=Hangup, with the observed call's fields, to the hangup
+  URL when the call ends, if the test gives one (it is the Vobiz application's setting).
 - The socket (§3, §4; the notes' "Simulator model", §4.6): `start` with nested ids, or the older
-  flat shape (§3.1); then one `media` frame every 20 ms, μ-law or L16 (§3.2): the caller's speech
+  flat shape (§3.1); then one `media` frame every 20 ms, numbered from 1 on each socket, μ-law
+  or L16 (§3.2, §4.6): the caller's speech
   when a test has queued some, quiet line noise otherwise; `dtmf` in the shapes seen (§3.6). It
-  plays one queued `playAudio` frame per tick, as a phone would hear it (§4.1); a `checkpoint` is
+  takes playAudio in every documented form (L16 8/16/24 kHz, μ-law 8 kHz, any length) and plays
+  it as 20 ms of 8 kHz μ-law per tick, as a phone would hear it (§4.1); a `checkpoint` is
   acked with `playedStream` once everything before it has played (§4.2, §3.3); `clearAudio` voids
   the queued audio and checkpoints and is answered with `clearedAudio` (§4.3, §3.4); a `stop`
-  closes the socket (§4.4). A message without our streamId, a playAudio that is not 160 bytes of
-  8 kHz μ-law, or an unknown event is a protocol error, and `vobiz_call` fails on any.
+  closes the socket (§4.4). A message without our streamId, a playAudio in an undocumented form,
+  an app event on a one-way stream, or an unknown event is a protocol error, and `vobiz_call` fails
+  on any; `sent_formats` keeps the forms the server chose.
 - Its clock: one 20 ms tick per call; everything a test asserts is read off that timeline, and
   `playout()` replays it from arrival times, as a phone hears it even when this process stalled.
 - The REST API (`VobizApiStandIn`): Make Call (§6.1) and the transfer of a live call, which
@@ -229,6 +238,7 @@ class SimulatedVobiz:
         self.protocol_errors: list[str] = []
         self.closed = trio.Event()  # no more audio on this call: the last stream is over
         self.stream_closed = trio.Event()  # the current socket is gone (renewed per stream)
+        self.stream_closed.set()  # (and there is none yet)
         self._stopped = self._app_stopped = self._hung_up = self._dropping = self._half_open = False
         self._changed = trio.Event()
         noise = random.Random(7)
@@ -732,8 +742,9 @@ async def streaming(vobiz: SimulatedVobiz):
 
 @asynccontextmanager
 async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
-    """A call from answer to hang-up; leaving the block hangs up (if the call is still up).
-    With `url`, Vobiz dials that media URL straight away (no answer webhook, no retries)."""
+    """A call from answer to hang-up; leaving the block hangs up (if the call is still up) and waits
+    for the callbacks to be answered. With `url`, Vobiz dials that media URL straight away (no
+    answer webhook, no retries); `hangup_url` (an option) gets Event=Hangup at the end (§1.3)."""
     vobiz = SimulatedVobiz(**options)
     if url is None:
         await vobiz.answer(base_url)
