@@ -556,6 +556,7 @@ class SimulatedVobiz:
                 if self.keep_call_alive:
                     await self._clock()
                 else:  # the XML goes on at once, and with nothing but <Hangup/> (or nothing) after, ends (§2.2)
+                    self._stopped = True  # over for good: no retry
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
