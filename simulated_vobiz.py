@@ -28,9 +28,8 @@ call/transfer-call). When a platform fact is learned, it changes here first.
   URL when the call ends, if the test gives one (it is the Vobiz application's setting).
 - The socket (§3, §4; the notes' "Simulator model", §4.6): `start` with nested ids, or the older
   flat shape (§3.1); then one `media` frame every 20 ms, numbered from 1 on each socket, μ-law
-  or L16 (§3.2, §4.6): the caller's speech
-  when a test has queued some, quiet line noise otherwise; `dtmf` in the shapes seen (§3.6). It
-  takes playAudio in every documented form (L16 8/16/24 kHz, μ-law 8 kHz, any length) and plays
+  or L16 (§3.2, §4.6): the caller's speech when a test has queued some, quiet line noise
+  otherwise; `dtmf` in the shapes seen (§3.6). It takes playAudio in every documented form (L16 8/16/24 kHz, μ-law 8 kHz, any length) and plays
   it as 20 ms of 8 kHz μ-law per tick, as a phone would hear it (§4.1); a `checkpoint` is
   acked with `playedStream` once everything before it has played (§4.2, §3.3); `clearAudio` voids
   the queued audio and checkpoints and is answered with `clearedAudio` (§4.3, §3.4); a `stop`
