@@ -323,9 +323,8 @@ class LoadedVobiz(SimulatedVobiz):
 
     async def answer(self, base_url: str, method: str = "POST") -> str | None:
         """The media URL, or None when the server answered that it is busy."""
-        fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
-                  "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
-        response = await self.client.post(base_url + "/answer", data=fields)
+        self.session_fields = self.answer_fields()
+        response = await self.client.post(base_url + "/answer", data=self.session_fields)
         return self.run_xml(ET.fromstring(response.content))
 
     async def _send_media(self) -> None:

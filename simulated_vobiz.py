@@ -11,23 +11,31 @@ protocol notes (vobiz-protocol.md, not in this repository) compile it from the v
 xml/stream/play-audio, xml/stream/clear-audio, xml/stream/stop-event, xml/hangup, call/make-call,
 call/transfer-call). When a platform fact is learned, it changes here first.
 
-- Answering (notes §1.1, §1.2): it fetches the answer URL by POST or GET with the fields of an
-  observed inbound call, and runs the XML. `<Hangup reason="busy"/>` first rejects the call
+- Answering (notes §1.1, §1.2): it fetches the answer URL by POST or GET with the fourteen fields
+  of an observed inbound call, and runs the XML. `<Hangup reason="busy"/>` first rejects the call
   unanswered and unbilled [xml/hangup]; any other verb answers it. `<Stream>` opens the media
   socket; when the socket drops or is refused it reconnects to the same URL, with a new streamId
   and the same callId, at most `maxRetries` times (0-10, default 0: a dropped socket is
   terminal; §2.2) [xml/stream/initiate]. When the stream is over the XML after `<Stream>` runs:
   `<Hangup/>` ends the call; with nothing after it, a `stop` from the app hangs up (4010, "End Of
   XML Instructions", §4.4) [xml/stream/stop-event], while a stream that just ended leaves the
-  caller in billed dead air (the notes' "Read first").
+  caller in billed dead air (the notes' "Read first"). `<Stream>`'s attributes count (§2.2):
+  contentType picks the caller's format (default L16 8 kHz; 24 kHz does not connect), only a
+  bidirectional stream takes app events, audioTrack other than inbound on one hangs up (4010),
+  and without keepCallAlive the XML goes on at once.
+- Callbacks (§1.3, §1.4): StartStream, PlayedStream, ClearedAudio and (after the app's `stop`)
+  StopStream to statusCallbackUrl; Event=Hangup, with the observed call's fields, to the hangup
+  URL when the call ends, if the test gives one (it is the Vobiz application's setting).
 - The socket (§3, §4; the notes' "Simulator model", §4.6): `start` with nested ids, or the older
-  flat shape (§3.1); then one `media` frame every 20 ms, μ-law or L16 (§3.2): the caller's speech
-  when a test has queued some, quiet line noise otherwise; `dtmf` in the shapes seen (§3.6). It
-  plays one queued `playAudio` frame per tick, as a phone would hear it (§4.1); a `checkpoint` is
+  flat shape (§3.1); then one `media` frame every 20 ms, numbered from 1 on each socket, μ-law
+  or L16 (§3.2, §4.6): the caller's speech when a test has queued some, quiet line noise
+  otherwise; `dtmf` in the shapes seen (§3.6). It takes playAudio in every documented form (L16 8/16/24 kHz, μ-law 8 kHz, any length) and plays
+  it as 20 ms of 8 kHz μ-law per tick, as a phone would hear it (§4.1); a `checkpoint` is
   acked with `playedStream` once everything before it has played (§4.2, §3.3); `clearAudio` voids
   the queued audio and checkpoints and is answered with `clearedAudio` (§4.3, §3.4); a `stop`
-  closes the socket (§4.4). A message without our streamId, a playAudio that is not 160 bytes of
-  8 kHz μ-law, or an unknown event is a protocol error, and `vobiz_call` fails on any.
+  closes the socket (§4.4). A message without our streamId, a playAudio in an undocumented form,
+  an app event on a one-way stream, or an unknown event is a protocol error, and `vobiz_call` fails
+  on any; `sent_formats` keeps the forms the server chose.
 - Its clock: one 20 ms tick per call; everything a test asserts is read off that timeline, and
   `playout()` replays it from arrival times, as a phone hears it even when this process stalled.
 - The REST API (`VobizApiStandIn`): Make Call (§6.1) and the transfer of a live call, which
@@ -54,10 +62,12 @@ import math
 import random
 import socket
 import sys
+import time
 import xml.etree.ElementTree as ET
 import zlib
-from collections import deque
+from collections import Counter, deque
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
 
@@ -73,6 +83,21 @@ from vobiz_agent import audioop
 TICK = 0.020  # one media frame each way, and the simulator's clock
 CALL_LIMIT_S = 20  # no test call is longer; this only stops a hung test
 CALL_UUID = "12d86ccd-4ed9-45b3-9aac-c03512af8aa7"
+# The observed inbound call's parties and account (notes §1.2, a real capture): numbers as sent,
+# From without "+", To national with a leading 0, CallerName with "+".
+CALLER, CALLED, CALLER_NAME, PARENT_AUTH_ID = "917983165036", "07971442086", "+917983165036", "MA_QVEY4SSB"
+CONSOLE_TIME = timezone(timedelta(hours=5, minutes=30))  # StartTime etc. are console-local, IST there (§1.3)
+# The headers seen on Vobiz's answer and hangup requests (§1.1); signatures only with callback
+# credentials (⚠ §5.1): the simulated Vobiz sends none.
+WEBHOOK_HEADERS = {"User-Agent": "Vobiz", "Accept": "*/*", "Accept-Encoding": "gzip"}
+CALLBACK_TIMEOUT_S = 3.0  # "respond within 3 s" (§1.1); later ones count as failed (retries: not modelled)
+# <Stream contentType>: what Vobiz may stream to the app, and its default (§2.2). L16 at 24 kHz is
+# outbound only ("stream does not connect", ⚠ the REST pages list it): refused here.
+STREAM_FORMATS = {"audio/x-l16;rate=8000": ("audio/x-l16", 8000), "audio/x-l16;rate=16000": ("audio/x-l16", 16000),
+                  "audio/x-mulaw;rate=8000": ("audio/x-mulaw", 8000)}
+DEFAULT_CONTENT_TYPE = "audio/x-l16;rate=8000"
+# playAudio's media.contentType and sampleRate: L16 at 8, 16 or 24 kHz, μ-law at 8 kHz only (§4.1).
+PLAY_FORMATS = {("audio/x-l16", 8000), ("audio/x-l16", 16000), ("audio/x-l16", 24000), ("audio/x-mulaw", 8000)}
 
 
 # ── Caller speech, synthesized: voiced and speech-like, different per phrase ──
@@ -126,6 +151,18 @@ def resemblance(heard: bytes, said: bytes) -> float:
 
 
 
+# Why a call ended, as the Hangup webhook says it (§1.3): (HangupCause, HangupCauseCode,
+# HangupCauseName, HangupSource). The XML's own <Hangup/> is the observed call's (CAP); 4010
+# after a `stop` with nothing after <Stream> is the docs' (§4.4), whose HangupCause they don't
+# give (⚠: NORMAL_CLEARING here); the caller's is the notes' simulator model (§4.6 step 7).
+HANGUP_CAUSES = {
+    "caller": ("NORMAL_CLEARING", "4000", "Normal Hangup", "Caller"),
+    "Hangup": ("NORMAL_CLEARING", "4000", "Normal Hangup", "Answer XML"),
+    "Hangup after Stream": ("NORMAL_CLEARING", "4000", "Normal Hangup", "Answer XML"),
+    "End Of XML Instructions": ("NORMAL_CLEARING", "4010", "End Of XML Instructions", "Vobiz"),
+}
+
+
 # ── The simulated Vobiz ──
 
 
@@ -144,12 +181,33 @@ class SimulatedVobiz:
 
     RECONNECT_DELAY_S = 0.5  # undocumented; "after a short delay"
 
-    def __init__(self, *, start_shape="nested", media_format=("audio/x-mulaw", 8000),
+    def __init__(self, *, start_shape="nested", media_format=None,
                  cleared_delay=0.0, answers_clear=True, call_id=CALL_UUID, stream_id="stream-1",
-                 before_start=()):
+                 before_start=(), hangup_url=None, hangup_method="POST"):
         self.start_shape = start_shape
         self.before_start = before_start  # raw frames a misbehaving peer sends before `start`
-        self.encoding, self.rate = media_format
+        # The caller's audio is in the format <Stream contentType> asks for (§2.2). `media_format`
+        # overrides it: a Vobiz sending what start.mediaFormat says, not what was asked (the notes'
+        # Decisions: decode whatever it says). Dialled straight (vobiz_call's url=), the URL came
+        # from our <Stream>, which asks for μ-law (test_answer_streams_the_call_to_our_websocket).
+        self.media_format_fixed = media_format is not None
+        self.encoding, self.rate = media_format or ("audio/x-mulaw", 8000)
+        # <Stream>'s other attributes (§2.2); the defaults stand for a URL dialled straight.
+        self.bidirectional, self.audio_track, self.keep_call_alive = True, "inbound", True
+        self.status_url: str | None = None  # statusCallbackUrl: the stream's events go there (§1.4)
+        self.status_method = "POST"
+        # The hangup URL is the Vobiz application's (inbound) or Make Call's setting, not the XML's (§1.3).
+        self.hangup_url, self.hangup_method = hangup_url, hangup_method
+        self.callbacks: list[dict] = []  # every HTTP callback: url, method, fields, status (or the error)
+        self.callbacks_sent = trio.Event()  # the call is over and every callback has been answered (or not)
+        self._outbox, self._callbacks_to_send = trio.open_memory_channel(math.inf)
+        self.client: httpx.AsyncClient | None = None  # the callbacks' client (a bench shares one)
+        self.started_at = datetime.now(CONSOLE_TIME)  # the call came in (StartTime)
+        self.session_fields: dict[str, str] = {}  # the answer request's form, once it was sent
+        self.answered_at: tuple[datetime, float] | None = None  # (AnswerTime, trio time)
+        self.sent_formats: Counter[tuple[str, int, int]] = Counter()  # (contentType, sampleRate, bytes) of each playAudio
+        self._unplayed = b""  # μ-law of the last playAudio short of a whole 20 ms frame
+        self._resampled: dict[int, tuple] = {}  # ratecv state per source rate, so chunks join smoothly
         self.cleared_delay = cleared_delay
         self.answers_clear = answers_clear
         self.call_id, self.stream_id = call_id, stream_id
@@ -179,7 +237,8 @@ class SimulatedVobiz:
         self.protocol_errors: list[str] = []
         self.closed = trio.Event()  # no more audio on this call: the last stream is over
         self.stream_closed = trio.Event()  # the current socket is gone (renewed per stream)
-        self._stopped = self._hung_up = self._dropping = self._half_open = False
+        self.stream_closed.set()  # (and there is none yet)
+        self._stopped = self._app_stopped = self._hung_up = self._dropping = self._half_open = False
         self._changed = trio.Event()
         noise = random.Random(7)
         self.noise = array.array("h", (noise.randint(-40, 40) for _ in range(8000 * 2))).tobytes()
@@ -206,7 +265,7 @@ class SimulatedVobiz:
         if shape == "vendor":
             frame = {"event": "dtmf", "dtmf": {"digit": key}}
         elif shape == "plivo":
-            now_ms = str(int(trio.current_time() * 1000))
+            now_ms = str(int(time.time() * 1000))
             frame = {"event": "dtmf", "sequenceNumber": self.tick, "streamId": self.stream_id,
                      "dtmf": {"track": "inbound", "digit": key, "timestamp": now_ms}}
         else:
@@ -244,6 +303,7 @@ class SimulatedVobiz:
             with trio.move_on_after(2):
                 await self.ws.aclose()
         self._end_call("hung up", "caller")
+
     async def until(self, condition) -> None:
         """Wait (on the simulated clock, not a timer) until condition() holds."""
         while not condition():
@@ -295,15 +355,22 @@ class SimulatedVobiz:
 
     # The answer XML.
 
+    def answer_fields(self) -> dict[str, str]:
+        """The answer request's form: the fourteen keys of the observed inbound call (§1.2), in its order."""
+        session_start = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")  # UTC, microseconds
+        return {"BillRate": "0", "CallStatus": "ringing", "CallUUID": self.call_id, "CallerName": CALLER_NAME,
+                "CountryCode": "", "Direction": "inbound", "Event": "StartApp", "From": CALLER,
+                "ParentAuthID": PARENT_AUTH_ID, "RouteType": "", "STIRAttestation": "Not Applicable",
+                "STIRVerification": "Not Applicable", "SessionStart": session_start, "To": CALLED}
+
     async def answer(self, base_url: str, method: str = "POST") -> str | None:
         """Fetch the answer URL and run its XML up to <Stream>; returns the media URL (None: no stream)."""
-        fields = {"CallUUID": self.call_id, "From": "917983165036", "To": "07971442086",
-                  "Direction": "inbound", "Event": "StartApp", "CallStatus": "ringing"}
+        self.session_fields = fields = self.answer_fields()
         async with httpx.AsyncClient() as client:
             if method == "POST":
-                response = await client.post(base_url + "/answer", data=fields)
+                response = await client.post(base_url + "/answer", data=fields, headers=WEBHOOK_HEADERS)
             else:
-                response = await client.get(base_url + "/answer", params=fields)
+                response = await client.get(base_url + "/answer", params=fields, headers=WEBHOOK_HEADERS)
         return self.run_xml(ET.fromstring(response.content))
 
     def run_xml(self, root: ET.Element) -> str | None:
@@ -314,16 +381,43 @@ class SimulatedVobiz:
             self.closed.set()
             return None
         self.state, self.billed = "answered", True  # any other verb answers the call
+        self.answered_at = (datetime.now(CONSOLE_TIME), trio.current_time())
         for i, element in enumerate(elements):
             if element.tag == "Stream":
-                self.url = element.text.strip()
-                self.max_retries = self._retries(element.get("maxRetries"))
                 self.after_stream = elements[i + 1:]
-                return self.url
+                return self._open_stream(element)
             if element.tag == "Hangup":
                 break
         self._end_call("hung up", "Hangup")
         return None
+
+    def _open_stream(self, stream: ET.Element) -> str | None:
+        """<Stream>'s attributes, as the docs define them (§2.2); the media URL, or None if it can't connect."""
+        def flag(name: str) -> bool:
+            return (stream.get(name) or "false").strip().lower() == "true"  # both default to false
+
+        self.bidirectional = flag("bidirectional")  # without it, Vobiz takes no app→Vobiz event (§4)
+        self.keep_call_alive = flag("keepCallAlive") and self.bidirectional  # it requires bidirectional (§2.2)
+        self.audio_track = stream.get("audioTrack", "inbound")
+        if self.audio_track not in ("inbound", "outbound", "both"):  # VPY's check (§2.2); Vobiz's: undocumented
+            self.protocol_errors.append(f"<Stream audioTrack={self.audio_track!r}>")
+        content_type = (stream.get("contentType") or DEFAULT_CONTENT_TYPE).replace(" ", "")
+        self.status_url = stream.get("statusCallbackUrl")
+        self.status_method = stream.get("statusCallbackMethod", "POST").upper()
+        self.max_retries = self._retries(stream.get("maxRetries"))
+        self.url = (stream.text or "").strip()  # the URL is the text, whitespace around it trimmed (§2.1)
+        if self.bidirectional and self.audio_track != "inbound":
+            # "both" (or "outbound") with bidirectional hangs the call up, "End Of XML Instructions" (§2.2)
+            self.url = None
+            self._end_call("hung up", "End Of XML Instructions")
+        elif content_type not in STREAM_FORMATS:
+            # L16 at 24 kHz (or anything else): "stream does not connect" (§2.2); the XML after it runs
+            self.protocol_errors.append(f"<Stream contentType={content_type!r}>: the stream does not connect")
+            self.url = None
+            self._after_stream("refused")
+        elif not self.media_format_fixed:
+            self.encoding, self.rate = STREAM_FORMATS[content_type]
+        return self.url
 
     @staticmethod
     def _retries(value: str | None) -> int:
@@ -336,8 +430,67 @@ class SimulatedVobiz:
     def _end_call(self, state: str, reason: str) -> None:
         if self.state in ("answered", "dead air"):
             self.state, self.hangup_reason = state, reason
+            if state == "hung up":  # a transfer moves the call on (<Dial>): it has not ended
+                self._hangup_webhook(reason)
         self.closed.set()
         self._notify()
+
+    def _hangup_webhook(self, reason: str) -> None:
+        """Event=Hangup to the hangup URL, with the observed call's fields (§1.3); the last callback."""
+        if self.hangup_url:
+            answered, answered_trio = self.answered_at or (datetime.now(CONSOLE_TIME), trio.current_time())
+            duration = round(trio.current_time() - answered_trio)
+            cause, code, name, source = HANGUP_CAUSES[reason]
+
+            def console(when: datetime) -> str:
+                return when.strftime("%Y-%m-%d %H:%M:%S")  # yyyy-MM-dd HH:mm:ss (call/call-object)
+
+            fields = {**self.answer_fields(), **self.session_fields}
+            del fields["CountryCode"], fields["RouteType"]  # the answer's, not the hangup's
+            fields.update({
+                "AnswerTime": console(answered), "BillDuration": str(-(-duration // 60) * 60),  # 60 s pulses
+                "CallStatus": "completed", "Duration": str(duration), "EndTime": console(datetime.now(CONSOLE_TIME)),
+                "Event": "Hangup", "HangupCause": cause, "HangupCauseCode": code, "HangupCauseName": name,
+                "HangupSource": source, "StartTime": console(self.started_at), "TotalCost": "0.00000"})
+            self._callback(self.hangup_url, self.hangup_method, dict(sorted(fields.items())))
+        self._outbox.close()  # nothing comes after the Hangup
+
+    def _stream_status(self, event: str, **extra: str) -> None:
+        """An event to <Stream statusCallbackUrl>, with the docs' example fields (§1.4); Error is
+        always there, empty when healthy."""
+        if self.status_url:
+            fields = {"From": CALLER, "To": CALLED, "CallUUID": self.call_id, "Event": event,
+                      "StreamID": self.stream_id, "ParentAuthID": PARENT_AUTH_ID,
+                      "status_callback_url": self.status_url, "status_callback_method": self.status_method,
+                      "Timestamp": datetime.now(CONSOLE_TIME).strftime("%Y-%m-%d %H:%M:%S"), "Error": "", **extra}
+            self._callback(self.status_url, self.status_method, fields)
+
+    def _callback(self, url: str, method: str, fields: dict[str, str]) -> None:
+        record = {"url": url, "method": method, "fields": fields, "status": None}
+        self.callbacks.append(record)
+        with suppress(trio.ClosedResourceError):  # the call is over (a late ack): Vobiz posts nothing more
+            self._outbox.send_nowait(record)
+
+    def callbacks_of(self, event: str) -> list[dict]:
+        return [record for record in self.callbacks if record["fields"].get("Event") == event]
+
+    async def send_callbacks(self) -> None:
+        """Post the callbacks in order as they come, until the call is over (§1.1: form-encoded,
+        POST or GET as the URL's method says; notify-only, so the answer's status is all we keep)."""
+        async with httpx.AsyncClient(verify=False) as own:  # loopback http: no certificate store to load
+            client = self.client or own
+            async with self._callbacks_to_send:
+                async for record in self._callbacks_to_send:
+                    fields = record["fields"]
+                    data, params = (None, fields) if record["method"] == "GET" else (fields, None)
+                    try:
+                        response = await client.request(record["method"], record["url"], data=data, params=params,
+                                                        headers=WEBHOOK_HEADERS, timeout=CALLBACK_TIMEOUT_S)
+                        record["status"] = response.status_code
+                    except httpx.HTTPError as error:
+                        record["status"] = type(error).__name__
+                    self._notify()
+        self.callbacks_sent.set()
 
     # The wire: one socket per attempt, as many attempts as maxRetries allows.
 
@@ -353,16 +506,19 @@ class SimulatedVobiz:
                     break
                 attempts += 1
                 await trio.sleep(self.RECONNECT_DELAY_S)
-            if not self._hung_up:
-                self._after_stream(outcome if self.url is not None else "stop")
+            if self.url is not None and not self._hung_up:
+                self._after_stream(outcome)
             if not self.streams:
                 task_status.started()
             self._connections.cancel_scope.cancel()
 
     def _after_stream(self, outcome: str) -> None:
+        """The XML after <Stream> runs (§2.2, §4.4): <Hangup/> ends the call; with nothing after it a
+        `stop` hangs up with 4010, and so does any end of a stream without keepCallAlive (it never held
+        the call); a kept-alive stream that just ended leaves dead air (the notes' "Read first")."""
         if self.after_stream and self.after_stream[0].tag == "Hangup":
             self._end_call("hung up", "Hangup after Stream")
-        elif outcome == "stop":
+        elif outcome == "stop" or not self.keep_call_alive:
             self._end_call("hung up", "End Of XML Instructions")
         else:
             self.state = "dead air"
@@ -371,16 +527,19 @@ class SimulatedVobiz:
 
     async def _stream(self, task_status) -> str:
         """One socket: "stop" (the app sent stop), "closed" (it closed without one), "refused"."""
-        self._stopped = self._dropping = self._half_open = False
+        self._stopped = self._app_stopped = self._dropping = self._half_open = False
         self.stream_closed = trio.Event()
+        self.sequence = 0  # each socket numbers its frames from its own `start` (§4.6 step 2)
         release = trio.Event()  # set: the socket is closed; never set: left half open
         try:
             ws = await self._connections.start(self._hold, release)
         except trio_websocket.ConnectionRejected as rejected:
             self.refused.append(rejected.status_code)
+            self.stream_closed.set()
             self._notify()
             return "refused"
         except (trio_websocket.HandshakeError, OSError):
+            self.stream_closed.set()
             return "closed"
         try:
             self.ws = ws
@@ -388,11 +547,16 @@ class SimulatedVobiz:
             for frame in self.before_start:
                 await ws.send_message(frame)
             await ws.send_message(json.dumps(self.start_frame()))
+            self._stream_status("StartStream", ServiceURL=self.url)  # right after the WS start (§1.4)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive, nursery)
                 if len(self.streams) == 1:
                     task_status.started()
-                await self._clock()
+                if self.keep_call_alive:
+                    await self._clock()
+                else:  # the XML goes on at once, and with nothing but <Hangup/> (or nothing) after, ends (§2.2)
+                    self._stopped = True  # over for good: no retry
+                    await ws.aclose()
                 nursery.cancel_scope.cancel()
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a vanished socket is closed, however it went
@@ -401,6 +565,8 @@ class SimulatedVobiz:
                 release.set()
             self.stream_closed.set()
             self._notify()
+        if self._app_stopped:
+            self._stream_status("StopStream")  # only after the app's `stop` (⚠ §1.4), before the Hangup
         return "stop" if self._stopped else "closed"
 
     async def _hold(self, release: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -429,9 +595,10 @@ class SimulatedVobiz:
         if self.start_shape == "flat":  # the older documented shape
             return {"event": "start", "streamId": self.stream_id, "callId": self.call_id,
                     "accountId": "MA_2210JXXN", "contentType": f"{self.encoding};rate={self.rate}"}
+        tracks = ["inbound", "outbound"] if self.audio_track == "both" else [self.audio_track]
         return {"sequenceNumber": 0, "event": "start", "extra_headers": "{}",
                 "start": {"callId": self.call_id, "streamId": self.stream_id, "accountId": "500025",
-                          "tracks": ["inbound"], "mediaFormat": media_format}}
+                          "tracks": tracks, "mediaFormat": media_format}}
 
     async def _clock(self) -> None:
         began = self.began = trio.current_time() - self.tick * TICK  # one timeline across reconnects
@@ -455,10 +622,11 @@ class SimulatedVobiz:
             start = (self.tick * size) % (len(self.noise) - size)
             pcm = self.noise[start : start + size]
         payload = audioop.lin2ulaw(pcm, 2) if self.encoding == "audio/x-mulaw" else pcm
+        self.sequence += 1  # sequenceNumber and chunk: from 1 after this socket's start, equal (§3.2, §4.6)
         await self.ws.send_message(json.dumps({
-            "sequenceNumber": self.tick, "streamId": self.stream_id, "event": "media",
-            "media": {"track": "inbound", "timestamp": str(int(trio.current_time() * 1000)),
-                      "chunk": self.tick, "payload": base64.b64encode(payload).decode()},
+            "sequenceNumber": self.sequence, "streamId": self.stream_id, "event": "media",
+            "media": {"track": "inbound", "timestamp": str(int(time.time() * 1000)),  # epoch ms, a string (§3.2)
+                      "chunk": self.sequence, "payload": base64.b64encode(payload).decode()},
             "extra_headers": "{}"}))
 
     async def _play_one(self) -> None:
@@ -469,6 +637,7 @@ class SimulatedVobiz:
             name = self.queue.popleft()
             self.played_names.append(name)
             await self.ws.send_message(json.dumps({"event": "playedStream", "name": name}))
+            self._stream_status("PlayedStream", Name=name)  # alongside the WS ack (§1.4)
 
     async def _receive(self, nursery) -> None:
         try:
@@ -484,32 +653,64 @@ class SimulatedVobiz:
         event = message.get("event")
         if message.get("streamId") != self.stream_id:
             self.protocol_errors.append(f"{event} without our streamId: {message.get('streamId')!r}")
+        if not self.bidirectional:  # a one-way stream takes no app→Vobiz event: ignored (§2.2, §4, §4.6 step 3)
+            self.protocol_errors.append(f"{event} on a one-way stream (no bidirectional=\"true\"): ignored")
+            return
         if event == "playAudio":
-            media = message["media"]
-            frame = base64.b64decode(media["payload"])
-            if (media["contentType"], media["sampleRate"], len(frame)) != ("audio/x-mulaw", 8000, 160):
-                self.protocol_errors.append(f"bad playAudio {media['contentType']} {media['sampleRate']} {len(frame)}")
-            self.audio_while_clearing += self.clearing
-            self.queue.append(frame)
-            self.audio_arrivals.append(trio.current_time())
-            self.max_queue = max(self.max_queue, sum(isinstance(item, bytes) for item in self.queue))
+            self._play_audio(message["media"])
             return
         self.events.append((self.tick, message))
         if event == "checkpoint":
+            self._queue_unplayed()  # everything sent before the checkpoint plays before its ack
             self.utterance_ends.append(len(self.audio_arrivals))
             self.queue.append(message["name"])
         elif event == "clearAudio":
             self.utterance_ends.append(len(self.audio_arrivals))  # what was cut short is one, too
             self.clears.append(len(self.audio_arrivals))
             self.queue.clear()  # queued audio and checkpoints are void: never played, never acked
+            self._unplayed = b""
             if self.answers_clear:
                 self.clearing = True
                 nursery.start_soon(self._cleared)
         elif event == "stop":
-            self._stopped = True
+            self._stopped = self._app_stopped = True
             nursery.start_soon(self.ws.aclose)
         else:
             self.protocol_errors.append(f"unexpected event {event!r}")
+
+    def _play_audio(self, media: dict) -> None:
+        """Queue a playAudio in any documented form (§4.1): L16 (little-endian) at 8, 16 or 24 kHz, μ-law
+        at 8 kHz, any length (20-60 ms is only recommended). The phone line carries 8 kHz μ-law: the
+        caller hears it as that, one 20 ms frame per tick. What was sent is kept in sent_formats."""
+        content_type, rate = media.get("contentType"), media.get("sampleRate")
+        payload = base64.b64decode(media["payload"])
+        self.sent_formats[(content_type, rate, len(payload))] += 1
+        if (content_type, rate) not in PLAY_FORMATS or (content_type == "audio/x-l16" and len(payload) % 2):
+            # a bad contentType/sampleRate combination, or half a sample: ignored (§4.6 step 3)
+            self.protocol_errors.append(f"bad playAudio {content_type} {rate} {len(payload)}: ignored")
+            return
+        if content_type == "audio/x-l16":
+            pcm = payload if sys.byteorder == "little" else audioop.byteswap(payload, 2)
+            if rate != 8000:  # a phone line is narrowband whatever rate was sent (§4.1)
+                pcm, self._resampled[rate] = audioop.ratecv(pcm, 2, 1, rate, 8000, self._resampled.get(rate))
+            payload = audioop.lin2ulaw(pcm, 2)
+        audio = self._unplayed + payload
+        whole = len(audio) - len(audio) % 160
+        self._unplayed = audio[whole:]
+        for offset in range(0, whole, 160):
+            self._queue_frame(audio[offset : offset + 160])
+
+    def _queue_frame(self, frame: bytes) -> None:
+        self.audio_while_clearing += self.clearing
+        self.queue.append(frame)
+        self.audio_arrivals.append(trio.current_time())  # one per 20 ms of audio, as playout() counts
+        self.max_queue = max(self.max_queue, sum(isinstance(item, bytes) for item in self.queue))
+
+    def _queue_unplayed(self) -> None:
+        """The last piece short of 20 ms plays too, padded with silence (μ-law 0xFF)."""
+        if self._unplayed:
+            self._queue_frame(self._unplayed.ljust(160, b"\xff"))
+            self._unplayed = b""
 
     async def _cleared(self) -> None:
         await trio.sleep(self.cleared_delay)  # Vobiz takes its time to flush
@@ -517,6 +718,7 @@ class SimulatedVobiz:
         with suppress(trio_websocket.ConnectionClosed):
             await self.ws.send_message(json.dumps({"sequenceNumber": 0, "event": "clearedAudio",
                                                    "streamId": self.stream_id}))
+            self._stream_status("ClearedAudio")  # one per clearAudio (§1.4)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -528,17 +730,21 @@ async def streaming(vobiz: SimulatedVobiz):
     """The call's stream runs while the block does (it starts once the first socket has
     sent `start`); leaving the block hangs up, if the call is still up."""
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(vobiz.send_callbacks)
         await nursery.start(vobiz.run)
         yield vobiz
-        if not vobiz.closed.is_set():
+        if vobiz.call_open:  # streaming, or dead air: the caller gives up
             await vobiz.hang_up()
+        vobiz._outbox.close()  # a rejected or transferred call posts no Hangup here
+        await vobiz.callbacks_sent.wait()  # every callback answered, or failed (CALLBACK_TIMEOUT_S each)
         nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
 async def vobiz_call(base_url: str, limit_s: float = CALL_LIMIT_S, url: str | None = None, **options):
-    """A call from answer to hang-up; leaving the block hangs up (if the call is still up).
-    With `url`, Vobiz dials that media URL straight away (no answer webhook, no retries)."""
+    """A call from answer to hang-up; leaving the block hangs up (if the call is still up) and waits
+    for the callbacks to be answered. With `url`, Vobiz dials that media URL straight away (no
+    answer webhook, no retries); `hangup_url` (an option) gets Event=Hangup at the end (§1.3)."""
     vobiz = SimulatedVobiz(**options)
     if url is None:
         await vobiz.answer(base_url)
