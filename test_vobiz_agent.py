@@ -2827,8 +2827,6 @@ async def test_vobiz_streams_what_our_stream_asks_for_and_takes_our_audio(nurser
     assert vobiz.agent_ticks(said) and set(vobiz.sent_formats) == {("audio/x-mulaw", 8000, 160)}
 
 
-@pytest.mark.xfail(strict=True, reason="the server's /hangup forgets a conversation but keeps the slot /answer "
-                   "took (Switchboard.expected) until SOCKET_WAIT_S: the next caller hears busy")
 async def test_a_call_that_hangs_up_before_its_stream_connects_frees_its_slot(nursery):
     """The caller hangs up between our answer and Vobiz's socket: Event=Hangup is the end of the call
     on every path (§1.3), so the line is free for the next caller at once, not SOCKET_WAIT_S later."""

@@ -2454,11 +2454,13 @@ class Switchboard:
             self.emptied.set()
 
     def forget(self, call_id: str) -> None:
-        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it."""
+        """The call is over for good (Vobiz said so, or we ended it): no reconnect will resume it, and
+        a socket it never opened holds no slot (a caller may hang up before the stream connects)."""
         if self.live(call_id):
             self.hung_up.add(call_id)  # its socket has yet to close: forget it then
         else:
             self.conversations.pop(call_id, None)
+            self.expected.pop(call_id, None)
 
     def live(self, call_id: str) -> bool:
         return any(call.call_id == call_id for call in self.calls)
