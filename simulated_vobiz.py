@@ -183,8 +183,11 @@ class SimulatedVobiz:
 
     def __init__(self, *, start_shape="nested", media_format=None,
                  cleared_delay=0.0, answers_clear=True, call_id=CALL_UUID, stream_id="stream-1",
-                 before_start=(), hangup_url=None, hangup_method="POST"):
+                 before_start=(), hangup_url=None, hangup_method="POST", subprotocols=()):
         self.start_shape = start_shape
+        # Offered in the upgrade, e.g. mod_audio_fork's "audio.drachtio.org" (⚠ §3, §4.6 step 1: unconfirmed).
+        # A client that offers subprotocols may fail an upgrade that chooses none (browsers do): strict here.
+        self.subprotocols = tuple(subprotocols)
         self.before_start = before_start  # raw frames a misbehaving peer sends before `start`
         # The caller's audio is in the format <Stream contentType> asks for (§2.2). `media_format`
         # overrides it: a Vobiz sending what start.mediaFormat says, not what was asked (the notes'
@@ -572,7 +575,9 @@ class SimulatedVobiz:
     async def _hold(self, release: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """One socket, open until released."""
         with suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            async with trio_websocket.open_websocket_url(self.url) as ws:
+            async with trio_websocket.open_websocket_url(self.url, subprotocols=self.subprotocols or None) as ws:
+                if self.subprotocols and ws.subprotocol not in self.subprotocols:
+                    self.protocol_errors.append(f"the upgrade chose none of the offered {self.subprotocols}")
                 task_status.started(ws)
                 await release.wait()
 

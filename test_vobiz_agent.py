@@ -2840,3 +2840,12 @@ async def test_a_call_that_hangs_up_before_its_stream_connects_frees_its_slot(nu
     assert [(record["fields"]["Event"], record["status"]) for record in gone.callbacks] == [("Hangup", 200)]
     async with vobiz_call(server.url, call_id="the-next-caller") as following:
         assert following.state == "answered"
+
+
+async def test_the_media_socket_chooses_the_audio_fork_subprotocol_when_vobiz_offers_it(server):
+    """Vobiz's upgrade is undocumented; a reference server accepts mod_audio_fork's `audio.drachtio.org`
+    (§3). Offered, it is chosen (a client that offers one may insist on hearing it back); not offered,
+    the socket opens without one (every other test)."""
+    async with vobiz_call(server.url, subprotocols=["audio.drachtio.org"]) as vobiz:
+        await greeted(vobiz)
+        assert vobiz.ws.subprotocol == "audio.drachtio.org"

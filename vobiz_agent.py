@@ -2686,6 +2686,8 @@ async def media_stream(call_id: str, token: str) -> Response | None:
                     _clean(websocket.remote_addr), problem)
         switchboard.metrics.count("calls_refused_total", reason="token" if status == 403 else problem)
         return Response(f"{problem}\n", status)
+    if "audio.drachtio.org" in websocket.requested_subprotocols:  # mod_audio_fork's: Vobiz may offer it
+        await websocket.accept(subprotocol="audio.drachtio.org")  # and a client that offers one may insist
     issued = StreamToken.issued_at(token)
     fresh = answered_here or now - issued < Switchboard.SOCKET_WAIT_S  # its first socket, not a reconnect
     # The socket itself, not Quart's context-local proxy to it: the call sends and receives
