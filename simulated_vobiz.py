@@ -224,6 +224,7 @@ class SimulatedVobiz:
         self.streams: list[str] = []  # streamId of every socket that was opened
         self.refused: list[int] = []  # HTTP status of every socket the server refused
         self.tick = 0
+        self.sequence = 0  # the last media frame's sequenceNumber on this socket (renewed per socket)
         self.began = 0.0  # trio time of tick 0: tick t happens at began + t * TICK
         self.audio_arrivals: list[float] = []  # trio time each playAudio frame arrived
         self.utterance_ends: list[int] = []  # len(audio_arrivals) at each checkpoint (and clearAudio)
