@@ -820,6 +820,8 @@ def memory() -> None:
     print(f"   growth over the whole run: {rss[last] - started:+.1f} MB; from {first} to {last:,} calls: "
           f"{rss[last] - rss[first]:+.1f} MB ({(rss[last] - rss[first]) * 1024 / (last - first):.2f} kB per call); "
           f"failed calls: {failed}")
+    if failed:
+        print(f"   !! {failed} of {last:,} calls failed: these figures are not of real calls")
     if traced:
         print_growth(MEMORY_CALLS[1], last)
 
